@@ -1,0 +1,90 @@
+"""Read and write one request's K/V in vLLM 0.32's CPU paged KV cache.
+
+Layer cache: ``[num_blocks, num_kv_heads, block_size, 2 * head_size]``. Per (block, head) the first
+``block_size * head_size`` elements hold K and the rest V, packed by the attention ISA that
+``cpu_attn_reshape_and_cache`` writes with (``layer.isa``). Reads unpack with the formulas below
+(round-trip tested against the real op in tests/test_kv_layout.py); writes always go through
+vLLM's own op, so they stay correct by construction.
+"""
+
+from __future__ import annotations
+
+import torch
+from vllm import _custom_ops as ops
+
+#: ISAs whose packing :func:`read_kv` knows. Others fail at the first compaction.
+SUPPORTED_ISAS = ("vec", "vec16", "amx")
+
+
+def _unpack(blocks: torch.Tensor, isa: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[n, H, BS, 2D]`` packed blocks -> K and V as ``[n, H, BS, D]``."""
+    num_blocks, num_heads, block_size, double_dim = blocks.shape
+    dim = double_dim // 2
+    flat = blocks.reshape(num_blocks, num_heads, 2 * block_size * dim)
+    keys, values = flat[..., : block_size * dim], flat[..., block_size * dim :]
+    shape = (num_blocks, num_heads, block_size, dim)
+    if isa in ("vec", "vec16"):
+        # K transposed per block: element (t, d) at d * BS + t. V row-major.
+        return keys.reshape(num_blocks, num_heads, dim, block_size).transpose(-1, -2), (
+            values.reshape(shape)
+        )
+    if isa == "amx":
+        # K: [BS/16][D/2][16][2] over (t//16, d//2, t%16, d%2).
+        k = keys.reshape(num_blocks, num_heads, block_size // 16, dim // 2, 16, 2)
+        # V: [D/16][BS/2][16][2] over (d//16, t//2, d%16, t%2).
+        v = values.reshape(num_blocks, num_heads, dim // 16, block_size // 2, 16, 2)
+        return (
+            k.permute(0, 1, 2, 4, 3, 5).reshape(shape),
+            v.permute(0, 1, 3, 5, 2, 4).reshape(shape),
+        )
+    raise NotImplementedError(
+        f"vllm-snapkv cannot read the CPU KV cache packed for ISA {isa!r}; "
+        f"supported: {', '.join(SUPPORTED_ISAS)}"
+    )
+
+
+def read_kv(
+    kv_cache: torch.Tensor, block_ids: list[int], num_tokens: int, isa: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """K and V of the first ``num_tokens`` slots of ``block_ids``, each ``[num_tokens, H, D]``."""
+    index = torch.tensor(block_ids, dtype=torch.long, device=kv_cache.device)
+    keys, values = _unpack(kv_cache.index_select(0, index), isa)
+
+    def tokens_first(x: torch.Tensor) -> torch.Tensor:
+        # [n, H, BS, D] -> [n * BS, H, D]
+        return x.permute(0, 2, 1, 3).reshape(-1, x.shape[1], x.shape[3])[:num_tokens]
+
+    return tokens_first(keys), tokens_first(values)
+
+
+def slots_of(block_ids: tuple[int, ...] | list[int], num_tokens: int, block_size: int, device):
+    """Physical slots ``0 .. num_tokens-1`` of a block list, as vLLM's slot mapping encodes them."""
+    blocks = torch.tensor(block_ids, dtype=torch.long, device=device)
+    offsets = torch.arange(num_tokens, device=device)
+    return blocks[offsets // block_size] * block_size + offsets % block_size
+
+
+def write_kv(
+    kv_cache: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    isa: str,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
+    kv_cache_dtype: str = "auto",
+) -> None:
+    """Write ``[N, H, D]`` K/V rows to ``slot_mapping`` with vLLM's CPU cache-write op."""
+    num_blocks, num_heads, block_size, _ = kv_cache.shape
+    key_cache, value_cache = kv_cache.view(num_blocks, num_heads, 2 * block_size, -1).chunk(2, 2)
+    ops.cpu_attn_reshape_and_cache(
+        keys,
+        values,
+        key_cache,
+        value_cache,
+        slot_mapping,
+        isa,
+        k_scale=k_scale,
+        v_scale=v_scale,
+        kv_cache_dtype=kv_cache_dtype,
+    )

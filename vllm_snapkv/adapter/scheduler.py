@@ -1,0 +1,322 @@
+"""Engine-core side: decide compressions, swap block lists, keep block accounting physical.
+
+Patched (vLLM 0.32, v1 engine; contract tests in tests/test_contract.py):
+- ``Scheduler.__init__``: validate the KV cache layout, attach :class:`SchedulerCompression`.
+- ``Scheduler._update_after_schedule``: plan compressions of requests whose prefill completes in
+  this step, allocate targets, release sources, attach :class:`StepDirectives` to the output.
+- ``Scheduler._get_local_prefix_cache_hit``: keep the observation window out of prefix-cache hits.
+- ``Scheduler._preempt_request`` / ``_free_request``: forget per-request state.
+- ``KVCacheCoordinator.get_num_blocks_to_allocate`` / ``allocate_new_blocks``: subtract evicted
+  tokens, so the freed blocks are not allocated again at the next step.
+- ``KVCacheCoordinator.cache_blocks``: never hash compacted blocks (their content is no longer
+  the prompt prefix the hashes describe).
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+from typing import Any
+
+from vllm.logger import init_logger
+from vllm.v1.core.kv_cache_coordinator import KVCacheCoordinator
+from vllm.v1.core.sched.output import SchedulerOutput
+from vllm.v1.core.sched.scheduler import Scheduler
+from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig
+from vllm.v1.request import Request
+
+from vllm_snapkv.config import SnapKVConfig, config_from_additional
+from vllm_snapkv.plan import (
+    CompressionPlan,
+    StepDirectives,
+    WindowCapture,
+    cdiv,
+    frees_blocks,
+    prefix_hit_limit,
+)
+
+logger = init_logger(__name__)
+
+#: Attribute on ``SchedulerOutput`` carrying this step's :class:`StepDirectives` to the workers.
+DIRECTIVES_ATTR = "snapkv_directives"
+
+
+def check_kv_cache_config(kv_cache_config: KVCacheConfig) -> None:
+    """Compression is defined for one group of plain full-attention layers only."""
+    groups = kv_cache_config.kv_cache_groups
+    if len(groups) != 1:
+        raise ValueError(
+            "kv_compression: SnapKV supports models with exactly one KV cache group "
+            f"(plain full attention); this model has {len(groups)} "
+            "(hybrid, sliding-window or cross-attention layers)."
+        )
+    spec = groups[0].kv_cache_spec
+    if type(spec) is not FullAttentionSpec:
+        raise ValueError(
+            "kv_compression: SnapKV supports plain full attention only; this model's KV cache "
+            f"spec is {type(spec).__name__} (MLA, sink or sliding-window variants are not "
+            "supported)."
+        )
+
+
+@dataclass
+class CompressionStats:
+    """Cumulative counts of what the scheduler did (real compressions only)."""
+
+    compressed_requests: int = 0
+    evicted_tokens: int = 0
+    freed_blocks: int = 0
+    skipped_no_free_blocks: int = 0
+
+
+@dataclass
+class SchedulerCompression:
+    """Per-scheduler SnapKV state. Invariant: ``evicted[r] > 0`` iff ``r``'s block list holds
+    compacted KV, i.e. its physical KV length is its logical length minus ``evicted[r]``."""
+
+    config: SnapKVConfig
+    block_size: int
+    #: Requests in prefill -> token count their prefill ends at (prompt, or prompt + outputs
+    #: after a preemption).
+    prefill_end: dict[str, int] = field(default_factory=dict)
+    #: Shared with the KV cache coordinator (same dict object).
+    evicted: dict[str, int] = field(default_factory=dict)
+    stats: CompressionStats = field(default_factory=CompressionStats)
+
+    def budget_for(self, request: Request) -> int:
+        return self.config.budget
+
+    def will_compress(self, request: Request, prefill_len: int) -> bool:
+        return frees_blocks(prefill_len, self.budget_for(request), self.block_size)
+
+    def forget(self, request_id: str) -> None:
+        self.prefill_end.pop(request_id, None)
+        self.evicted.pop(request_id, None)
+
+
+def _state(scheduler: Scheduler) -> SchedulerCompression | None:
+    return getattr(scheduler, "_snapkv", None)
+
+
+def _patch_init(original):
+    @functools.wraps(original)
+    def __init__(self: Scheduler, *args: Any, **kwargs: Any) -> None:
+        original(self, *args, **kwargs)
+        config = config_from_additional(self.vllm_config.additional_config)
+        if config is None:
+            return
+        check_kv_cache_config(self.kv_cache_config)
+        coordinator = self.kv_cache_manager.coordinator
+        state = SchedulerCompression(
+            config=config, block_size=coordinator.single_type_managers[0].block_size
+        )
+        coordinator._snapkv_evicted = state.evicted
+        self._snapkv = state
+        logger.info(
+            "SnapKV KV-cache compression on: budget=%d, window_size=%d, kernel_size=%d, "
+            "pooling=%s, block_size=%d",
+            config.budget,
+            config.window_size,
+            config.kernel_size,
+            config.pooling,
+            state.block_size,
+        )
+
+    return __init__
+
+
+def _plan_step(scheduler: Scheduler, state: SchedulerCompression, output: SchedulerOutput):
+    """Build this step's directives; must run before ``num_computed_tokens`` advances."""
+    directives = StepDirectives()
+    for new_request in output.scheduled_new_reqs:
+        request = scheduler.requests[new_request.req_id]
+        state.prefill_end[request.request_id] = request.num_tokens
+    for request_id in output.scheduled_cached_reqs.resumed_req_ids:
+        state.prefill_end[request_id] = scheduler.requests[request_id].num_tokens
+
+    window = state.config.window_size
+    completing: list[tuple[Request, int]] = []
+    for request_id, num_scheduled in output.num_scheduled_tokens.items():
+        if request_id in state.evicted:
+            directives.evicted[request_id] = state.evicted[request_id]
+            continue
+        prefill_len = state.prefill_end.get(request_id)
+        if prefill_len is None:
+            continue
+        request = scheduler.requests[request_id]
+        chunk_end = request.num_computed_tokens + num_scheduled
+        if chunk_end >= prefill_len:
+            del state.prefill_end[request_id]
+            if state.will_compress(request, prefill_len):
+                completing.append((request, prefill_len))
+        elif chunk_end > prefill_len - window and state.will_compress(request, prefill_len):
+            directives.captures[request_id] = WindowCapture(prefill_len, window)
+
+    if completing:
+        _compress(scheduler, state, completing, directives)
+    return directives
+
+
+def _compress(
+    scheduler: Scheduler,
+    state: SchedulerCompression,
+    completing: list[tuple[Request, int]],
+    directives: StepDirectives,
+) -> None:
+    """Copy-on-compress: every target is allocated before any source is released, so a target
+    can never be a block another request of the same step is still reading from."""
+    manager = scheduler.kv_cache_manager.coordinator.single_type_managers[0]
+    block_pool = manager.block_pool
+    targets: list[tuple[Request, int, int, list]] = []
+    for request, prefill_len in completing:
+        budget = state.budget_for(request)
+        num_targets = cdiv(budget, state.block_size)
+        if block_pool.get_num_free_blocks() < num_targets:
+            # The window queries exist only during this step: compressing later is impossible.
+            state.stats.skipped_no_free_blocks += 1
+            directives.released.add(request.request_id)
+            logger.warning(
+                "SnapKV: request %s keeps its full KV cache: %d free blocks needed to compact "
+                "it, %d available",
+                request.request_id,
+                num_targets,
+                block_pool.get_num_free_blocks(),
+            )
+            continue
+        targets.append((request, prefill_len, budget, block_pool.get_new_blocks(num_targets)))
+
+    for request, prefill_len, budget, target_blocks in targets:
+        request_id = request.request_id
+        sources = manager.req_to_blocks[request_id]
+        manager.req_to_blocks[request_id] = list(target_blocks)
+        block_pool.free_blocks(reversed(sources))
+        plan = CompressionPlan(
+            prefill_len=prefill_len,
+            budget=budget,
+            window_size=state.config.window_size,
+            target_block_ids=tuple(block.block_id for block in target_blocks),
+        )
+        directives.plans[request_id] = plan
+        state.evicted[request_id] = plan.num_evicted
+        state.stats.compressed_requests += 1
+        state.stats.evicted_tokens += plan.num_evicted
+        state.stats.freed_blocks += len(sources) - len(target_blocks)
+
+
+def _patch_update_after_schedule(original):
+    @functools.wraps(original)
+    def _update_after_schedule(self: Scheduler, scheduler_output: SchedulerOutput) -> None:
+        state = _state(self)
+        if state is not None:
+            setattr(scheduler_output, DIRECTIVES_ATTR, _plan_step(self, state, scheduler_output))
+        original(self, scheduler_output)
+
+    return _update_after_schedule
+
+
+def _patch_prefix_cache_hit(original):
+    @functools.wraps(original)
+    def _get_local_prefix_cache_hit(self: Scheduler, request: Request):
+        blocks, num_hit_tokens, *rest = original(self, request)
+        state = _state(self)
+        if state is None or num_hit_tokens == 0:
+            return (blocks, num_hit_tokens, *rest)
+        prefill_len = request.num_tokens
+        if not state.will_compress(request, prefill_len):
+            return (blocks, num_hit_tokens, *rest)
+        limit = prefix_hit_limit(prefill_len, state.config.window_size, state.block_size)
+        if num_hit_tokens > limit:
+            blocks = self.kv_cache_manager.truncate_computed_blocks(blocks, limit)
+            num_hit_tokens = limit
+        return (blocks, num_hit_tokens, *rest)
+
+    return _get_local_prefix_cache_hit
+
+
+def _patch_forget(original):
+    @functools.wraps(original)
+    def wrapper(self: Scheduler, request: Request, *args: Any, **kwargs: Any):
+        result = original(self, request, *args, **kwargs)
+        state = _state(self)
+        if state is not None:
+            state.forget(request.request_id)
+        return result
+
+    return wrapper
+
+
+def _evicted_for(coordinator: KVCacheCoordinator, request_id: str) -> int:
+    evicted = getattr(coordinator, "_snapkv_evicted", None)
+    return evicted.get(request_id, 0) if evicted else 0
+
+
+def _patch_get_num_blocks_to_allocate(original):
+    @functools.wraps(original)
+    def get_num_blocks_to_allocate(
+        self: KVCacheCoordinator,
+        request_id: str,
+        num_tokens: int,
+        new_computed_blocks,
+        num_encoder_tokens: int,
+        total_computed_tokens: int,
+        num_local_computed_tokens: int,
+        num_tokens_main_model: int,
+        *args: Any,
+        **kwargs: Any,
+    ) -> int:
+        evicted = _evicted_for(self, request_id)
+        return original(
+            self,
+            request_id,
+            num_tokens - evicted,
+            new_computed_blocks,
+            num_encoder_tokens,
+            total_computed_tokens - evicted,
+            num_local_computed_tokens - evicted,
+            num_tokens_main_model - evicted,
+            *args,
+            **kwargs,
+        )
+
+    return get_num_blocks_to_allocate
+
+
+def _patch_allocate_new_blocks(original):
+    @functools.wraps(original)
+    def allocate_new_blocks(
+        self: KVCacheCoordinator,
+        request_id: str,
+        num_tokens: int,
+        num_tokens_main_model: int,
+        *args: Any,
+        **kwargs: Any,
+    ):
+        evicted = _evicted_for(self, request_id)
+        return original(
+            self, request_id, num_tokens - evicted, num_tokens_main_model - evicted, *args, **kwargs
+        )
+
+    return allocate_new_blocks
+
+
+def _patch_cache_blocks(original):
+    @functools.wraps(original)
+    def cache_blocks(self: KVCacheCoordinator, request: Request, num_computed_tokens: int) -> None:
+        if _evicted_for(self, request.request_id):
+            return
+        original(self, request, num_computed_tokens)
+
+    return cache_blocks
+
+
+#: (owner class, method name, wrapper factory): every engine-core patch, in one visible list.
+SCHEDULER_PATCHES = (
+    (Scheduler, "__init__", _patch_init),
+    (Scheduler, "_update_after_schedule", _patch_update_after_schedule),
+    (Scheduler, "_get_local_prefix_cache_hit", _patch_prefix_cache_hit),
+    (Scheduler, "_preempt_request", _patch_forget),
+    (Scheduler, "_free_request", _patch_forget),
+    (KVCacheCoordinator, "get_num_blocks_to_allocate", _patch_get_num_blocks_to_allocate),
+    (KVCacheCoordinator, "allocate_new_blocks", _patch_allocate_new_blocks),
+    (KVCacheCoordinator, "cache_blocks", _patch_cache_blocks),
+)

@@ -1,0 +1,352 @@
+"""Worker side: execute the scheduler's directives inside vLLM's V1 model runner.
+
+Patched (vLLM 0.32; contract tests in tests/test_contract.py):
+- ``GPUModelRunner._update_states`` (pre): apply last step's block swaps to the request state and
+  the block-table row *before* vLLM appends this step's new blocks; forget finished/resumed ids.
+- ``GPUModelRunner._prepare_inputs`` (post): physical ``seq_lens`` and slot mapping for compressed
+  requests (RoPE ``positions`` stay logical); locate this step's window rows.
+- ``GPUModelRunner.execute_model`` (post): check every layer compacted, write debug dumps, queue
+  the block swaps.
+- ``CPUAttentionBackendImpl.forward`` (post): buffer window queries, select, compact.
+``CPUModelRunner`` inherits the runner methods, so patching ``GPUModelRunner`` covers it.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from vllm.logger import init_logger
+from vllm.model_executor.models.utils import extract_layer_index
+from vllm.v1.attention.backend import AttentionType
+from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackendImpl
+from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+from vllm_snapkv.adapter.kv_layout import read_kv, slots_of, write_kv
+from vllm_snapkv.adapter.scheduler import DIRECTIVES_ATTR
+from vllm_snapkv.config import SnapKVConfig, config_from_additional
+from vllm_snapkv.plan import CompressionPlan, StepDirectives, WindowCapture
+from vllm_snapkv.selection import select_kept_positions
+
+logger = init_logger(__name__)
+
+
+@dataclass
+class _Job:
+    """One request's SnapKV work in this step: rows of the flattened batch and what to do."""
+
+    request_id: str
+    first_row: int  # row of the chunk's first token in the flattened batch
+    chunk_start: int  # logical position of that token
+    chunk_len: int
+    capture: WindowCapture | None = None
+    plan: CompressionPlan | None = None
+    source_block_ids: list[int] | None = None
+    layers_done: set[int] = field(default_factory=set)
+    kept: dict[int, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def prefill_len(self) -> int:
+        return (self.plan or self.capture).prefill_len
+
+    @property
+    def window_size(self) -> int:
+        return (self.plan or self.capture).window_size
+
+    def window_rows(self) -> slice:
+        """Rows of this chunk that hold observation-window tokens."""
+        first = max(self.chunk_start, self.prefill_len - self.window_size)
+        last = min(self.chunk_start + self.chunk_len, self.prefill_len)
+        offset = self.first_row - self.chunk_start
+        return slice(first + offset, last + offset)
+
+
+#: The worker state whose step has SnapKV work in the attention layers; None otherwise. The
+#: forward context carries no request ids, and attention runs in the runner's thread.
+_ACTIVE_STEP: "WorkerCompression | None" = None
+
+
+class WorkerCompression:
+    """Per-model-runner SnapKV state. Invariant: after ``execute_model`` of a step, every plan of
+    that step has been applied by every attention layer of this worker, or the step failed."""
+
+    def __init__(self, config: SnapKVConfig, num_layers: int, tp_rank: int, tp_size: int):
+        self.config = config
+        self.num_layers = num_layers
+        self.tp_rank, self.tp_size = tp_rank, tp_size
+        self.directives = StepDirectives()
+        self.jobs: list[_Job] = []
+        #: request -> layer -> window queries buffered from earlier chunks.
+        self.window_queries: dict[str, dict[int, list[torch.Tensor]]] = {}
+        #: request -> target blocks that replace its block list at the next step.
+        self.pending_swaps: dict[str, tuple[int, ...]] = {}
+
+    def forget(self, request_id: str) -> None:
+        self.window_queries.pop(request_id, None)
+        self.pending_swaps.pop(request_id, None)
+
+    # --- step phases, in call order ---------------------------------------------------------
+
+    def before_update_states(self, runner: GPUModelRunner, scheduler_output: Any) -> None:
+        for request_id in scheduler_output.finished_req_ids:
+            self.forget(request_id)
+        for request_id in scheduler_output.scheduled_cached_reqs.resumed_req_ids:
+            self.forget(request_id)
+        for new_request in scheduler_output.scheduled_new_reqs:
+            self.forget(new_request.req_id)
+        for request_id, targets in self.pending_swaps.items():
+            _swap_block_list(runner, request_id, list(targets))
+        self.pending_swaps.clear()
+        self.directives = getattr(scheduler_output, DIRECTIVES_ATTR, None) or StepDirectives()
+        for request_id in self.directives.released:
+            self.window_queries.pop(request_id, None)
+
+    def after_prepare_inputs(
+        self, runner: GPUModelRunner, scheduler_output: Any, num_scheduled_tokens: np.ndarray
+    ) -> None:
+        global _ACTIVE_STEP
+        _ACTIVE_STEP = None
+        self.jobs = []
+        directives = self.directives
+        if not directives.has_work():
+            return
+        batch = runner.input_batch
+        num_reqs = batch.num_reqs
+        request_ids = batch.req_ids[:num_reqs]
+        if directives.evicted:
+            _make_lengths_physical(runner, scheduler_output, request_ids, directives.evicted)
+        query_start = runner.query_start_loc.np
+        for row, request_id in enumerate(request_ids):
+            plan = directives.plans.get(request_id)
+            capture = directives.captures.get(request_id)
+            if plan is None and capture is None:
+                continue
+            self.jobs.append(
+                _Job(
+                    request_id=request_id,
+                    first_row=int(query_start[row]),
+                    chunk_start=int(batch.num_computed_tokens_cpu[row]),
+                    chunk_len=int(num_scheduled_tokens[row]),
+                    capture=capture,
+                    plan=plan,
+                    source_block_ids=(
+                        list(runner.requests[request_id].block_ids[0]) if plan else None
+                    ),
+                )
+            )
+        if self.jobs:
+            _ACTIVE_STEP = self
+
+    def on_attention_layer(
+        self,
+        impl: CPUAttentionBackendImpl,
+        layer: torch.nn.Module,
+        query: torch.Tensor,
+        kv_cache: torch.Tensor,
+    ) -> None:
+        layer_index = extract_layer_index(layer.layer_name)
+        queries = query.view(-1, impl.num_heads, impl.head_size)
+        for job in self.jobs:
+            rows = queries[job.window_rows()]
+            buffered = self.window_queries.setdefault(job.request_id, {}).setdefault(
+                layer_index, []
+            )
+            if job.plan is None:
+                buffered.append(rows.clone())
+                continue
+            window_queries = torch.cat([*buffered, rows]) if buffered else rows
+            job.kept[layer_index] = self._compact(impl, layer, job, window_queries, kv_cache)
+            job.layers_done.add(layer_index)
+
+    def _compact(self, impl, layer, job: _Job, window_queries, kv_cache) -> torch.Tensor:
+        plan = job.plan
+        if window_queries.shape[0] != plan.window_size:
+            raise RuntimeError(
+                f"SnapKV: request {job.request_id} has {window_queries.shape[0]} window queries "
+                f"at layer {layer.layer_name}, expected {plan.window_size}"
+            )
+        isa = layer.isa
+        keys, values = read_kv(kv_cache, job.source_block_ids, plan.prefill_len, isa)
+        kept = select_kept_positions(
+            window_queries,
+            keys,
+            plan.budget,
+            impl.scale,
+            self.config.kernel_size,
+            self.config.pooling,
+        )
+        # Per-head gather: row i of head h is position kept[h, i].
+        per_slot = kept.T
+        heads = torch.arange(keys.shape[1], device=keys.device)
+        block_size = kv_cache.shape[2]
+        write_kv(
+            kv_cache,
+            keys[per_slot, heads].contiguous(),
+            values[per_slot, heads].contiguous(),
+            slots_of(plan.target_block_ids, plan.budget, block_size, kv_cache.device),
+            isa,
+            k_scale=layer._k_scale_float,
+            v_scale=layer._v_scale_float,
+            kv_cache_dtype=impl.kv_cache_dtype,
+        )
+        return kept
+
+    def after_execute_model(self) -> None:
+        global _ACTIVE_STEP
+        _ACTIVE_STEP = None
+        for job in self.jobs:
+            if job.plan is None:
+                continue
+            self.window_queries.pop(job.request_id, None)
+            if len(job.layers_done) != self.num_layers:
+                raise RuntimeError(
+                    f"SnapKV: request {job.request_id} was compacted in {len(job.layers_done)} of "
+                    f"{self.num_layers} attention layers; its KV cache would be inconsistent"
+                )
+            self.pending_swaps[job.request_id] = job.plan.target_block_ids
+            if self.config.dump_selections_to:
+                self._dump(job)
+        self.jobs = []
+
+    def _dump(self, job: _Job) -> None:
+        directory = self.config.dump_selections_to
+        os.makedirs(directory, exist_ok=True)
+        name = job.request_id if self.tp_size == 1 else f"{job.request_id}.tp{self.tp_rank}"
+        torch.save(
+            {
+                "prompt_len": job.plan.prefill_len,
+                "budget": job.plan.budget,
+                "layers": {index: job.kept[index].cpu() for index in sorted(job.kept)},
+            },
+            os.path.join(directory, f"{name}.pt"),
+        )
+
+
+def _swap_block_list(runner: GPUModelRunner, request_id: str, targets: list[int]) -> None:
+    """Make ``targets`` the request's whole block list, in its state and its block-table row."""
+    request_state = runner.requests.get(request_id)
+    if request_state is None:
+        return
+    request_state.block_ids[0][:] = targets
+    row = runner.input_batch.req_id_to_index.get(request_id)
+    if row is None:
+        return  # not in the persistent batch: re-added from request_state.block_ids later
+    table = runner.input_batch.block_table[0]
+    old_len = int(table.num_blocks_per_row[row])
+    table.add_row(targets, row)
+    table.block_table.np[row, len(targets) : max(old_len, len(targets))] = 0
+
+
+def _make_lengths_physical(
+    runner: GPUModelRunner,
+    scheduler_output: Any,
+    request_ids: list[str],
+    evicted: dict[str, int],
+) -> None:
+    """KV lengths and slots of compressed requests become physical; RoPE positions stay."""
+    num_reqs = len(request_ids)
+    per_row = torch.tensor([evicted.get(r, 0) for r in request_ids], dtype=torch.int32)
+    if not per_row.any():
+        return
+    num_tokens = scheduler_output.total_num_scheduled_tokens
+    runner.optimistic_seq_lens_cpu[:num_reqs] -= per_row
+    per_row = per_row.to(runner.seq_lens.device)
+    runner.seq_lens[:num_reqs] -= per_row
+    row_of_token = runner.req_indices.gpu[:num_tokens]
+    physical = runner.positions[:num_tokens] - per_row.to(torch.int64)[row_of_token]
+    runner.input_batch.block_table.compute_slot_mapping(
+        num_reqs, runner.query_start_loc.gpu[: num_reqs + 1], physical
+    )
+
+
+def _state(runner: GPUModelRunner) -> WorkerCompression | None:
+    state = runner.__dict__.get("_snapkv")
+    if state is None and "_snapkv" not in runner.__dict__:
+        state = _create_state(runner)
+        runner._snapkv = state
+    return state
+
+
+def _create_state(runner: GPUModelRunner) -> WorkerCompression | None:
+    config = config_from_additional(runner.vllm_config.additional_config)
+    if config is None:
+        return None
+    from vllm.distributed import get_tensor_model_parallel_rank
+
+    groups = runner.kv_cache_config.kv_cache_groups
+    return WorkerCompression(
+        config,
+        num_layers=len(groups[0].layer_names),
+        tp_rank=get_tensor_model_parallel_rank(),
+        tp_size=runner.parallel_config.tensor_parallel_size,
+    )
+
+
+def _patch_update_states(original):
+    @functools.wraps(original)
+    def _update_states(self: GPUModelRunner, scheduler_output: Any):
+        state = _state(self)
+        if state is not None:
+            state.before_update_states(self, scheduler_output)
+        return original(self, scheduler_output)
+
+    return _update_states
+
+
+def _patch_prepare_inputs(original):
+    @functools.wraps(original)
+    def _prepare_inputs(self: GPUModelRunner, scheduler_output: Any, num_scheduled_tokens):
+        result = original(self, scheduler_output, num_scheduled_tokens)
+        state = _state(self)
+        if state is not None:
+            state.after_prepare_inputs(self, scheduler_output, num_scheduled_tokens)
+        return result
+
+    return _prepare_inputs
+
+
+def _patch_execute_model(original):
+    @functools.wraps(original)
+    def execute_model(self: GPUModelRunner, *args: Any, **kwargs: Any):
+        result = original(self, *args, **kwargs)
+        state = self.__dict__.get("_snapkv")
+        if state is not None:
+            state.after_execute_model()
+        return result
+
+    return execute_model
+
+
+def _patch_cpu_attention_forward(original):
+    @functools.wraps(original)
+    def forward(
+        self: CPUAttentionBackendImpl,
+        layer: torch.nn.Module,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        kv_cache: torch.Tensor,
+        attn_metadata: Any,
+        *args: Any,
+        **kwargs: Any,
+    ) -> torch.Tensor:
+        output = original(self, layer, query, key, value, kv_cache, attn_metadata, *args, **kwargs)
+        step = _ACTIVE_STEP
+        if step is not None and attn_metadata is not None and self.attn_type == AttentionType.DECODER:
+            step.on_attention_layer(self, layer, query, kv_cache)
+        return output
+
+    return forward
+
+
+#: (owner class, method name, wrapper factory): every worker patch, in one visible list.
+WORKER_PATCHES = (
+    (GPUModelRunner, "_update_states", _patch_update_states),
+    (GPUModelRunner, "_prepare_inputs", _patch_prepare_inputs),
+    (GPUModelRunner, "execute_model", _patch_execute_model),
+    (CPUAttentionBackendImpl, "forward", _patch_cpu_attention_forward),
+)
