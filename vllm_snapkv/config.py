@@ -91,3 +91,38 @@ def config_from_additional(additional_config: Any) -> SnapKVConfig | None:
         return None
     config = parse_config(additional_config[CONFIG_KEY])
     return config if config.enabled else None
+
+
+#: Per-request keys in ``SamplingParams.extra_args`` (the OpenAI API's ``vllm_xargs``).
+REQUEST_BUDGET_KEY = "snapkv_budget"
+REQUEST_METHOD_KEY = "kv_compression"
+
+
+def request_budget(config: SnapKVConfig, extra_args: Mapping[str, Any] | None) -> int | None:
+    """The budget one request compresses with, or None when it opts out.
+
+    A request may lower its budget (``snapkv_budget``) or opt out (``kv_compression: "none"``),
+    never raise its memory use above the server's budget.
+    """
+    if not extra_args:
+        return config.budget
+    method = extra_args.get(REQUEST_METHOD_KEY, "snapkv")
+    if method not in ("snapkv", "none"):
+        raise KVCompressionConfigError(
+            f"{REQUEST_METHOD_KEY}: must be 'snapkv' or 'none'; got {method!r}"
+        )
+    if method == "none":
+        return None
+    budget = extra_args.get(REQUEST_BUDGET_KEY, config.budget)
+    if isinstance(budget, str) and budget.strip().isdigit():
+        budget = int(budget)
+    if (
+        isinstance(budget, bool)
+        or not isinstance(budget, int)
+        or not config.window_size < budget <= config.budget
+    ):
+        raise KVCompressionConfigError(
+            f"{REQUEST_BUDGET_KEY}: must be an integer with window_size ({config.window_size}) < "
+            f"{REQUEST_BUDGET_KEY} <= the server's budget ({config.budget}); got {budget!r}"
+        )
+    return budget

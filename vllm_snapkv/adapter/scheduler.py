@@ -25,7 +25,12 @@ from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig
 from vllm.v1.request import Request
 
-from vllm_snapkv.config import SnapKVConfig, config_from_additional
+from vllm_snapkv.config import (
+    KVCompressionConfigError,
+    SnapKVConfig,
+    config_from_additional,
+    request_budget,
+)
 from vllm_snapkv.plan import (
     CompressionPlan,
     StepDirectives,
@@ -83,11 +88,23 @@ class SchedulerCompression:
     evicted: dict[str, int] = field(default_factory=dict)
     stats: CompressionStats = field(default_factory=CompressionStats)
 
-    def budget_for(self, request: Request) -> int:
-        return self.config.budget
+    def budget_for(self, request: Request) -> int | None:
+        """The request's budget, or None when it is not compressed."""
+        extra_args = request.sampling_params.extra_args if request.sampling_params else None
+        try:
+            return request_budget(self.config, extra_args)
+        except KVCompressionConfigError as error:
+            # Frontends validate these; a request that slipped through keeps its full cache
+            # rather than failing the engine for everyone.
+            logger.warning("SnapKV: request %s not compressed: %s", request.request_id, error)
+            return None
 
-    def will_compress(self, request: Request, prefill_len: int) -> bool:
-        return frees_blocks(prefill_len, self.budget_for(request), self.block_size)
+    def compression_budget(self, request: Request, prefill_len: int) -> int | None:
+        """The budget the request compresses with at the end of its prefill, or None."""
+        budget = self.budget_for(request)
+        if budget is None or not frees_blocks(prefill_len, budget, self.block_size):
+            return None
+        return budget
 
     def forget(self, request_id: str) -> None:
         self.prefill_end.pop(request_id, None)
@@ -135,7 +152,7 @@ def _plan_step(scheduler: Scheduler, state: SchedulerCompression, output: Schedu
         state.prefill_end[request_id] = scheduler.requests[request_id].num_tokens
 
     window = state.config.window_size
-    completing: list[tuple[Request, int]] = []
+    completing: list[tuple[Request, int, int]] = []
     for request_id, num_scheduled in output.num_scheduled_tokens.items():
         if request_id in state.evicted:
             directives.evicted[request_id] = state.evicted[request_id]
@@ -145,12 +162,14 @@ def _plan_step(scheduler: Scheduler, state: SchedulerCompression, output: Schedu
             continue
         request = scheduler.requests[request_id]
         chunk_end = request.num_computed_tokens + num_scheduled
-        if chunk_end >= prefill_len:
-            del state.prefill_end[request_id]
-            if state.will_compress(request, prefill_len):
-                completing.append((request, prefill_len))
-        elif chunk_end > prefill_len - window and state.will_compress(request, prefill_len):
-            directives.captures[request_id] = WindowCapture(prefill_len, window)
+        if chunk_end > prefill_len - window:
+            budget = state.compression_budget(request, prefill_len)
+            if chunk_end >= prefill_len:
+                del state.prefill_end[request_id]
+                if budget is not None:
+                    completing.append((request, prefill_len, budget))
+            elif budget is not None:
+                directives.captures[request_id] = WindowCapture(prefill_len, window)
 
     if completing:
         _compress(scheduler, state, completing, directives)
@@ -160,7 +179,7 @@ def _plan_step(scheduler: Scheduler, state: SchedulerCompression, output: Schedu
 def _compress(
     scheduler: Scheduler,
     state: SchedulerCompression,
-    completing: list[tuple[Request, int]],
+    completing: list[tuple[Request, int, int]],
     directives: StepDirectives,
 ) -> None:
     """Copy-on-compress: every target is allocated before any source is released, so a target
@@ -168,8 +187,7 @@ def _compress(
     manager = scheduler.kv_cache_manager.coordinator.single_type_managers[0]
     block_pool = manager.block_pool
     targets: list[tuple[Request, int, int, list]] = []
-    for request, prefill_len in completing:
-        budget = state.budget_for(request)
+    for request, prefill_len, budget in completing:
         num_targets = cdiv(budget, state.block_size)
         if block_pool.get_num_free_blocks() < num_targets:
             # The window queries exist only during this step: compressing later is impossible.
@@ -222,7 +240,7 @@ def _patch_prefix_cache_hit(original):
         if state is None or num_hit_tokens == 0:
             return (blocks, num_hit_tokens, *rest)
         prefill_len = request.num_tokens
-        if not state.will_compress(request, prefill_len):
+        if state.compression_budget(request, prefill_len) is None:
             return (blocks, num_hit_tokens, *rest)
         limit = prefix_hit_limit(prefill_len, state.config.window_size, state.block_size)
         if num_hit_tokens > limit:

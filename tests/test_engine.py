@@ -1,0 +1,249 @@
+"""End to end on the real SmolLM2-135M-Instruct (float32, CPU) through stock vLLM 0.32.
+
+Engines run in-process (conftest) so the tests read vLLM's own scheduler and block pool.
+"""
+
+from __future__ import annotations
+
+import glob
+import math
+import os
+
+import pytest
+import torch
+from vllm import SamplingParams
+
+from conftest import close_llm, make_llm, scheduler_of
+from prompts import passkey_prompt
+from vllm_snapkv.plan import cdiv
+
+pytestmark = pytest.mark.engine
+
+SERVER_BUDGET = 512
+WINDOW = 32
+BLOCK_SIZE = 128  # vLLM's CPU block size; asserted in test_block_size_is_what_the_tests_assume
+GREEDY = dict(temperature=0.0, max_tokens=16)
+
+
+def snapkv_config(dump_dir: str, **overrides) -> dict:
+    config = {
+        "method": "snapkv",
+        "budget": SERVER_BUDGET,
+        "window_size": WINDOW,
+        "kernel_size": 7,
+        "pooling": "max",
+        "dump_selections_to": dump_dir,
+    }
+    config.update(overrides)
+    return {"kv_compression": config}
+
+
+def greedy(budget: int | None = None, **kwargs) -> SamplingParams:
+    extra_args = None if budget is None else {"snapkv_budget": budget}
+    return SamplingParams(**{**GREEDY, **kwargs}, extra_args=extra_args)
+
+
+def texts(outputs) -> list[str]:
+    return [output.outputs[0].text for output in outputs]
+
+
+def token_ids(outputs) -> list[list[int]]:
+    return [list(output.outputs[0].token_ids) for output in outputs]
+
+
+def load_dump(dump_dir: str, request_id: str) -> dict:
+    (path,) = glob.glob(os.path.join(dump_dir, f"{request_id}-*.pt"))
+    return torch.load(path)
+
+
+@pytest.fixture(scope="module")
+def dump_dir(tmp_path_factory) -> str:
+    return str(tmp_path_factory.mktemp("selections"))
+
+
+@pytest.fixture(scope="module")
+def snap_llm(model_dir: str, dump_dir: str):
+    """SnapKV on, one-shot prefill for prompts up to 8K, prefix caching on (vLLM's default)."""
+    llm = make_llm(
+        model_dir,
+        enforce_eager=True,
+        max_num_batched_tokens=8192,
+        additional_config=snapkv_config(dump_dir),
+    )
+    yield llm
+    close_llm(llm)
+
+
+def test_block_size_is_what_the_tests_assume(snap_llm):
+    manager = scheduler_of(snap_llm).kv_cache_manager.coordinator.single_type_managers[0]
+    assert manager.block_size == BLOCK_SIZE
+
+
+def test_prompts_within_budget_generate_exactly_as_without_plugin(snap_llm, dense_llm):
+    prompts = [passkey_prompt(n, 4242 + n, 0.5) for n in (100, 300)]
+    prompts.append("The capital of France is")
+    assert token_ids(snap_llm.generate(prompts, greedy())) == token_ids(
+        dense_llm.generate(prompts, greedy())
+    )
+    assert scheduler_of(snap_llm)._snapkv.stats.compressed_requests == 0
+
+
+def test_request_opting_out_generates_exactly_as_without_plugin(snap_llm, dense_llm):
+    prompt = passkey_prompt(1500, 77123, 0.3)
+    opted_out = SamplingParams(**GREEDY, extra_args={"kv_compression": "none"})
+    before = scheduler_of(snap_llm)._snapkv.stats.compressed_requests
+    assert token_ids(snap_llm.generate([prompt], opted_out)) == token_ids(
+        dense_llm.generate([prompt], greedy())
+    )
+    assert scheduler_of(snap_llm)._snapkv.stats.compressed_requests == before
+
+
+def _internal_id(scheduler, request_id: str) -> str:
+    (internal,) = [r for r in scheduler.requests if r.startswith(f"{request_id}-")]
+    return internal
+
+
+def test_compressed_request_holds_budget_blocks_and_returns_the_rest(snap_llm):
+    budget = 256
+    engine = snap_llm.llm_engine
+    scheduler = scheduler_of(snap_llm)
+    manager = scheduler.kv_cache_manager.coordinator.single_type_managers[0]
+    pool = scheduler.kv_cache_manager.block_pool
+    snap_llm.reset_prefix_cache()
+    free_at_start = pool.get_num_free_blocks()
+
+    prompt = passkey_prompt(1900, 55123, 0.5)
+    prompt_len = len(snap_llm.get_tokenizer()(prompt).input_ids)
+    assert cdiv(prompt_len, BLOCK_SIZE) >= 15
+    engine.add_request("blocks", prompt, greedy(budget, max_tokens=200))
+    engine.step()  # the whole prompt prefills in this step and is compacted
+    request_id = _internal_id(scheduler, "blocks")
+    request = scheduler.requests[request_id]
+    assert request.num_computed_tokens == prompt_len
+    assert len(manager.req_to_blocks[request_id]) == cdiv(budget, BLOCK_SIZE)
+    # Every source block went back; only the targets are held.
+    assert pool.get_num_free_blocks() == free_at_start - cdiv(budget, BLOCK_SIZE)
+
+    finished = False
+    while not finished:
+        for output in engine.step():
+            finished |= output.finished
+        if not finished:
+            request = scheduler.requests[request_id]
+            # KV physically held: budget + tokens computed since the prefill.
+            physical = budget + request.num_computed_tokens - prompt_len
+            assert len(manager.req_to_blocks[request_id]) == cdiv(physical, BLOCK_SIZE)
+    assert request.num_output_tokens == 200
+    assert pool.get_num_free_blocks() == free_at_start
+
+
+def test_kv_cache_usage_follows_physical_length(snap_llm, dense_llm):
+    prompt = passkey_prompt(3000, 31337, 0.5)
+    usage = {}
+    for name, llm, params in (
+        ("snapkv", snap_llm, greedy(256, max_tokens=4)),
+        ("dense", dense_llm, greedy(max_tokens=4)),
+    ):
+        llm.reset_prefix_cache()
+        manager = scheduler_of(llm).kv_cache_manager
+        llm.llm_engine.add_request(name, prompt, params)
+        llm.llm_engine.step()
+        llm.llm_engine.step()
+        usage[name] = manager.usage
+        while llm.llm_engine.has_unfinished_requests():
+            llm.llm_engine.step()
+    assert 0 < usage["snapkv"] < usage["dense"] / 5
+
+
+@pytest.fixture(scope="module")
+def passkey_outputs(snap_llm):
+    prompts = [passkey_prompt(2000, key, depth) for key, depth in PASSKEYS]
+    return snap_llm.generate(prompts, greedy(512, max_tokens=8))
+
+
+PASSKEYS = ((68413, 0.1), (90271, 0.5), (17342, 0.9))
+
+
+def test_passkeys_at_2k_answered_with_budget_512(passkey_outputs):
+    for (key, _), text in zip(PASSKEYS, texts(passkey_outputs)):
+        assert str(key) in text, text
+
+
+def test_compression_changes_generation_versus_full_cache(snap_llm, dense_llm):
+    # Guards the equality tests above against a plugin that silently does nothing.
+    prompt = passkey_prompt(2500, 11111, 0.5)
+    params_long = dict(max_tokens=48)
+    compressed = token_ids(snap_llm.generate([prompt], greedy(64, **params_long)))
+    full = token_ids(dense_llm.generate([prompt], greedy(**params_long)))
+    assert compressed != full
+
+
+def _reference_kept_positions(model_dir: str, prompt_ids: list[int], budget: int) -> dict:
+    """Dense SnapKV selection from transformers' eager forward of the same weights.
+
+    Independent of the plugin's code: post-RoPE Q/K captured from the HF Llama layers, scores
+    written out per head here.
+    """
+    import transformers.models.llama.modeling_llama as llama
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(
+        model_dir, dtype=torch.float32, attn_implementation="eager"
+    )
+    captured: list[tuple[torch.Tensor, torch.Tensor]] = []
+    original = llama.apply_rotary_pos_emb
+
+    def capture(q, k, cos, sin, *args, **kwargs):
+        q, k = original(q, k, cos, sin, *args, **kwargs)
+        captured.append((q[0].detach(), k[0].detach()))  # [H, L, D]
+        return q, k
+
+    llama.apply_rotary_pos_emb = capture
+    try:
+        with torch.no_grad():
+            model(torch.tensor([prompt_ids]))
+    finally:
+        llama.apply_rotary_pos_emb = original
+
+    kept = {}
+    for layer, (q, k) in enumerate(captured):
+        num_q_heads, length, dim = q.shape
+        num_kv_heads = k.shape[0]
+        group = num_q_heads // num_kv_heads
+        prefix = length - WINDOW
+        q_win = q[:, -WINDOW:]  # [Hq, W, D]
+        k_rep = k.repeat_interleave(group, dim=0)  # [Hq, L, D]
+        logits = q_win @ k_rep.transpose(1, 2) / math.sqrt(dim)
+        future = torch.arange(length)[None, :] > (prefix + torch.arange(WINDOW))[:, None]
+        probs = logits.masked_fill(future, float("-inf")).softmax(-1)[..., :prefix].sum(1)
+        pooled = torch.nn.functional.max_pool1d(probs[:, None], 7, 1, 3)[:, 0]
+        per_kv = pooled.view(num_kv_heads, group, prefix).mean(1)
+        top = per_kv.topk(budget - WINDOW, dim=-1).indices
+        kept[layer] = [set(row.tolist()) | set(range(prefix, length)) for row in top]
+    return kept
+
+
+def test_kept_positions_match_dense_transformers_reference(
+    snap_llm, passkey_outputs, dump_dir, model_dir
+):
+    output = passkey_outputs[1]
+    dump = load_dump(dump_dir, output.request_id)
+    prompt_ids = list(output.prompt_token_ids)
+    assert dump["prompt_len"] == len(prompt_ids)
+    assert dump["budget"] == 512
+    assert sorted(dump["layers"]) == list(range(30))
+    reference = _reference_kept_positions(model_dir, prompt_ids, 512)
+    for layer, kept in dump["layers"].items():
+        assert kept.shape == (3, 512) and kept.dtype == torch.long
+        assert torch.all(kept[:, 1:] > kept[:, :-1]), "ascending"
+        for head in range(3):
+            overlap = len(set(kept[head].tolist()) & reference[layer][head]) / 512
+            assert overlap >= 0.99, (layer, head, overlap)
+
+
+def test_bad_request_budget_falls_back_to_full_cache(snap_llm, dense_llm):
+    prompt = passkey_prompt(1200, 24680, 0.5)
+    too_big = SamplingParams(**GREEDY, extra_args={"snapkv_budget": SERVER_BUDGET * 4})
+    assert token_ids(snap_llm.generate([prompt], too_big)) == token_ids(
+        dense_llm.generate([prompt], greedy())
+    )
