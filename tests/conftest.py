@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import glob
 import os
 from collections.abc import Iterator
 
@@ -46,9 +47,63 @@ def scheduler_of(llm):
     return llm.llm_engine.engine_core.engine_core.scheduler
 
 
+SERVER_BUDGET = 512
+
+
+def snapkv_config(dump_dir: str, **overrides) -> dict:
+    config = {
+        "method": "snapkv",
+        "budget": SERVER_BUDGET,
+        "window_size": 32,
+        "kernel_size": 7,
+        "pooling": "max",
+        "dump_selections_to": dump_dir,
+    }
+    config.update(overrides)
+    return {"kv_compression": config}
+
+
+def greedy(budget: int | None = None, max_tokens: int = 16):
+    """Greedy sampling; ``budget`` lowers the request's SnapKV budget (``snapkv_budget``)."""
+    from vllm import SamplingParams
+
+    extra_args = None if budget is None else {"snapkv_budget": budget}
+    return SamplingParams(temperature=0.0, max_tokens=max_tokens, extra_args=extra_args)
+
+
+def token_ids(outputs) -> list[list[int]]:
+    return [list(output.outputs[0].token_ids) for output in outputs]
+
+
+def load_dump(dump_dir: str, request_id: str) -> dict:
+    """A compressed request's selection dump (vLLM appends 8 characters to request ids)."""
+    import torch
+
+    (path,) = glob.glob(os.path.join(dump_dir, f"{request_id}-*.pt"))
+    return torch.load(path)
+
+
+@pytest.fixture(scope="session")
+def dump_dir(tmp_path_factory) -> str:
+    return str(tmp_path_factory.mktemp("selections"))
+
+
+@pytest.fixture(scope="session")
+def snap_llm(model_dir: str, dump_dir: str) -> Iterator:
+    """SnapKV on (server budget 512), one-shot prefill up to 8K tokens, prefix caching on."""
+    llm = make_llm(
+        model_dir,
+        enforce_eager=True,
+        max_num_batched_tokens=8192,
+        additional_config=snapkv_config(dump_dir),
+    )
+    yield llm
+    close_llm(llm)
+
+
 @pytest.fixture(scope="session")
 def dense_llm(model_dir: str) -> Iterator:
     """Stock vLLM: the plugin is installed but compression is off."""
-    llm = make_llm(model_dir)
+    llm = make_llm(model_dir, enforce_eager=True, max_num_batched_tokens=8192)
     yield llm
     close_llm(llm)

@@ -14,47 +14,64 @@ def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def frees_blocks(prefill_len: int, budget: int, block_size: int) -> bool:
+def frees_blocks(prompt_len: int, budget: int, num_output_tokens: int, block_size: int) -> bool:
     """Rule 1: compress only when it returns at least one block to the pool."""
-    return prefill_len > budget and cdiv(budget, block_size) < cdiv(prefill_len, block_size)
+    kept, held = budget + num_output_tokens, prompt_len + num_output_tokens
+    return prompt_len > budget and cdiv(kept, block_size) < cdiv(held, block_size)
 
 
-def prefix_hit_limit(prefill_len: int, window_size: int, block_size: int) -> int:
+def prefix_hit_limit(prompt_len: int, window_size: int, block_size: int) -> int:
     """Most prompt tokens a prefix-cache hit may cover for a request that will be compressed.
 
     Queries are not cached, so the last ``window_size`` prompt tokens must be recomputed by this
     request for their queries to exist; hits are block-aligned.
     """
-    return max(prefill_len - window_size, 0) // block_size * block_size
+    return max(prompt_len - window_size, 0) // block_size * block_size
 
 
 @dataclass(frozen=True)
 class WindowCapture:
-    """Buffer the queries of window positions ``[prefill_len - window_size, prefill_len)`` that
+    """Buffer the queries of window positions ``[prompt_len - window_size, prompt_len)`` that
     fall inside this step's chunk; the prefill completes in a later step."""
 
-    prefill_len: int
+    prompt_len: int
     window_size: int
 
 
 @dataclass(frozen=True)
 class CompressionPlan:
-    """Request's prefill completes in this step: compact its KV into ``target_block_ids``.
+    """The request's prefill completes in this step: compact its KV into ``target_block_ids``.
 
-    Every attention layer keeps ``budget`` positions per KV head (the last ``window_size`` always),
-    written in ascending position order into slots ``0 .. budget-1`` of the targets. From the next
-    step on, the request's block list is ``target_block_ids`` (+ blocks allocated later) and
-    ``prefill_len - budget`` tokens count as evicted.
+    Every attention layer selects ``budget`` prompt positions per KV head (the last
+    ``window_size`` always) and writes them, ascending, into slots ``0 .. budget-1`` of the
+    targets, followed by the ``num_output_tokens`` positions after the prompt. Those exist only
+    when a preempted request re-prefills its earlier outputs; keeping them verbatim makes the
+    compressed cache the same as before the preemption. From the next step on, the request's
+    block list is ``target_block_ids`` (+ blocks allocated later) and ``num_evicted`` tokens are
+    not held.
+
+    ``reused_block_ids`` are targets that were the request's own source blocks (compaction in
+    place, when the pool had too few free blocks); the worker reads all sources before writing.
     """
 
-    prefill_len: int
+    prompt_len: int
     budget: int
     window_size: int
+    num_output_tokens: int
     target_block_ids: tuple[int, ...]
+    reused_block_ids: tuple[int, ...] = ()
+
+    @property
+    def prefill_len(self) -> int:
+        return self.prompt_len + self.num_output_tokens
+
+    @property
+    def num_kept(self) -> int:
+        return self.budget + self.num_output_tokens
 
     @property
     def num_evicted(self) -> int:
-        return self.prefill_len - self.budget
+        return self.prompt_len - self.budget
 
 
 @dataclass

@@ -81,8 +81,8 @@ class SchedulerCompression:
 
     config: SnapKVConfig
     block_size: int
-    #: Requests in prefill -> token count their prefill ends at (prompt, or prompt + outputs
-    #: after a preemption).
+    #: Requests in prefill -> token count their prefill ends at (the prompt, or prompt + earlier
+    #: outputs when a preempted request is recomputed).
     prefill_end: dict[str, int] = field(default_factory=dict)
     #: Shared with the KV cache coordinator (same dict object).
     evicted: dict[str, int] = field(default_factory=dict)
@@ -99,10 +99,14 @@ class SchedulerCompression:
             logger.warning("SnapKV: request %s not compressed: %s", request.request_id, error)
             return None
 
-    def compression_budget(self, request: Request, prefill_len: int) -> int | None:
+    def compression_budget(
+        self, request: Request, prompt_len: int, num_output_tokens: int = 0
+    ) -> int | None:
         """The budget the request compresses with at the end of its prefill, or None."""
         budget = self.budget_for(request)
-        if budget is None or not frees_blocks(prefill_len, budget, self.block_size):
+        if budget is None or not frees_blocks(
+            prompt_len, budget, num_output_tokens, self.block_size
+        ):
             return None
         return budget
 
@@ -157,19 +161,25 @@ def _plan_step(scheduler: Scheduler, state: SchedulerCompression, output: Schedu
         if request_id in state.evicted:
             directives.evicted[request_id] = state.evicted[request_id]
             continue
-        prefill_len = state.prefill_end.get(request_id)
-        if prefill_len is None:
+        prefill_end = state.prefill_end.get(request_id)
+        if prefill_end is None:
             continue
         request = scheduler.requests[request_id]
-        chunk_end = request.num_computed_tokens + num_scheduled
-        if chunk_end > prefill_len - window:
-            budget = state.compression_budget(request, prefill_len)
-            if chunk_end >= prefill_len:
-                del state.prefill_end[request_id]
-                if budget is not None:
-                    completing.append((request, prefill_len, budget))
-            elif budget is not None:
-                directives.captures[request_id] = WindowCapture(prefill_len, window)
+        prompt_len = request.num_prompt_tokens
+        chunk_start = request.num_computed_tokens
+        chunk_end = chunk_start + num_scheduled
+        completes = chunk_end >= prefill_end
+        holds_window = chunk_start < prompt_len and chunk_end > prompt_len - window
+        if not (completes or holds_window):
+            continue
+        num_output_tokens = prefill_end - prompt_len
+        budget = state.compression_budget(request, prompt_len, num_output_tokens)
+        if completes:
+            del state.prefill_end[request_id]
+            if budget is not None:
+                completing.append((request, budget, num_output_tokens))
+        elif budget is not None:
+            directives.captures[request_id] = WindowCapture(prompt_len, window)
 
     if completing:
         _compress(scheduler, state, completing, directives)
@@ -182,43 +192,68 @@ def _compress(
     completing: list[tuple[Request, int, int]],
     directives: StepDirectives,
 ) -> None:
-    """Copy-on-compress: every target is allocated before any source is released, so a target
-    can never be a block another request of the same step is still reading from."""
+    """Copy-on-compress into fresh blocks; in place only when the pool is short.
+
+    Every target is allocated before any source is released, so a fresh target can never be a
+    block another request of this step still reads from. Fresh targets leave the source blocks
+    (and their prefix-cache hashes) intact for later requests with the same prefix.
+    """
     manager = scheduler.kv_cache_manager.coordinator.single_type_managers[0]
     block_pool = manager.block_pool
-    targets: list[tuple[Request, int, int, list]] = []
-    for request, prefill_len, budget in completing:
-        num_targets = cdiv(budget, state.block_size)
-        if block_pool.get_num_free_blocks() < num_targets:
-            # The window queries exist only during this step: compressing later is impossible.
-            state.stats.skipped_no_free_blocks += 1
-            directives.released.add(request.request_id)
-            logger.warning(
-                "SnapKV: request %s keeps its full KV cache: %d free blocks needed to compact "
-                "it, %d available",
-                request.request_id,
-                num_targets,
-                block_pool.get_num_free_blocks(),
-            )
-            continue
-        targets.append((request, prefill_len, budget, block_pool.get_new_blocks(num_targets)))
-
-    for request, prefill_len, budget, target_blocks in targets:
+    allocations: list[tuple[Request, CompressionPlan, list]] = []
+    for request, budget, num_output_tokens in completing:
         request_id = request.request_id
         sources = manager.req_to_blocks[request_id]
-        manager.req_to_blocks[request_id] = list(target_blocks)
-        block_pool.free_blocks(reversed(sources))
+        num_targets = cdiv(budget + num_output_tokens, state.block_size)
+        if block_pool.get_num_free_blocks() >= num_targets:
+            targets, reused = block_pool.get_new_blocks(num_targets), []
+        else:
+            targets, reused = _in_place_targets(block_pool, sources[:num_targets])
+        if targets is None:
+            # The window queries exist only during this step: compressing later is impossible.
+            state.stats.skipped_no_free_blocks += 1
+            directives.released.add(request_id)
+            logger.warning(
+                "SnapKV: request %s keeps its full KV cache: no free blocks to compact it into",
+                request_id,
+            )
+            continue
         plan = CompressionPlan(
-            prefill_len=prefill_len,
+            prompt_len=request.num_prompt_tokens,
             budget=budget,
             window_size=state.config.window_size,
-            target_block_ids=tuple(block.block_id for block in target_blocks),
+            num_output_tokens=num_output_tokens,
+            target_block_ids=tuple(block.block_id for block in targets),
+            reused_block_ids=tuple(block.block_id for block in reused),
         )
+        allocations.append((request, plan, targets))
+
+    for request, plan, targets in allocations:
+        request_id = request.request_id
+        sources = manager.req_to_blocks[request_id]
+        manager.req_to_blocks[request_id] = list(targets)
+        reused = set(plan.reused_block_ids)
+        block_pool.free_blocks(reversed([b for b in sources if b.block_id not in reused]))
         directives.plans[request_id] = plan
         state.evicted[request_id] = plan.num_evicted
         state.stats.compressed_requests += 1
         state.stats.evicted_tokens += plan.num_evicted
-        state.stats.freed_blocks += len(sources) - len(target_blocks)
+        state.stats.freed_blocks += len(sources) - len(targets)
+
+
+def _in_place_targets(block_pool, leading_sources: list):
+    """Targets for compaction in place: the request's own leading blocks where it owns them
+    alone, fresh blocks where they are shared. ``(None, [])`` when even that does not fit."""
+    shared = [i for i, block in enumerate(leading_sources) if block.ref_cnt != 1]
+    if len(shared) > block_pool.get_num_free_blocks():
+        return None, []
+    targets = list(leading_sources)
+    for i, fresh in zip(shared, block_pool.get_new_blocks(len(shared))):
+        targets[i] = fresh
+    reused = [block for i, block in enumerate(leading_sources) if i not in shared]
+    # Their content changes: no later request may hit them as the cached prompt prefix.
+    block_pool.evict_blocks({block.block_id for block in reused})
+    return targets, reused
 
 
 def _patch_update_after_schedule(original):
@@ -239,10 +274,11 @@ def _patch_prefix_cache_hit(original):
         state = _state(self)
         if state is None or num_hit_tokens == 0:
             return (blocks, num_hit_tokens, *rest)
-        prefill_len = request.num_tokens
-        if state.compression_budget(request, prefill_len) is None:
+        prompt_len = request.num_prompt_tokens
+        num_output_tokens = request.num_tokens - prompt_len
+        if state.compression_budget(request, prompt_len, num_output_tokens) is None:
             return (blocks, num_hit_tokens, *rest)
-        limit = prefix_hit_limit(prefill_len, state.config.window_size, state.block_size)
+        limit = prefix_hit_limit(prompt_len, state.config.window_size, state.block_size)
         if num_hit_tokens > limit:
             blocks = self.kv_cache_manager.truncate_computed_blocks(blocks, limit)
             num_hit_tokens = limit

@@ -49,18 +49,11 @@ class _Job:
     layers_done: set[int] = field(default_factory=set)
     kept: dict[int, torch.Tensor] = field(default_factory=dict)
 
-    @property
-    def prefill_len(self) -> int:
-        return (self.plan or self.capture).prefill_len
-
-    @property
-    def window_size(self) -> int:
-        return (self.plan or self.capture).window_size
-
     def window_rows(self) -> slice:
-        """Rows of this chunk that hold observation-window tokens."""
-        first = max(self.chunk_start, self.prefill_len - self.window_size)
-        last = min(self.chunk_start + self.chunk_len, self.prefill_len)
+        """Rows of this chunk that hold observation-window tokens (possibly none)."""
+        spec = self.plan or self.capture
+        first = max(self.chunk_start, spec.prompt_len - spec.window_size)
+        last = max(min(self.chunk_start + self.chunk_len, spec.prompt_len), first)
         offset = self.first_row - self.chunk_start
         return slice(first + offset, last + offset)
 
@@ -170,24 +163,27 @@ class WorkerCompression:
                 f"at layer {layer.layer_name}, expected {plan.window_size}"
             )
         isa = layer.isa
+        # A copy of every source token: targets may be reused sources (in-place compaction).
         keys, values = read_kv(kv_cache, job.source_block_ids, plan.prefill_len, isa)
         kept = select_kept_positions(
             window_queries,
-            keys,
+            keys[: plan.prompt_len],
             plan.budget,
             impl.scale,
             self.config.kernel_size,
             self.config.pooling,
         )
-        # Per-head gather: row i of head h is position kept[h, i].
-        per_slot = kept.T
-        heads = torch.arange(keys.shape[1], device=keys.device)
+        num_heads = keys.shape[1]
+        outputs = torch.arange(plan.prompt_len, plan.prefill_len, device=keys.device)
+        # Slot i of head h holds position per_slot[i, h]: the selection, then earlier outputs.
+        per_slot = torch.cat([kept, outputs.expand(num_heads, -1)], dim=1).T
+        heads = torch.arange(num_heads, device=keys.device)
         block_size = kv_cache.shape[2]
         write_kv(
             kv_cache,
             keys[per_slot, heads].contiguous(),
             values[per_slot, heads].contiguous(),
-            slots_of(plan.target_block_ids, plan.budget, block_size, kv_cache.device),
+            slots_of(plan.target_block_ids, plan.num_kept, block_size, kv_cache.device),
             isa,
             k_scale=layer._k_scale_float,
             v_scale=layer._v_scale_float,
@@ -218,7 +214,7 @@ class WorkerCompression:
         name = job.request_id if self.tp_size == 1 else f"{job.request_id}.tp{self.tp_rank}"
         torch.save(
             {
-                "prompt_len": job.plan.prefill_len,
+                "prompt_len": job.plan.prompt_len,
                 "budget": job.plan.budget,
                 "layers": {index: job.kept[index].cpu() for index in sorted(job.kept)},
             },

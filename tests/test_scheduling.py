@@ -1,0 +1,173 @@
+"""Compression under vLLM's scheduling features: chunked prefill, prefix caching, preemption."""
+
+from __future__ import annotations
+
+import pytest
+
+from conftest import (
+    close_llm,
+    greedy,
+    load_dump,
+    make_llm,
+    scheduler_of,
+    snapkv_config,
+    token_ids,
+)
+from prompts import passkey_prompt
+from vllm_snapkv.plan import prefix_hit_limit
+
+pytestmark = pytest.mark.engine
+
+CHUNK = 256
+WINDOW = 32
+BUDGET = 256
+HEADER_TOKENS = 24
+
+
+@pytest.fixture(scope="module")
+def tokenizer(snap_llm):
+    return snap_llm.get_tokenizer()
+
+
+def prompt_of_length(tokenizer, length: int, passkey: int, depth: float = 0.5) -> list[int]:
+    """A passkey prompt of exactly ``length`` tokens (filler trimmed after the header)."""
+    ids = tokenizer(passkey_prompt(length + 200, passkey, depth)).input_ids
+    return ids[:HEADER_TOKENS] + ids[len(ids) - (length - HEADER_TOKENS) :]
+
+
+def as_prompt(ids: list[int]) -> dict:
+    return {"prompt_token_ids": ids}
+
+
+@pytest.fixture(scope="module")
+def chunked_dump_dir(tmp_path_factory) -> str:
+    return str(tmp_path_factory.mktemp("chunked"))
+
+
+@pytest.fixture(scope="module")
+def chunked_llm(model_dir: str, chunked_dump_dir: str):
+    llm = make_llm(
+        model_dir,
+        enforce_eager=True,
+        max_num_batched_tokens=CHUNK,
+        additional_config=snapkv_config(chunked_dump_dir),
+    )
+    yield llm
+    close_llm(llm)
+
+
+def test_window_split_across_chunks_keeps_one_shot_positions(
+    snap_llm, chunked_llm, tokenizer, dump_dir, chunked_dump_dir
+):
+    # 7 full chunks, then 12 tokens: the 32-token window spans the last two chunks.
+    ids = prompt_of_length(tokenizer, 7 * CHUNK + 12, 53535)
+    snap_llm.reset_prefix_cache()
+    (one_shot,) = snap_llm.generate(as_prompt(ids), greedy(BUDGET))
+    (chunked,) = chunked_llm.generate(as_prompt(ids), greedy(BUDGET))
+    assert token_ids([chunked]) == token_ids([one_shot])
+    expected = load_dump(dump_dir, one_shot.request_id)["layers"]
+    got = load_dump(chunked_dump_dir, chunked.request_id)["layers"]
+    assert sorted(got) == sorted(expected) == list(range(30))
+    for layer in expected:
+        for head in range(3):
+            same = set(got[layer][head].tolist()) & set(expected[layer][head].tolist())
+            assert len(same) / BUDGET >= 0.99, (layer, head)
+
+
+def test_shared_prefix_stays_cached_and_correct(snap_llm, tokenizer):
+    shared = prompt_of_length(tokenizer, 1500, 86420)[:-12]  # drop the question
+    first = shared + tokenizer(" What is the pass key? The pass key is").input_ids
+    second = shared + tokenizer(" Tell me the pass key again. The pass key is").input_ids
+
+    snap_llm.reset_prefix_cache()
+    (second_alone,) = snap_llm.generate(as_prompt(second), greedy(BUDGET))
+    assert second_alone.num_cached_tokens == 0
+    snap_llm.reset_prefix_cache()
+
+    stats = scheduler_of(snap_llm)._snapkv.stats
+    before = stats.compressed_requests
+    (first_out,) = snap_llm.generate(as_prompt(first), greedy(BUDGET))
+    (second_out,) = snap_llm.generate(as_prompt(second), greedy(BUDGET))
+    assert stats.compressed_requests == before + 2
+    # The first request's uncompressed prompt blocks stayed in the prefix cache...
+    assert second_out.num_cached_tokens >= 1024
+    # ...and hitting them gives what a run without any cache hit gives.
+    assert token_ids([second_out]) == token_ids([second_alone])
+
+    (repeat,) = snap_llm.generate(as_prompt(first), greedy(BUDGET))
+    # A repeated prompt hits everything but its observation window (queries are not cached).
+    assert repeat.num_cached_tokens == prefix_hit_limit(len(first), WINDOW, 128)
+    assert token_ids([repeat]) == token_ids([first_out])
+
+
+BLOCK_BYTES = 30 * 3 * 128 * 2 * 64 * 4  # layers * kv heads * block * (K+V) * head_dim * fp32
+
+
+@pytest.fixture(scope="module")
+def small_cache_llm(model_dir: str, tmp_path_factory):
+    llm = make_llm(
+        model_dir,
+        enforce_eager=True,
+        max_model_len=2048,
+        max_num_batched_tokens=2048,
+        kv_cache_memory_bytes=18 * BLOCK_BYTES,
+        additional_config=snapkv_config(str(tmp_path_factory.mktemp("small"))),
+    )
+    yield llm
+    close_llm(llm)
+
+
+def test_preemption_recomputes_and_recompresses_transparently(snap_llm, small_cache_llm, tokenizer):
+    prompts = [as_prompt(prompt_of_length(tokenizer, 1000, 1000 + i, 0.3 * i)) for i in range(4)]
+    params = greedy(BUDGET, max_tokens=300)
+    expected = token_ids(snap_llm.generate(prompts, params))
+
+    scheduler = scheduler_of(small_cache_llm)
+    pool = scheduler.kv_cache_manager.block_pool
+    free_at_start = pool.get_num_free_blocks()
+    preempted: list[str] = []
+    preempt = scheduler._preempt_request
+
+    def spy(request, *args, **kwargs):
+        preempted.append(request.request_id)
+        return preempt(request, *args, **kwargs)
+
+    scheduler._preempt_request = spy
+    stats = scheduler._snapkv.stats
+    before = stats.compressed_requests
+    try:
+        got = token_ids(small_cache_llm.generate(prompts, params))
+    finally:
+        del scheduler._preempt_request
+    assert preempted, "the cache was meant to be too small for the batch"
+    assert stats.skipped_no_free_blocks == 0
+    # Every admission compressed, including the re-prefill of each preempted request.
+    assert stats.compressed_requests - before == len(prompts) + len(preempted)
+    assert got == expected
+    assert pool.get_num_free_blocks() == free_at_start
+    assert not scheduler._snapkv.evicted and not scheduler._snapkv.prefill_end
+
+
+def test_full_pool_compacts_in_place_into_the_requests_own_blocks(
+    snap_llm, small_cache_llm, tokenizer
+):
+    # 16 of the 18 blocks hold the prompt; a 384 budget needs 3 targets: only 2 are free.
+    prompt = as_prompt(prompt_of_length(tokenizer, 2000, 97531))
+    params = greedy(384, max_tokens=24)
+    (expected,) = snap_llm.generate(prompt, params)
+    scheduler = scheduler_of(small_cache_llm)
+    pool = scheduler.kv_cache_manager.block_pool
+    small_cache_llm.reset_prefix_cache()
+    free_at_start = pool.get_num_free_blocks()
+    stats = scheduler._snapkv.stats
+    compressed, skipped = stats.compressed_requests, stats.skipped_no_free_blocks
+
+    (got,) = small_cache_llm.generate(prompt, params)
+    assert stats.compressed_requests == compressed + 1
+    assert stats.skipped_no_free_blocks == skipped
+    assert token_ids([got]) == token_ids([expected])
+    assert pool.get_num_free_blocks() == free_at_start
+    # The reused leading blocks were rewritten, so their prefix-cache entries are gone.
+    (repeat,) = small_cache_llm.generate(prompt, params)
+    assert repeat.num_cached_tokens == 0
+    assert token_ids([repeat]) == token_ids([expected])
