@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Literal, Mapping
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 #: Key of the plugin's section inside vLLM's ``additional_config``.
 CONFIG_KEY = "kv_compression"
@@ -26,13 +26,13 @@ class SnapKVConfig(BaseModel):
     method: Literal["snapkv", "none"] = Field(
         "snapkv", description="'snapkv' compresses long prompts; 'none' turns the plugin off."
     )
+    window_size: int = Field(
+        32, ge=1, description="W: last prompt tokens whose queries score the prefix."
+    )
     budget: int = Field(
         1024,
         ge=2,
         description="C: KV entries kept per KV head after prefill, observation window included.",
-    )
-    window_size: int = Field(
-        32, ge=1, description="W: last prompt tokens whose queries score the prefix."
     )
     kernel_size: int = Field(7, ge=1, description="Odd width of the 1-D pooling over positions.")
     pooling: Literal["max", "avg"] = Field("max", description="Pooling of the window scores.")
@@ -41,15 +41,20 @@ class SnapKVConfig(BaseModel):
         description="Debug: a directory; each compressed request writes <request id>.pt there.",
     )
 
-    @model_validator(mode="after")
-    def _check_ranges(self) -> "SnapKVConfig":
-        if self.budget <= self.window_size:
-            raise ValueError(
-                f"budget must be greater than window_size ({self.window_size}); got {self.budget}"
-            )
-        if self.kernel_size % 2 != 1:
-            raise ValueError(f"kernel_size must be an odd integer >= 1; got {self.kernel_size}")
-        return self
+    @field_validator("budget")
+    @classmethod
+    def _budget_exceeds_window(cls, budget: int, info: ValidationInfo) -> int:
+        window_size = info.data.get("window_size")
+        if window_size is not None and budget <= window_size:
+            raise ValueError(f"must be greater than window_size ({window_size})")
+        return budget
+
+    @field_validator("kernel_size")
+    @classmethod
+    def _kernel_is_odd(cls, kernel_size: int) -> int:
+        if kernel_size % 2 != 1:
+            raise ValueError("must be an odd integer >= 1")
+        return kernel_size
 
     @property
     def enabled(self) -> bool:

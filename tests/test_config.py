@@ -1,0 +1,104 @@
+"""Configuration: defaults, validation messages that name the field, per-request rules."""
+
+from __future__ import annotations
+
+import pytest
+
+from vllm_snapkv.config import (
+    KVCompressionConfigError,
+    SnapKVConfig,
+    config_from_additional,
+    parse_config,
+    request_budget,
+)
+
+
+def test_defaults_are_the_longbench_setting():
+    config = parse_config({})
+    assert (config.method, config.budget, config.window_size) == ("snapkv", 1024, 32)
+    assert (config.kernel_size, config.pooling, config.dump_selections_to) == (7, "max", None)
+
+
+@pytest.mark.parametrize(
+    "raw,field,allowed",
+    [
+        ({"budget": 32}, "budget", "greater than window_size (32)"),
+        ({"budget": 16, "window_size": 16}, "budget", "greater than window_size (16)"),
+        ({"window_size": 0}, "window_size", "greater than or equal to 1"),
+        ({"kernel_size": 4}, "kernel_size", "odd"),
+        ({"kernel_size": 0}, "kernel_size", "greater than or equal to 1"),
+        ({"pooling": "min"}, "pooling", "'max' or 'avg'"),
+        ({"method": "h2o"}, "method", "'snapkv' or 'none'"),
+        ({"budget": "lots"}, "budget", "valid integer"),
+        ({"windowsize": 8}, "windowsize", "unknown key; allowed keys: method, window_size, budget"),
+    ],
+)
+def test_invalid_values_name_field_and_allowed_range(raw, field, allowed):
+    with pytest.raises(KVCompressionConfigError) as error:
+        parse_config(raw)
+    message = str(error.value)
+    assert f"kv_compression.{field}: " in message
+    assert allowed in message
+
+
+def test_error_shows_the_rejected_value():
+    with pytest.raises(KVCompressionConfigError) as error:
+        parse_config({"budget": 64, "window_size": 64})
+    assert str(error.value) == (
+        "Invalid KV-cache compression config: kv_compression.budget: "
+        "must be greater than window_size (64) (got 64)"
+    )
+
+
+def test_string_shorthand_and_off_switches():
+    assert parse_config("snapkv") == SnapKVConfig()
+    assert config_from_additional({"kv_compression": "none"}) is None
+    assert config_from_additional({"kv_compression": {"method": "none", "budget": 64}}) is None
+    assert config_from_additional({}) is None
+    assert config_from_additional(None) is None
+    assert config_from_additional({"kv_compression": {"budget": 256}}).budget == 256
+    with pytest.raises(KVCompressionConfigError, match="must be a mapping"):
+        parse_config(5)
+
+
+def test_config_is_immutable():
+    with pytest.raises(Exception):
+        SnapKVConfig().budget = 5  # type: ignore[misc]
+
+
+SERVER = SnapKVConfig(budget=512, window_size=32)
+
+
+@pytest.mark.parametrize(
+    "extra_args,budget",
+    [
+        (None, 512),
+        ({}, 512),
+        ({"other_plugin": 1}, 512),
+        ({"snapkv_budget": 256}, 256),
+        ({"snapkv_budget": "128"}, 128),
+        ({"snapkv_budget": 512}, 512),
+        ({"kv_compression": "none"}, None),
+        ({"kv_compression": "snapkv", "snapkv_budget": 64}, 64),
+    ],
+)
+def test_request_may_lower_its_budget_or_opt_out(extra_args, budget):
+    assert request_budget(SERVER, extra_args) == budget
+
+
+@pytest.mark.parametrize(
+    "extra_args,field",
+    [
+        ({"snapkv_budget": 513}, "snapkv_budget"),
+        ({"snapkv_budget": 32}, "snapkv_budget"),
+        ({"snapkv_budget": 100.5}, "snapkv_budget"),
+        ({"snapkv_budget": True}, "snapkv_budget"),
+        ({"snapkv_budget": "all"}, "snapkv_budget"),
+        ({"kv_compression": "pyramidkv"}, "kv_compression"),
+    ],
+)
+def test_request_cannot_raise_budget_or_pass_garbage(extra_args, field):
+    with pytest.raises(KVCompressionConfigError, match=field) as error:
+        request_budget(SERVER, extra_args)
+    if field == "snapkv_budget":
+        assert "window_size (32) < snapkv_budget <= the server's budget (512)" in str(error.value)

@@ -1,0 +1,183 @@
+"""Contract tests: fail loudly when the vLLM internals the adapter relies on change.
+
+Each assertion names one fact of vLLM 0.32 that a patch in vllm_snapkv/adapter depends on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import pickle
+
+import pytest
+import vllm
+
+from vllm_snapkv.adapter import SUPPORTED_VLLM_MINOR, all_patches, check_vllm_version
+
+
+def params(function) -> list[str]:
+    return list(inspect.signature(function).parameters)
+
+
+def source(function) -> str:
+    return inspect.getsource(inspect.unwrap(function))
+
+
+def test_installed_vllm_is_the_supported_minor():
+    assert vllm.__version__.startswith(SUPPORTED_VLLM_MINOR + ".")
+
+
+def test_other_vllm_versions_are_refused_naming_both():
+    check_vllm_version("0.32.7")
+    check_vllm_version("0.32.0+cpu")
+    with pytest.raises(RuntimeError) as error:
+        check_vllm_version("0.33.0")
+    assert "0.32.x" in str(error.value) and "0.33.0" in str(error.value)
+
+
+@pytest.mark.parametrize("owner,name,factory", all_patches(), ids=lambda x: getattr(x, "__name__", ""))
+def test_every_patched_method_exists(owner, name, factory):
+    assert name in owner.__dict__, f"{owner.__name__}.{name} is gone"
+
+
+def test_scheduler_hook_signatures():
+    from vllm.v1.core.sched.scheduler import Scheduler
+
+    unwrap = inspect.unwrap
+    assert params(unwrap(Scheduler._update_after_schedule)) == ["self", "scheduler_output"]
+    assert params(unwrap(Scheduler._get_local_prefix_cache_hit)) == ["self", "request"]
+    assert params(unwrap(Scheduler._preempt_request))[:2] == ["self", "request"]
+    assert params(unwrap(Scheduler._free_request))[:2] == ["self", "request"]
+    # The planning hook runs before num_computed_tokens advances.
+    body = source(Scheduler._update_after_schedule)
+    assert "request.num_computed_tokens += num_scheduled_token" in body
+    assert "self._update_after_schedule(scheduler_output)" in source(Scheduler.schedule)
+    # The prefix-cache hit comes back as (blocks, num_tokens, ...).
+    assert "return blocks, num_local" in source(Scheduler._get_local_prefix_cache_hit)
+
+
+def test_coordinator_signatures_the_accounting_patch_shifts():
+    from vllm.v1.core.kv_cache_coordinator import KVCacheCoordinator
+
+    unwrap = inspect.unwrap
+    assert params(unwrap(KVCacheCoordinator.get_num_blocks_to_allocate))[:8] == [
+        "self",
+        "request_id",
+        "num_tokens",
+        "new_computed_blocks",
+        "num_encoder_tokens",
+        "total_computed_tokens",
+        "num_local_computed_tokens",
+        "num_tokens_main_model",
+    ]
+    assert params(unwrap(KVCacheCoordinator.allocate_new_blocks))[:4] == [
+        "self",
+        "request_id",
+        "num_tokens",
+        "num_tokens_main_model",
+    ]
+    assert params(unwrap(KVCacheCoordinator.cache_blocks)) == [
+        "self",
+        "request",
+        "num_computed_tokens",
+    ]
+
+
+def test_block_pool_and_manager_api():
+    from vllm.v1.core.block_pool import BlockPool
+    from vllm.v1.core.kv_cache_manager import KVCacheManager
+    from vllm.v1.core.kv_cache_utils import KVCacheBlock
+    from vllm.v1.core.single_type_kv_cache_manager import SingleTypeKVCacheManager
+
+    for name in ("get_new_blocks", "free_blocks", "evict_blocks", "get_num_free_blocks"):
+        assert callable(getattr(BlockPool, name))
+    assert params(KVCacheManager.truncate_computed_blocks) == ["self", "blocks", "num_computed_tokens"]
+    block = KVCacheBlock(block_id=3)
+    assert block.ref_cnt == 0 and block.block_id == 3
+    init = source(SingleTypeKVCacheManager.__init__)
+    assert "self.req_to_blocks" in init and "self.block_pool" in init
+    # Freed un-hashed blocks are reused first: why targets are allocated before sources go back.
+    assert "prepend_n" in source(BlockPool.free_blocks)
+
+
+def test_scheduler_output_carries_extra_attributes_through_pickle():
+    from vllm.v1.core.sched.output import CachedRequestData, SchedulerOutput
+
+    fields = {field.name for field in dataclasses.fields(SchedulerOutput)}
+    assert {
+        "scheduled_new_reqs",
+        "scheduled_cached_reqs",
+        "num_scheduled_tokens",
+        "total_num_scheduled_tokens",
+        "finished_req_ids",
+    } <= fields
+    assert "resumed_req_ids" in {field.name for field in dataclasses.fields(CachedRequestData)}
+    assert not hasattr(SchedulerOutput, "__slots__")
+    output = SchedulerOutput.make_empty()
+    output.snapkv_directives = {"marker": 1}
+    assert pickle.loads(pickle.dumps(output)).snapkv_directives == {"marker": 1}
+
+
+def test_model_runner_facts():
+    from vllm.v1.worker.block_table import BlockTable
+    from vllm.v1.worker.cpu_model_runner import CPUModelRunner
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    # CPUModelRunner inherits the patched methods.
+    for name in ("_update_states", "_prepare_inputs", "execute_model"):
+        assert name not in CPUModelRunner.__dict__
+    assert params(inspect.unwrap(GPUModelRunner._prepare_inputs)) == [
+        "self",
+        "scheduler_output",
+        "num_scheduled_tokens",
+    ]
+    init = source(GPUModelRunner.__init__)
+    for buffer in ("self.seq_lens =", "self.positions =", "self.optimistic_seq_lens_cpu =",
+                   "self.req_indices =", "self.query_start_loc ="):
+        assert buffer in init
+    prepare = source(GPUModelRunner._prepare_inputs)
+    # seq_lens / slots come from num_computed_tokens; the post-hook rewrites both.
+    assert "self.seq_lens[:num_reqs] = (" in prepare
+    assert "compute_slot_mapping(" in prepare
+    # Block ids of cached requests are appended after the pre-hook's swap.
+    assert "block_ids.extend(new_ids)" in source(GPUModelRunner._update_states)
+    assert params(BlockTable.add_row) == ["self", "block_ids", "row_idx"]
+    assert "num_blocks_per_row" in source(BlockTable.append_row)
+
+
+def test_cpu_attention_facts():
+    from vllm import _custom_ops as ops
+    from vllm.model_executor.models.utils import extract_layer_index
+    from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend, CPUAttentionBackendImpl
+
+    assert params(inspect.unwrap(CPUAttentionBackendImpl.forward))[:7] == [
+        "self",
+        "layer",
+        "query",
+        "key",
+        "value",
+        "kv_cache",
+        "attn_metadata",
+    ]
+    assert CPUAttentionBackend.forward_includes_kv_cache_update is False
+    assert params(ops.cpu_attn_reshape_and_cache)[:6] == [
+        "key",
+        "value",
+        "key_cache",
+        "value_cache",
+        "slot_mapping",
+        "isa",
+    ]
+    assert "layer.isa = self.isa" in inspect.getsource(
+        __import__("vllm.v1.attention.backends.cpu_attn", fromlist=["x"])
+    )
+    assert extract_layer_index("model.layers.17.self_attn.attn") == 17
+
+
+def test_request_ids_get_a_suffix_in_the_engine():
+    # Dumps are named by the engine's id: the caller's id, '-', 8 random characters.
+    from vllm.v1.engine.input_processor import InputProcessor
+
+    assert 'f"{request.external_req_id}-{random_uuid():.8}"' in source(
+        InputProcessor.assign_request_id
+    )

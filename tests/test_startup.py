@@ -1,0 +1,90 @@
+"""Engine start: bad settings and unservable models fail at once, naming what is wrong."""
+
+from __future__ import annotations
+
+import pytest
+
+from conftest import make_llm
+
+pytestmark = pytest.mark.engine
+
+
+@pytest.mark.parametrize(
+    "settings,field",
+    [
+        ({"budget": 16}, "kv_compression.budget"),
+        ({"budget": 0}, "kv_compression.budget"),
+        ({"window_size": 0}, "kv_compression.window_size"),
+        ({"kernel_size": 6}, "kv_compression.kernel_size"),
+        ({"pooling": "median"}, "kv_compression.pooling"),
+        ({"method": "streamingllm"}, "kv_compression.method"),
+        ({"budget_tokens": 256}, "kv_compression.budget_tokens"),
+    ],
+)
+def test_bad_setting_fails_at_start_naming_its_field(model_dir, settings, field):
+    with pytest.raises(ValueError, match=field.replace(".", r"\.")):
+        make_llm(model_dir, enforce_eager=True, additional_config={"kv_compression": settings})
+
+
+def test_quantized_kv_cache_is_rejected(model_dir):
+    with pytest.raises(ValueError, match=r"kv_compression=snapkv cannot be used with: .*fp8"):
+        make_llm(
+            model_dir,
+            enforce_eager=True,
+            kv_cache_dtype="fp8",
+            additional_config={"kv_compression": {"budget": 256}},
+        )
+
+
+def _config_with(**changes):
+    """A stand-in VllmConfig of a plain Llama on CPU, with ``changes`` applied."""
+    from types import SimpleNamespace
+
+    model = SimpleNamespace(
+        runner_type="generate",
+        is_encoder_decoder=False,
+        use_mla=False,
+        is_hybrid=False,
+        is_attention_free=False,
+        get_sliding_window=lambda: changes.pop("sliding_window", None),
+        get_total_num_kv_heads=lambda: 3,
+    )
+    config = SimpleNamespace(
+        model_config=model,
+        parallel_config=SimpleNamespace(
+            pipeline_parallel_size=changes.pop("pp", 1),
+            tensor_parallel_size=changes.pop("tp", 1),
+        ),
+        cache_config=SimpleNamespace(cache_dtype="auto"),
+        speculative_config=changes.pop("speculative_config", None),
+        kv_transfer_config=None,
+        use_v2_model_runner=changes.pop("v2", False),
+    )
+    for key, value in changes.items():
+        setattr(model, key, value)
+    return config
+
+
+@pytest.mark.parametrize(
+    "changes,reason",
+    [
+        ({}, None),
+        ({"speculative_config": object()}, "speculative decoding"),
+        ({"sliding_window": 4096}, "sliding-window attention"),
+        ({"use_mla": True}, "MLA attention"),
+        ({"is_hybrid": True}, "hybrid"),
+        ({"runner_type": "pooling"}, "only generative models"),
+        ({"pp": 2}, "pipeline parallelism"),
+        ({"tp": 4}, "tensor_parallel_size=4 > 3 KV heads"),
+        ({"tp": 3}, None),
+        ({"v2": True}, "VLLM_USE_V2_MODEL_RUNNER=0"),
+    ],
+)
+def test_unservable_features_are_named(changes, reason):
+    from vllm_snapkv.adapter.engine import unsupported_features
+
+    reasons = unsupported_features(_config_with(**changes))
+    if reason is None:
+        assert reasons == []
+    else:
+        assert len(reasons) == 1 and reason in reasons[0]
