@@ -12,7 +12,7 @@ import torch
 from vllm import SamplingParams
 
 from conftest import SERVER_BUDGET, greedy, load_dump, scheduler_of, token_ids
-from prompts import passkey_prompt
+from vllm_snapkv.tasks import passkey_prompt
 from vllm_snapkv.plan import cdiv
 
 WINDOW = 32

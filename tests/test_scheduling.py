@@ -13,7 +13,7 @@ from conftest import (
     snapkv_config,
     token_ids,
 )
-from prompts import passkey_prompt
+from vllm_snapkv.tasks import passkey_prompt
 from vllm_snapkv.plan import prefix_hit_limit
 
 pytestmark = pytest.mark.engine

@@ -17,7 +17,8 @@ from vllm.platforms import current_platform
 
 from vllm_snapkv.config import SnapKVConfig, config_from_additional
 
-logger = init_logger(__name__)
+# Under the "vllm" logger tree so vLLM's handlers and VLLM_LOGGING_LEVEL apply.
+logger = init_logger(f"vllm.{__name__}")
 
 
 def unsupported_features(vllm_config: VllmConfig) -> list[str]:

@@ -40,7 +40,8 @@ from vllm_snapkv.plan import (
     prefix_hit_limit,
 )
 
-logger = init_logger(__name__)
+# Under the "vllm" logger tree so vLLM's handlers and VLLM_LOGGING_LEVEL apply.
+logger = init_logger(f"vllm.{__name__}")
 
 #: Attribute on ``SchedulerOutput`` carrying this step's :class:`StepDirectives` to the workers.
 DIRECTIVES_ATTR = "snapkv_directives"

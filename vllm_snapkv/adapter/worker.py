@@ -32,7 +32,8 @@ from vllm_snapkv.config import SnapKVConfig, config_from_additional
 from vllm_snapkv.plan import CompressionPlan, StepDirectives, WindowCapture
 from vllm_snapkv.selection import select_kept_positions
 
-logger = init_logger(__name__)
+# Under the "vllm" logger tree so vLLM's handlers and VLLM_LOGGING_LEVEL apply.
+logger = init_logger(f"vllm.{__name__}")
 
 
 @dataclass

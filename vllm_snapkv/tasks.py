@@ -1,4 +1,8 @@
-"""Completion-style passkey prompts (shared/docs/test-model.md): filler, one key line at a depth."""
+"""Long-context retrieval prompts for demos, tests and benchmarks.
+
+Completion-style passkey prompts (the form SmolLM2-135M answers with the full cache): filler text,
+one key line at a depth, the question at the end, inside the observation window.
+"""
 
 from __future__ import annotations
 
