@@ -29,9 +29,10 @@ def check_vllm_version(version: str = vllm.__version__) -> None:
 def all_patches():
     from vllm_snapkv.adapter.engine import ENGINE_PATCHES
     from vllm_snapkv.adapter.scheduler import SCHEDULER_PATCHES
+    from vllm_snapkv.adapter.serving import SERVING_PATCHES
     from vllm_snapkv.adapter.worker import WORKER_PATCHES
 
-    return ENGINE_PATCHES + SCHEDULER_PATCHES + WORKER_PATCHES
+    return SERVING_PATCHES + ENGINE_PATCHES + SCHEDULER_PATCHES + WORKER_PATCHES
 
 
 def install() -> None:

@@ -16,6 +16,7 @@ from vllm.logger import init_logger
 from vllm.platforms import current_platform
 
 from vllm_snapkv.config import SnapKVConfig, config_from_additional
+from vllm_snapkv.metrics import serve_metrics_from_this_process
 
 # Under the "vllm" logger tree so vLLM's handlers and VLLM_LOGGING_LEVEL apply.
 logger = init_logger(f"vllm.{__name__}")
@@ -70,6 +71,7 @@ def check_and_adjust(vllm_config: VllmConfig) -> SnapKVConfig | None:
         raise ValueError(
             "kv_compression=snapkv cannot be used with: " + "; ".join(reasons) + "."
         )
+    serve_metrics_from_this_process(vllm_config.model_config.served_model_name)
     if vllm_config.scheduler_config.async_scheduling:
         # Plans are built from schedule-time state only, but overlapping steps were never run
         # with compaction; correctness first.

@@ -31,6 +31,7 @@ from vllm_snapkv.config import (
     config_from_additional,
     request_budget,
 )
+from vllm_snapkv.metrics import CompressionStats, SnapshotWriter
 from vllm_snapkv.plan import (
     CompressionPlan,
     StepDirectives,
@@ -66,16 +67,6 @@ def check_kv_cache_config(kv_cache_config: KVCacheConfig) -> None:
 
 
 @dataclass
-class CompressionStats:
-    """Cumulative counts of what the scheduler did (real compressions only)."""
-
-    compressed_requests: int = 0
-    evicted_tokens: int = 0
-    freed_blocks: int = 0
-    skipped_no_free_blocks: int = 0
-
-
-@dataclass
 class SchedulerCompression:
     """Per-scheduler SnapKV state. Invariant: ``evicted[r] > 0`` iff ``r``'s block list holds
     compacted KV, i.e. its physical KV length is its logical length minus ``evicted[r]``."""
@@ -88,6 +79,11 @@ class SchedulerCompression:
     #: Shared with the KV cache coordinator (same dict object).
     evicted: dict[str, int] = field(default_factory=dict)
     stats: CompressionStats = field(default_factory=CompressionStats)
+    snapshots: SnapshotWriter | None = None
+
+    def publish_stats(self) -> None:
+        if self.snapshots is not None:
+            self.snapshots.write(self.stats)
 
     def budget_for(self, request: Request) -> int | None:
         """The request's budget, or None when it is not compressed."""
@@ -130,7 +126,11 @@ def _patch_init(original):
         check_kv_cache_config(self.kv_cache_config)
         coordinator = self.kv_cache_manager.coordinator
         state = SchedulerCompression(
-            config=config, block_size=coordinator.single_type_managers[0].block_size
+            config=config,
+            block_size=coordinator.single_type_managers[0].block_size,
+            snapshots=SnapshotWriter.from_environment(
+                self.vllm_config.parallel_config.data_parallel_rank
+            ),
         )
         coordinator._snapkv_evicted = state.evicted
         self._snapkv = state
@@ -237,9 +237,10 @@ def _compress(
         block_pool.free_blocks(reversed([b for b in sources if b.block_id not in reused]))
         directives.plans[request_id] = plan
         state.evicted[request_id] = plan.num_evicted
-        state.stats.compressed_requests += 1
-        state.stats.evicted_tokens += plan.num_evicted
-        state.stats.freed_blocks += len(sources) - len(targets)
+        state.stats.record_compression(
+            plan.prompt_len, plan.budget, plan.num_evicted, len(sources) - len(targets)
+        )
+    state.publish_stats()
 
 
 def _in_place_targets(block_pool, leading_sources: list):

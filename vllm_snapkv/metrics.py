@@ -1,0 +1,134 @@
+"""Compression metrics: counted where compression happens, served by the API server's /metrics.
+
+The engine core (a separate process) owns the counts; vLLM 0.32 has no generic channel for
+plugin statistics from the engine core to the frontend (``SchedulerStats`` has fixed fields). So
+each engine writes a small JSON snapshot into ``$VLLM_SNAPKV_METRICS_DIR`` whenever its counts
+change (only at steps that compress), and a Prometheus collector in the API server reads the
+snapshots at scrape time. No vLLM import here.
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+METRICS_DIR_ENV = "VLLM_SNAPKV_METRICS_DIR"
+
+#: Upper bounds of the compression-ratio histogram (prompt tokens / kept tokens).
+RATIO_BUCKETS = (1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0, 24.0, 32.0, 64.0, 128.0)
+
+
+@dataclass
+class CompressionStats:
+    """Cumulative counts of one engine. Only compressions that happened count."""
+
+    compressed_requests: int = 0
+    evicted_tokens: int = 0
+    freed_blocks: int = 0
+    skipped_no_free_blocks: int = 0
+    #: Non-cumulative counts per RATIO_BUCKETS bound, plus one for +Inf.
+    ratio_bucket_counts: list[int] = field(default_factory=lambda: [0] * (len(RATIO_BUCKETS) + 1))
+    ratio_sum: float = 0.0
+
+    def record_compression(self, prompt_len: int, kept: int, evicted: int, freed_blocks: int):
+        self.compressed_requests += 1
+        self.evicted_tokens += evicted
+        self.freed_blocks += freed_blocks
+        ratio = prompt_len / kept
+        self.ratio_sum += ratio
+        index = next((i for i, bound in enumerate(RATIO_BUCKETS) if ratio <= bound), -1)
+        self.ratio_bucket_counts[index] += 1
+
+
+class SnapshotWriter:
+    """Writes one engine's stats atomically to ``<dir>/engine-<index>.json``."""
+
+    def __init__(self, directory: str | os.PathLike, engine_index: int):
+        self.path = Path(directory) / f"engine-{engine_index}.json"
+
+    @classmethod
+    def from_environment(cls, engine_index: int) -> "SnapshotWriter | None":
+        directory = os.environ.get(METRICS_DIR_ENV)
+        return cls(directory, engine_index) if directory else None
+
+    def write(self, stats: CompressionStats) -> None:
+        partial = self.path.with_suffix(f".{os.getpid()}.tmp")
+        partial.write_text(json.dumps(asdict(stats)))
+        os.replace(partial, self.path)
+
+
+def read_snapshots(directory: str | os.PathLike) -> Iterator[tuple[str, CompressionStats]]:
+    for path in sorted(Path(directory).glob("engine-*.json")):
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue  # replaced mid-read on a non-atomic filesystem: next scrape sees it
+        yield path.stem.removeprefix("engine-"), CompressionStats(**data)
+
+
+class SnapKVCollector:
+    """Prometheus collector for the engines' snapshots, labelled like vLLM's own metrics."""
+
+    def __init__(self, directory: str | os.PathLike, model_name: str):
+        self.directory = directory
+        self.model_name = model_name
+
+    def collect(self):
+        from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
+
+        labels = ["model_name", "engine"]
+        counters = {
+            "compressed_requests": ("Requests whose KV cache SnapKV compressed.", "compressed_requests"),
+            "evicted_tokens": ("Prompt KV entries evicted per KV head by SnapKV.", "evicted_tokens"),
+            "freed_blocks": ("KV cache blocks SnapKV returned to the block pool.", "freed_blocks"),
+            "skipped_compressions": (
+                "Compressions skipped: no block to compact into (request kept its full cache).",
+                "skipped_no_free_blocks",
+            ),
+        }
+        families = {
+            name: CounterMetricFamily(f"vllm:snapkv_{name}", text, labels=labels)
+            for name, (text, _) in counters.items()
+        }
+        ratio = HistogramMetricFamily(
+            "vllm:snapkv_compression_ratio",
+            "Prompt tokens / KV entries kept per head, per compressed request.",
+            labels=labels,
+        )
+        for engine, stats in read_snapshots(self.directory):
+            values = [self.model_name, engine]
+            for name, (_, attribute) in counters.items():
+                families[name].add_metric(values, getattr(stats, attribute))
+            cumulative, buckets = 0, []
+            for bound, count in zip((*RATIO_BUCKETS, float("inf")), stats.ratio_bucket_counts):
+                cumulative += count
+                buckets.append(("+Inf" if bound == float("inf") else str(bound), cumulative))
+            ratio.add_metric(values, buckets, stats.ratio_sum)
+        yield from families.values()
+        yield ratio
+
+
+_registered_collector: SnapKVCollector | None = None
+
+
+def serve_metrics_from_this_process(model_name: str) -> None:
+    """In the frontend process, before engines start: choose the snapshot directory (inherited
+    by engine processes through the environment) and register the collector. Idempotent."""
+    global _registered_collector
+    if _registered_collector is not None:
+        return
+    directory = os.environ.get(METRICS_DIR_ENV)
+    if not directory:
+        directory = tempfile.mkdtemp(prefix="vllm-snapkv-metrics-")
+        os.environ[METRICS_DIR_ENV] = directory
+        atexit.register(shutil.rmtree, directory, ignore_errors=True)
+    from prometheus_client import REGISTRY
+
+    _registered_collector = SnapKVCollector(directory, model_name)
+    REGISTRY.register(_registered_collector)
