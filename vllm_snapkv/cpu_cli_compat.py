@@ -19,37 +19,15 @@ plugins. It is explicit and reversible:
 from __future__ import annotations
 
 import argparse
-import functools
-import importlib.metadata
 import sysconfig
 from pathlib import Path
 
 PTH_NAME = "vllm_snapkv_cpu_cli.pth"
-PTH_LINE = "import vllm_snapkv.cpu_cli_compat as _snapkv_compat; _snapkv_compat.activate()\n"
-#: distribution asked for -> (distribution that provides it, local version suffix)
-_ALIASES = {"vllm": ("vllm-cpu", "+cpu")}
-
-
-def activate() -> None:
-    """Install the version fallback in this interpreter (idempotent)."""
-    original = importlib.metadata.version
-    if getattr(original, "__vllm_snapkv_alias__", False):
-        return
-
-    @functools.wraps(original)
-    def version(distribution_name: str) -> str:
-        try:
-            return original(distribution_name)
-        except importlib.metadata.PackageNotFoundError:
-            if distribution_name not in _ALIASES:
-                raise
-            provider, suffix = _ALIASES[distribution_name]
-            return original(provider) + suffix
-
-    version.__vllm_snapkv_alias__ = True
-    importlib.metadata.version = version
-
-
+# A no-op if vllm_snapkv is uninstalled and this file left behind.
+PTH_LINE = (
+    "import importlib.util as _u; _u.find_spec('vllm_snapkv') and "
+    "__import__('vllm_snapkv.vllm_cpu_version', fromlist=['activate']).activate()\n"
+)
 def pth_path() -> Path:
     return Path(sysconfig.get_paths()["purelib"]) / PTH_NAME
 

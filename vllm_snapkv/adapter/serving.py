@@ -44,6 +44,11 @@ FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
 GROUP_TITLE = "SnapKV KV-cache compression (vllm-snapkv)"
 
 
+class SnapKVRequestError(VLLMValidationError, ValueError):
+    """A request's SnapKV ``extra_args`` are invalid: HTTP 400 in the server, ``ValueError``
+    for offline callers."""
+
+
 def _dest(flag: str) -> str:
     return flag.removeprefix("--").replace("-", "_")
 
@@ -134,7 +139,7 @@ def _patch_validate_params(original):
                     request_budget(config, params.extra_args)
                 except KVCompressionConfigError as error:
                     field = str(error).split(":", 1)[0]
-                    raise VLLMValidationError(
+                    raise SnapKVRequestError(
                         str(error), parameter=field, value=params.extra_args.get(field)
                     ) from None
         return result

@@ -1,0 +1,63 @@
+"""Deployment files. No Docker engine runs on these machines: the Dockerfiles are linted with
+hadolint and the compose file is validated against the Compose specification's JSON schema."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import jsonschema
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+SCHEMA = Path(sys.prefix) / "share" / "compose-spec.json"  # fetched by scripts/setup
+
+
+def hadolint() -> str:
+    found = Path(sys.executable).parent / "hadolint"
+    return str(found) if found.exists() else shutil.which("hadolint")
+
+
+@pytest.mark.parametrize("dockerfile", ["docker/Dockerfile.cpu", "docker/Dockerfile.cuda"])
+def test_dockerfiles_pass_hadolint(dockerfile):
+    result = subprocess.run([hadolint(), str(ROOT / dockerfile)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_compose_file_matches_the_compose_specification():
+    import copy
+    import json
+
+    # The schema declares draft 2019-09 (with a trailing '#' jsonschema does not resolve).
+    validator = jsonschema.Draft201909Validator(json.loads(SCHEMA.read_text()))
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    validator.validate(compose)
+    broken = copy.deepcopy(compose)
+    broken["services"]["vllm-snapkv"]["helthcheck"] = broken["services"]["vllm-snapkv"]["healthcheck"]
+    assert list(validator.iter_errors(broken)), "the schema must reject an unknown service key"
+
+
+def test_compose_serves_with_snapkv_health_and_restart():
+    service = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]["vllm-snapkv"]
+    assert service["build"]["dockerfile"] == "docker/Dockerfile.cpu"
+    assert "--kv-compression=snapkv" in service["command"]
+    assert "--snapkv-budget=${SNAPKV_BUDGET:-256}" in service["command"]
+    assert service["volumes"][0]["target"] == "/models/model" and service["volumes"][0]["read_only"]
+    assert service["ports"] == ["${PORT:-8000}:8000"]
+    assert "/health" in " ".join(service["healthcheck"]["test"])
+    assert service["restart"] == "unless-stopped"
+
+
+@pytest.mark.parametrize("config", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_config_files_are_valid_vllm_serve_configs(config):
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    parser = make_arg_parser(FlexibleArgumentParser())
+    args = parser.parse_args(["some/model", "--config", str(config)])
+    section = AsyncEngineArgs.from_cli_args(args).additional_config["kv_compression"]
+    assert section["method"] == "snapkv" and section["window_size"] == 32
