@@ -88,6 +88,36 @@ def test_compressed_request_holds_budget_blocks_and_returns_the_rest(snap_llm):
     assert pool.get_num_free_blocks() == free_at_start
 
 
+def test_request_finishing_in_its_compaction_step_leaks_nothing(snap_llm):
+    pool = scheduler_of(snap_llm).kv_cache_manager.block_pool
+    snap_llm.reset_prefix_cache()
+    free_at_start = pool.get_num_free_blocks()
+    stats = scheduler_of(snap_llm)._snapkv.stats
+    before = stats.compressed_requests
+    snap_llm.generate([passkey_prompt(1500, 99881, 0.5)], greedy(256, max_tokens=1))
+    assert stats.compressed_requests == before + 1
+    snap_llm.generate(["Hello"], greedy(max_tokens=2))  # the worker learns of it one step late
+    assert pool.get_num_free_blocks() == free_at_start
+
+
+def test_aborted_compressed_request_releases_every_block(snap_llm):
+    engine = snap_llm.llm_engine
+    scheduler = scheduler_of(snap_llm)
+    pool = scheduler.kv_cache_manager.block_pool
+    snap_llm.reset_prefix_cache()
+    free_at_start = pool.get_num_free_blocks()
+    engine.add_request("to-abort", passkey_prompt(1500, 12121, 0.5), greedy(256, max_tokens=100))
+    engine.step()
+    engine.step()
+    internal = _internal_id(scheduler, "to-abort")
+    assert scheduler._snapkv.evicted[internal] > 0
+    engine.abort_request(["to-abort"])
+    engine.step()
+    assert not engine.has_unfinished_requests()
+    assert internal not in scheduler._snapkv.evicted
+    assert pool.get_num_free_blocks() == free_at_start
+
+
 def test_kv_cache_usage_follows_physical_length(snap_llm, dense_llm):
     prompt = passkey_prompt(3000, 31337, 0.5)
     usage = {}
