@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vllm_snapkv.adapter.kv_layout import read_kv, slots_of, write_kv
+from vllm_snapkv.adapter.kv_layout import gather_values, read_keys, read_kv, slots_of, write_kv
 
 LAYOUTS = [
     ("vec", torch.float32, 128, 64),
@@ -54,3 +54,17 @@ def test_slots_follow_the_block_list():
 def test_unknown_isa_is_refused():
     with pytest.raises(NotImplementedError, match="neon"):
         read_kv(torch.zeros(2, 1, 16, 8), [0], 4, "neon")
+
+
+@pytest.mark.parametrize("isa,dtype,block_size,head_dim", LAYOUTS)
+def test_fast_readers_agree_with_the_full_unpack(isa, dtype, block_size, head_dim):
+    if isa == "amx" and not torch.cpu._is_amx_tile_supported():
+        pytest.skip("AMX layout needs an AMX CPU")
+    num_heads, num_tokens = 3, 2 * block_size + 5
+    cache = torch.randn(6, num_heads, block_size, 2 * head_dim).to(dtype)
+    block_ids = [4, 0, 2]
+    keys, values = read_kv(cache, block_ids, num_tokens, isa)
+    assert torch.equal(read_keys(cache, block_ids, num_tokens, isa), keys)
+    positions = torch.randint(0, num_tokens, (17, num_heads))
+    heads = torch.arange(num_heads)
+    assert torch.equal(gather_values(cache, block_ids, positions, isa), values[positions, heads])

@@ -38,8 +38,9 @@ def window_attention_scores(
     group = num_q_heads // num_kv_heads
     # [H_kv, G, W, D] x [H_kv, D, L] -> [H_kv, G, W, L]; K is never expanded to H_q heads.
     q = window_queries.float().permute(1, 0, 2).reshape(num_kv_heads, group, num_window, head_dim)
+    # [H_kv, 1, D, L]: contiguous when the caller's keys are a view of [H_kv, D, L] storage.
     k = keys.float().permute(1, 2, 0).unsqueeze(1)
-    logits = torch.matmul(q, k) * scale
+    logits = torch.matmul(q * scale, k)
     prefix_len = prompt_len - num_window
     # Window query i sits at position prefix_len + i and must not see window keys after it.
     causal = torch.ones(num_window, num_window, dtype=torch.bool, device=keys.device).triu(1)
@@ -69,6 +70,18 @@ def group_mean(scores: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
     return scores.reshape(num_kv_heads, num_q_heads // num_kv_heads, length).mean(dim=1)
 
 
+def top_positions(scores: torch.Tensor, count: int) -> torch.Tensor:
+    """Per row, the ``count`` highest-scoring positions, ascending; among equal scores the earlier
+    position wins. Max pooling creates plateaus of equal scores and topk's tie order is
+    unspecified, so the boundary value is resolved explicitly (cheaper than a stable sort)."""
+    threshold = scores.topk(count, dim=-1).values[:, -1:]
+    above = scores > threshold
+    at = scores == threshold
+    room = count - above.sum(dim=-1, keepdim=True)
+    chosen = above | (at & (at.cumsum(dim=-1) <= room))
+    return chosen.nonzero()[:, 1].view(scores.shape[0], count)
+
+
 def select_kept_positions(
     window_queries: torch.Tensor,
     keys: torch.Tensor,
@@ -91,10 +104,7 @@ def select_kept_positions(
         )
     scores = window_attention_scores(window_queries, keys, scale)
     scores = group_mean(pool_scores(scores, kernel_size, pooling), num_kv_heads)
-    # Max pooling creates plateaus of equal scores: a stable sort makes ties deterministic
-    # (the earlier position wins) where topk's tie order is unspecified.
-    order = scores.sort(dim=-1, descending=True, stable=True).indices
-    top = order[:, : budget - num_window]
+    top = top_positions(scores, budget - num_window)
     window = torch.arange(prompt_len - num_window, prompt_len, device=keys.device)
-    kept = torch.cat([top, window.expand(num_kv_heads, -1)], dim=-1)
-    return kept.sort(dim=-1).values
+    # top is ascending and every window position is after the prefix: already sorted.
+    return torch.cat([top, window.expand(num_kv_heads, -1)], dim=-1)

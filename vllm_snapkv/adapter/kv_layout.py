@@ -57,6 +57,40 @@ def read_kv(
     return tokens_first(keys), tokens_first(values)
 
 
+def read_keys(kv_cache: torch.Tensor, block_ids: list[int], num_tokens: int, isa: str):
+    """K of the first ``num_tokens`` slots as ``[num_tokens, H, D]``.
+
+    For ``vec``/``vec16`` the result is a view over ``[H, D, num_tokens]`` storage: the cache
+    already holds K transposed per block, which is the layout the scoring matmul wants, so one
+    copy suffices.
+    """
+    if isa not in ("vec", "vec16"):
+        return read_kv(kv_cache, block_ids, num_tokens, isa)[0]
+    num_blocks, num_heads, block_size, double_dim = kv_cache.shape
+    dim = double_dim // 2
+    index = torch.tensor(block_ids, dtype=torch.long, device=kv_cache.device)
+    # K halves only, as [H, D, blocks, BS]; one gathering copy, then a free reshape.
+    keys_t = kv_cache.view(num_blocks, num_heads, 2, dim, block_size)[:, :, 0].permute(1, 2, 0, 3)
+    keys_t = keys_t[:, :, index].reshape(num_heads, dim, -1)[:, :, :num_tokens]
+    return keys_t.permute(2, 0, 1)
+
+
+def gather_values(
+    kv_cache: torch.Tensor, block_ids: list[int], positions: torch.Tensor, isa: str
+) -> torch.Tensor:
+    """V at ``positions`` (``[N, H]``: row i of head h is position ``positions[i, h]``) as
+    ``[N, H, D]``, read in place where the layout allows (``vec``/``vec16``: V is row-major)."""
+    num_heads = kv_cache.shape[1]
+    heads = torch.arange(num_heads, device=kv_cache.device)
+    if isa not in ("vec", "vec16"):
+        values = read_kv(kv_cache, block_ids, int(positions.max()) + 1, isa)[1]
+        return values[positions, heads]
+    num_blocks, _, block_size, double_dim = kv_cache.shape
+    values = kv_cache.view(num_blocks, num_heads, 2, block_size, double_dim // 2)[:, :, 1]
+    blocks = torch.tensor(block_ids, dtype=torch.long, device=kv_cache.device)
+    return values[blocks[positions // block_size], heads, positions % block_size]
+
+
 def slots_of(block_ids: tuple[int, ...] | list[int], num_tokens: int, block_size: int, device):
     """Physical slots ``0 .. num_tokens-1`` of a block list, as vLLM's slot mapping encodes them."""
     blocks = torch.tensor(block_ids, dtype=torch.long, device=device)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import os
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,7 +27,7 @@ from vllm.v1.attention.backend import AttentionType
 from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackendImpl
 from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
-from vllm_snapkv.adapter.kv_layout import read_kv, slots_of, write_kv
+from vllm_snapkv.adapter.kv_layout import gather_values, read_keys, slots_of, write_kv
 from vllm_snapkv.adapter.scheduler import DIRECTIVES_ATTR
 from vllm_snapkv.config import SnapKVConfig, config_from_additional
 from vllm_snapkv.plan import CompressionPlan, StepDirectives, WindowCapture
@@ -78,6 +79,8 @@ class WorkerCompression:
         self.window_queries: dict[str, dict[int, list[torch.Tensor]]] = {}
         #: request -> target blocks that replace its block list at the next step.
         self.pending_swaps: dict[str, tuple[int, ...]] = {}
+        #: Wall time spent selecting and compacting (all layers, all requests), for benchmarks.
+        self.compaction_seconds = 0.0
 
     def forget(self, request_id: str) -> None:
         self.window_queries.pop(request_id, None)
@@ -153,7 +156,9 @@ class WorkerCompression:
                 buffered.append(rows.clone())
                 continue
             window_queries = torch.cat([*buffered, rows]) if buffered else rows
+            started = time.perf_counter()
             job.kept[layer_index] = self._compact(impl, layer, job, window_queries, kv_cache)
+            self.compaction_seconds += time.perf_counter() - started
             job.layers_done.add(layer_index)
 
     def _compact(self, impl, layer, job: _Job, window_queries, kv_cache) -> torch.Tensor:
@@ -164,8 +169,9 @@ class WorkerCompression:
                 f"at layer {layer.layer_name}, expected {plan.window_size}"
             )
         isa = layer.isa
-        # A copy of every source token: targets may be reused sources (in-place compaction).
-        keys, values = read_kv(kv_cache, job.source_block_ids, plan.prefill_len, isa)
+        # Copies of the source tokens are read before any write: targets may be reused sources
+        # (in-place compaction).
+        keys = read_keys(kv_cache, job.source_block_ids, plan.prefill_len, isa)
         kept = select_kept_positions(
             window_queries,
             keys[: plan.prompt_len],
@@ -179,11 +185,13 @@ class WorkerCompression:
         # Slot i of head h holds position per_slot[i, h]: the selection, then earlier outputs.
         per_slot = torch.cat([kept, outputs.expand(num_heads, -1)], dim=1).T
         heads = torch.arange(num_heads, device=keys.device)
+        kept_keys = keys[per_slot, heads].contiguous()
+        kept_values = gather_values(kv_cache, job.source_block_ids, per_slot, isa).contiguous()
         block_size = kv_cache.shape[2]
         write_kv(
             kv_cache,
-            keys[per_slot, heads].contiguous(),
-            values[per_slot, heads].contiguous(),
+            kept_keys,
+            kept_values,
             slots_of(plan.target_block_ids, plan.num_kept, block_size, kv_cache.device),
             isa,
             k_scale=layer._k_scale_float,

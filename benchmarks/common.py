@@ -1,0 +1,78 @@
+"""Shared benchmark plumbing: an in-process vLLM engine on the demo model, tables, progress."""
+
+from __future__ import annotations
+
+import csv
+import os
+import platform
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+# In-process engine core: the benchmarks read vLLM's block pool and the worker's timers.
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+
+
+def make_llm(model_dir: str, budget: int, **overrides):
+    from vllm import LLM
+
+    options = dict(
+        dtype="float32",
+        max_model_len=8192,
+        max_num_batched_tokens=8192,
+        gpu_memory_utilization=0.3,
+        kv_cache_memory_bytes=1 << 30,
+        seed=0,
+        additional_config={"kv_compression": {"method": "snapkv", "budget": budget}},
+    )
+    options.update(overrides)
+    return LLM(model_dir, **options)
+
+
+def scheduler_of(llm):
+    return llm.llm_engine.engine_core.engine_core.scheduler
+
+
+def worker_state_of(llm):
+    """The in-process worker's SnapKV state (timers), or None."""
+    executor = llm.llm_engine.engine_core.engine_core.model_executor
+    return executor.driver_worker.worker.model_runner.__dict__.get("_snapkv")
+
+
+def sampling(budget: int | None, max_tokens: int):
+    """Greedy; ``budget=None`` = full cache (the request opts out)."""
+    from vllm import SamplingParams
+
+    extra = {"kv_compression": "none"} if budget is None else {"snapkv_budget": budget}
+    return SamplingParams(temperature=0.0, max_tokens=max_tokens, extra_args=extra)
+
+
+def progress(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def machine() -> str:
+    return f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.python_version()}, " + (
+        datetime.now(timezone.utc).strftime("%Y-%m-%d")
+    )
+
+
+def write_csv(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def markdown_table(rows: list[dict], columns: list[str] | None = None) -> str:
+    columns = columns or list(rows[0])
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for row in rows:
+        lines.append("| " + " | ".join(_cell(row[c]) for c in columns) + " |")
+    return "\n".join(lines)
+
+
+def _cell(value) -> str:
+    return f"{value:.3g}" if isinstance(value, float) else str(value)

@@ -1,0 +1,84 @@
+"""(c) Decode time per output token vs context length: full cache vs SnapKV, and a prompt of
+length C with the full cache (the physical limit).
+
+    python -m benchmarks.performance.decode [--smoke]
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from benchmarks.common import machine, make_llm, markdown_table, progress, write_csv
+from benchmarks.performance.engine_steps import run_one
+from vllm_snapkv.tasks import passkey_prompt
+
+
+def main(argv=None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--lengths", default="1000,2000,4000,6000")
+    parser.add_argument("--budget", type=int, default=512)
+    parser.add_argument("--max-tokens", type=int, default=48)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/decode"))
+    parser.add_argument("--smoke", action="store_true")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.lengths, args.budget, args.max_tokens, args.repeats = "600", 256, 6, 1
+    from vllm_snapkv.demo_model import build_demo_model
+
+    llm = make_llm(str(build_demo_model()), budget=args.budget, enforce_eager=args.smoke)
+
+    def best(prompt: str, budget: int | None) -> dict:
+        runs = [run_one(llm, prompt, budget, args.max_tokens) for _ in range(args.repeats)]
+        return min(runs, key=lambda r: r["decode_ms_per_token"])
+
+    # A prompt about C tokens long, full cache: what decoding over C entries costs.
+    short = best(passkey_prompt(max(args.budget - 60, 24), 1234, 0.5), None)
+    progress(f"physical limit: {short['prompt_tokens']}-token prompt, "
+             f"{short['decode_ms_per_token']:.2f} ms/token")
+    rows = []
+    for length in (int(n) for n in args.lengths.split(",")):
+        progress(f"~{length} filler tokens")
+        prompt = passkey_prompt(length, 4242, 0.5)
+        full, snap = best(prompt, None), best(prompt, args.budget)
+        rows.append({
+            "prompt_tokens": full["prompt_tokens"], "budget": args.budget,
+            "full_ms_per_token": full["decode_ms_per_token"],
+            "snapkv_ms_per_token": snap["decode_ms_per_token"],
+            "speedup": full["decode_ms_per_token"] / snap["decode_ms_per_token"],
+            "prompt_C_ms_per_token": short["decode_ms_per_token"],
+            "snapkv_over_prompt_C": snap["decode_ms_per_token"] / short["decode_ms_per_token"],
+        })
+    args.out.mkdir(parents=True, exist_ok=True)
+    write_csv(args.out / "decode.csv", rows)
+    plot(rows, args.out / "decode.png")
+    text = (f"Machine: {machine()}. Single request, greedy, {args.max_tokens} output tokens, "
+            f"best of {args.repeats}; prompt_C = a {short['prompt_tokens']}-token prompt, full cache.\n\n"
+            + markdown_table(rows))
+    (args.out / "table.md").write_text(text + "\n")
+    print(text)
+    return rows
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    xs = [r["prompt_tokens"] for r in rows]
+    fig, axis = plt.subplots(figsize=(5, 3.5))
+    axis.plot(xs, [r["full_ms_per_token"] for r in rows], "o-", label="full cache")
+    axis.plot(xs, [r["snapkv_ms_per_token"] for r in rows], "s-", label=f"SnapKV C={rows[0]['budget']}")
+    axis.axhline(rows[0]["prompt_C_ms_per_token"], color="gray", ls="--", label="prompt of length C")
+    axis.set_xlabel("prompt tokens")
+    axis.set_ylabel("decode ms / output token")
+    axis.set_ylim(bottom=0)
+    axis.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,69 @@
+"""(a) KV blocks held per request right after prefill vs prompt length: full cache vs SnapKV.
+
+    python -m benchmarks.performance.memory [--smoke]
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from benchmarks.common import machine, make_llm, markdown_table, progress, write_csv
+from benchmarks.performance.engine_steps import run_one
+from vllm_snapkv.tasks import passkey_prompt
+
+
+def main(argv=None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--lengths", default="500,1000,2000,4000,6000")
+    parser.add_argument("--budget", type=int, default=512)
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/memory"))
+    parser.add_argument("--smoke", action="store_true")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.lengths, args.budget = "600", 256
+    from vllm_snapkv.demo_model import build_demo_model
+
+    llm = make_llm(str(build_demo_model()), budget=args.budget, enforce_eager=True)
+    rows = []
+    for length in (int(n) for n in args.lengths.split(",")):
+        progress(f"prompt of ~{length} filler tokens")
+        prompt = passkey_prompt(length, 4242, 0.5)
+        full = run_one(llm, prompt, None, max_tokens=2)
+        snap = run_one(llm, prompt, args.budget, max_tokens=2)
+        ratio = full["blocks"] / snap["blocks"]
+        ideal = full["prompt_tokens"] / args.budget
+        rows.append({
+            "prompt_tokens": full["prompt_tokens"], "budget": args.budget,
+            "full_blocks": full["blocks"], "snapkv_blocks": snap["blocks"],
+            "blocks_ratio": ratio, "L_over_C": ideal,
+            "target_met": ratio >= 0.95 * ideal if full["prompt_tokens"] > args.budget else "n/a",
+        })
+    args.out.mkdir(parents=True, exist_ok=True)
+    write_csv(args.out / "memory.csv", rows)
+    plot(rows, args.out / "memory.png")
+    text = f"Machine: {machine()}. Block size 128.\n\n" + markdown_table(rows)
+    (args.out / "table.md").write_text(text + "\n")
+    print(text)
+    return rows
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    xs = [r["prompt_tokens"] for r in rows]
+    fig, axis = plt.subplots(figsize=(5, 3.5))
+    axis.plot(xs, [r["full_blocks"] for r in rows], "o-", label="full cache")
+    axis.plot(xs, [r["snapkv_blocks"] for r in rows], "s-", label=f"SnapKV C={rows[0]['budget']}")
+    axis.set_xlabel("prompt tokens")
+    axis.set_ylabel("KV blocks held after prefill")
+    axis.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    main()
