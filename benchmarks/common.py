@@ -76,3 +76,27 @@ def markdown_table(rows: list[dict], columns: list[str] | None = None) -> str:
 
 def _cell(value) -> str:
     return f"{value:.3g}" if isinstance(value, float) else str(value)
+
+
+def plot_full_vs_snapkv(
+    rows: list[dict], full_key: str, snapkv_key: str, ylabel: str, path: Path,
+    reference: tuple[float, str] | None = None,
+) -> None:
+    """One line per mode against the prompt length (+ an optional horizontal reference)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    xs = [r["prompt_tokens"] for r in rows]
+    fig, axis = plt.subplots(figsize=(5, 3.5))
+    axis.plot(xs, [r[full_key] for r in rows], "o-", label="full cache")
+    axis.plot(xs, [r[snapkv_key] for r in rows], "s-", label=f"SnapKV C={rows[0]['budget']}")
+    if reference is not None:
+        axis.axhline(reference[0], color="gray", ls="--", label=reference[1])
+    axis.set_xlabel("prompt tokens")
+    axis.set_ylabel(ylabel)
+    axis.set_ylim(bottom=0)
+    axis.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)

@@ -9,7 +9,14 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from benchmarks.common import machine, make_llm, markdown_table, progress, write_csv
+from benchmarks.common import (
+    machine,
+    make_llm,
+    markdown_table,
+    plot_full_vs_snapkv,
+    progress,
+    write_csv,
+)
 from benchmarks.performance.engine_steps import run_one
 from vllm_snapkv.tasks import passkey_prompt
 
@@ -52,32 +59,16 @@ def main(argv=None) -> list[dict]:
         })
     args.out.mkdir(parents=True, exist_ok=True)
     write_csv(args.out / "decode.csv", rows)
-    plot(rows, args.out / "decode.png")
+    plot_full_vs_snapkv(
+        rows, "full_ms_per_token", "snapkv_ms_per_token", "decode ms / output token",
+        args.out / "decode.png", reference=(short["decode_ms_per_token"], "prompt of length C"),
+    )
     text = (f"Machine: {machine()}. Single request, greedy, {args.max_tokens} output tokens, "
             f"best of {args.repeats}; prompt_C = a {short['prompt_tokens']}-token prompt, full cache.\n\n"
             + markdown_table(rows))
     (args.out / "table.md").write_text(text + "\n")
     print(text)
     return rows
-
-
-def plot(rows: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    xs = [r["prompt_tokens"] for r in rows]
-    fig, axis = plt.subplots(figsize=(5, 3.5))
-    axis.plot(xs, [r["full_ms_per_token"] for r in rows], "o-", label="full cache")
-    axis.plot(xs, [r["snapkv_ms_per_token"] for r in rows], "s-", label=f"SnapKV C={rows[0]['budget']}")
-    axis.axhline(rows[0]["prompt_C_ms_per_token"], color="gray", ls="--", label="prompt of length C")
-    axis.set_xlabel("prompt tokens")
-    axis.set_ylabel("decode ms / output token")
-    axis.set_ylim(bottom=0)
-    axis.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,14 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from benchmarks.common import machine, make_llm, markdown_table, progress, write_csv
+from benchmarks.common import (
+    machine,
+    make_llm,
+    markdown_table,
+    plot_full_vs_snapkv,
+    progress,
+    write_csv,
+)
 from benchmarks.performance.engine_steps import run_one
 from vllm_snapkv.tasks import passkey_prompt
 
@@ -41,28 +48,12 @@ def main(argv=None) -> list[dict]:
         })
     args.out.mkdir(parents=True, exist_ok=True)
     write_csv(args.out / "memory.csv", rows)
-    plot(rows, args.out / "memory.png")
+    plot_full_vs_snapkv(rows, "full_blocks", "snapkv_blocks", "KV blocks held after prefill",
+                        args.out / "memory.png")
     text = f"Machine: {machine()}. Block size 128.\n\n" + markdown_table(rows)
     (args.out / "table.md").write_text(text + "\n")
     print(text)
     return rows
-
-
-def plot(rows: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    xs = [r["prompt_tokens"] for r in rows]
-    fig, axis = plt.subplots(figsize=(5, 3.5))
-    axis.plot(xs, [r["full_blocks"] for r in rows], "o-", label="full cache")
-    axis.plot(xs, [r["snapkv_blocks"] for r in rows], "s-", label=f"SnapKV C={rows[0]['budget']}")
-    axis.set_xlabel("prompt tokens")
-    axis.set_ylabel("KV blocks held after prefill")
-    axis.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
 
 
 if __name__ == "__main__":
