@@ -181,3 +181,38 @@ def test_request_ids_get_a_suffix_in_the_engine():
     assert 'f"{request.external_req_id}-{random_uuid():.8}"' in source(
         InputProcessor.assign_request_id
     )
+
+
+def test_frontend_hook_facts():
+    from vllm.config import VllmConfig
+    from vllm.engine.arg_utils import AsyncEngineArgs, EngineArgs
+    from vllm.v1.engine.input_processor import InputProcessor
+
+    # add_cli_args / from_cli_args are replaced as a staticmethod / classmethod.
+    assert isinstance(inspect.getattr_static(EngineArgs, "add_cli_args"), staticmethod)
+    assert isinstance(inspect.getattr_static(EngineArgs, "from_cli_args"), classmethod)
+    # AsyncEngineArgs reaches the patched methods through a dynamic lookup / inheritance.
+    assert "parser = EngineArgs.add_cli_args(parser)" in source(AsyncEngineArgs.add_cli_args)
+    assert "from_cli_args" not in AsyncEngineArgs.__dict__
+    # from_cli_args keeps dataclass fields only: why the flags are merged by the wrapper.
+    assert "dataclasses.fields(cls)" in source(EngineArgs.from_cli_args)
+    assert "additional_config" in {f.name for f in dataclasses.fields(EngineArgs)}
+    assert params(inspect.unwrap(EngineArgs.create_engine_config))[0] == "self"
+    assert "additional_config" in VllmConfig.__dataclass_fields__
+    # Per-request validation runs on the params before the request reaches the engine core.
+    assert params(inspect.unwrap(InputProcessor._validate_params))[:3] == [
+        "self",
+        "params",
+        "supported_tasks",
+    ]
+    assert "self._validate_params(" in source(InputProcessor.process_inputs)
+
+
+def test_runner_execute_model_runs_the_forward():
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    body = source(GPUModelRunner.execute_model)
+    # The post-hook checks compaction after the forward, which happens inside execute_model.
+    assert "self._update_states(scheduler_output)" in body
+    assert "self._prepare_inputs(" in body
+    assert "self._model_forward(" in body
