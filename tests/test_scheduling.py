@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import pytest
 
 from conftest import (
@@ -145,26 +148,75 @@ def test_preemption_recomputes_and_recompresses_transparently(snap_llm, small_ca
     assert not scheduler._snapkv.evicted and not scheduler._snapkv.prefill_end
 
 
+@contextmanager
+def compresses_without_leaking(llm, num_compressions: int) -> Iterator[None]:
+    """Runs the block from an empty prefix cache; then exactly ``num_compressions`` compressions
+    happened, none was skipped, and the pool's free count is back at its start."""
+    scheduler = scheduler_of(llm)
+    pool = scheduler.kv_cache_manager.block_pool
+    stats = scheduler._snapkv.stats
+    llm.reset_prefix_cache()
+    free_at_start = pool.get_num_free_blocks()
+    compressed, skipped = stats.compressed_requests, stats.skipped_no_free_blocks
+    yield
+    assert stats.compressed_requests == compressed + num_compressions
+    assert stats.skipped_no_free_blocks == skipped
+    assert pool.get_num_free_blocks() == free_at_start
+
+
 def test_full_pool_compacts_in_place_into_the_requests_own_blocks(
     snap_llm, small_cache_llm, tokenizer
 ):
-    # 16 of the 18 blocks hold the prompt; a 384 budget needs 3 targets: only 2 are free.
+    # 16 of the 17 usable blocks (vLLM keeps one as its null block) hold the prompt; a 384
+    # budget needs 3 targets and 1 is free.
     prompt = as_prompt(prompt_of_length(tokenizer, 2000, 97531))
     params = greedy(384, max_tokens=24)
     (expected,) = snap_llm.generate(prompt, params)
-    scheduler = scheduler_of(small_cache_llm)
-    pool = scheduler.kv_cache_manager.block_pool
-    small_cache_llm.reset_prefix_cache()
-    free_at_start = pool.get_num_free_blocks()
-    stats = scheduler._snapkv.stats
-    compressed, skipped = stats.compressed_requests, stats.skipped_no_free_blocks
-
-    (got,) = small_cache_llm.generate(prompt, params)
-    assert stats.compressed_requests == compressed + 1
-    assert stats.skipped_no_free_blocks == skipped
+    with compresses_without_leaking(small_cache_llm, 1):
+        (got,) = small_cache_llm.generate(prompt, params)
     assert token_ids([got]) == token_ids([expected])
-    assert pool.get_num_free_blocks() == free_at_start
-    # The reused leading blocks were rewritten, so their prefix-cache entries are gone.
+    # The 3 tail blocks were rewritten and lost their prefix-cache entries; the 13 leading
+    # blocks went back to the pool untouched and a repeat hits them with the same output.
     (repeat,) = small_cache_llm.generate(prompt, params)
-    assert repeat.num_cached_tokens == 0
+    assert repeat.num_cached_tokens == 13 * 128
     assert token_ids([repeat]) == token_ids([expected])
+
+
+def test_full_pool_with_shared_leading_blocks_compacts_into_owned_tail_blocks(
+    snap_llm, small_cache_llm, tokenizer, monkeypatch
+):
+    from vllm import SamplingParams
+
+    import vllm_snapkv.adapter.scheduler as scheduler_module
+
+    # The same 2000-token prompt twice, once with the full cache (16 of the 17 usable blocks),
+    # once compressed to 1 block: the second request hits the first one's 15 full blocks and takes
+    # the last free block. At its compaction no block is free and all but its last block are
+    # shared, so only that owned tail block can take the target (budget 100).
+    prompt = as_prompt(prompt_of_length(tokenizer, 2000, 24680))
+    full_params = SamplingParams(
+        temperature=0.0, max_tokens=40, extra_args={"kv_compression": "none"}
+    )
+    snap_llm.reset_prefix_cache()
+    (expected_compressed,) = snap_llm.generate(prompt, greedy(100))
+    (expected_full,) = snap_llm.generate(prompt, full_params)
+
+    calls: list[tuple[int, list, list]] = []
+    in_place_targets = scheduler_module._in_place_targets
+
+    def spy(block_pool, sources, num_targets):
+        shared_sources = sum(block.ref_cnt != 1 for block in sources)
+        targets, reused = in_place_targets(block_pool, sources, num_targets)
+        calls.append((shared_sources, targets, reused))
+        return targets, reused
+
+    monkeypatch.setattr(scheduler_module, "_in_place_targets", spy)
+    with compresses_without_leaking(small_cache_llm, 1):
+        got_full, got_compressed = small_cache_llm.generate(
+            [prompt, prompt], [full_params, greedy(100)]
+        )
+    ((shared_sources, targets, reused),) = calls
+    assert shared_sources == 15
+    assert targets == reused and len(targets) == 1
+    assert token_ids([got_compressed]) == token_ids([expected_compressed])
+    assert token_ids([got_full]) == token_ids([expected_full])

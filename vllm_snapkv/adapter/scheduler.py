@@ -209,7 +209,7 @@ def _compress(
         if block_pool.get_num_free_blocks() >= num_targets:
             targets, reused = block_pool.get_new_blocks(num_targets), []
         else:
-            targets, reused = _in_place_targets(block_pool, sources[:num_targets])
+            targets, reused = _in_place_targets(block_pool, sources, num_targets)
         if targets is None:
             # The window queries exist only during this step: compressing later is impossible.
             state.stats.skipped_no_free_blocks += 1
@@ -243,19 +243,22 @@ def _compress(
     state.publish_stats()
 
 
-def _in_place_targets(block_pool, leading_sources: list):
-    """Targets for compaction in place: the request's own leading blocks where it owns them
-    alone, fresh blocks where they are shared. ``(None, [])`` when even that does not fit."""
-    shared = [i for i, block in enumerate(leading_sources) if block.ref_cnt != 1]
-    if len(shared) > block_pool.get_num_free_blocks():
+def _in_place_targets(block_pool, sources: list, num_targets: int):
+    """Targets for compaction in place: the request's own blocks that no other request holds,
+    taken from the tail, and fresh blocks for the rest. ``(None, [])`` when even that does not fit.
+
+    The worker reads every kept entry of a layer before it writes any, so any owned block may be
+    a target. Tail blocks go first because the leading ones are the prompt prefix later requests
+    are most likely to hit: freed untouched, they keep their prefix-cache entries.
+    """
+    owned = [block for block in reversed(sources) if block.ref_cnt == 1][:num_targets]
+    num_fresh = num_targets - len(owned)
+    if num_fresh > block_pool.get_num_free_blocks():
         return None, []
-    targets = list(leading_sources)
-    for i, fresh in zip(shared, block_pool.get_new_blocks(len(shared))):
-        targets[i] = fresh
-    reused = [block for i, block in enumerate(leading_sources) if i not in shared]
-    # Their content changes: no later request may hit them as the cached prompt prefix.
+    reused = owned[::-1]
+    # Their content changes: no later request may hit them as a cached prompt block.
     block_pool.evict_blocks({block.block_id for block in reused})
-    return targets, reused
+    return reused + block_pool.get_new_blocks(num_fresh), reused
 
 
 def _patch_update_after_schedule(original):
