@@ -3,7 +3,8 @@
 One full forward per prompt (post-RoPE queries and keys captured from the Llama layers), the
 first token from the full cache (rule 8), then for each budget: the selection computed here from
 the captured tensors, a compressed ``DynamicCache`` built from the kept K/V, and greedy decoding
-with logical position ids (L, L+1, ...).
+with logical position ids (L, L+1, ...) up to the stop token. Rule 1 uses vLLM's block size:
+where compression would not free a block, the full cache decodes, as in the plugin.
 """
 
 from __future__ import annotations
@@ -13,7 +14,9 @@ import torch.nn.functional as F
 
 
 class DenseSnapKVReference:
-    def __init__(self, model_dir: str, window_size: int = 32, kernel_size: int = 7):
+    def __init__(
+        self, model_dir: str, window_size: int = 32, kernel_size: int = 7, block_size: int = 128
+    ):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -22,6 +25,9 @@ class DenseSnapKVReference:
         ).eval()
         self.window_size = window_size
         self.kernel_size = kernel_size
+        self.block_size = block_size
+        eos = self.model.generation_config.eos_token_id
+        self.stop_token_ids = set(eos if isinstance(eos, list) else [eos])
 
     def _prefill(self, ids: list[int]):
         import transformers.models.llama.modeling_llama as llama
@@ -58,8 +64,12 @@ class DenseSnapKVReference:
         window_positions = torch.arange(prefix, length).expand(num_kv, -1)
         return torch.cat([top, window_positions], 1).sort(-1).values
 
+    def compresses(self, length: int, budget: int) -> bool:
+        """Rule 1: compress only when fewer blocks of ``block_size`` would hold the kept entries."""
+        return -(-budget // self.block_size) < -(-length // self.block_size)
+
     def generate(self, prompt: str, budgets: list[int], max_new_tokens: int) -> dict[int, str]:
-        """Greedy completion per budget; budgets >= the prompt length decode the full cache."""
+        """Greedy completion per budget; where rule 1 does not compress, the full cache."""
         from transformers import DynamicCache
 
         ids = self.tokenizer(prompt).input_ids
@@ -72,7 +82,7 @@ class DenseSnapKVReference:
             cache = DynamicCache()
             for layer, (q_win, _) in enumerate(captured):
                 keys, values = full_cache.layers[layer].keys, full_cache.layers[layer].values
-                if budget < length:
+                if self.compresses(length, budget):
                     kept = self._kept(q_win, keys[0], budget)
                     index = kept[None, :, :, None].expand(-1, -1, -1, keys.shape[-1])
                     keys, values = keys.gather(2, index), values.gather(2, index)
@@ -80,6 +90,8 @@ class DenseSnapKVReference:
             tokens = [first]
             with torch.no_grad():
                 for step in range(max_new_tokens - 1):
+                    if tokens[-1] in self.stop_token_ids:
+                        break
                     logits = self.model(
                         torch.tensor([[tokens[-1]]]),
                         position_ids=torch.tensor([[length + step]]),
@@ -87,5 +99,6 @@ class DenseSnapKVReference:
                         use_cache=True,
                     ).logits
                     tokens.append(int(logits[0, -1].argmax()))
-            texts[budget] = self.tokenizer.decode(tokens)
+            # As vLLM's defaults: the stop token ends the text and is not shown.
+            texts[budget] = self.tokenizer.decode(tokens, skip_special_tokens=True)
         return texts

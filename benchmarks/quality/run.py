@@ -1,6 +1,6 @@
 """Long-context retrieval accuracy: full cache vs SnapKV (plugin) vs dense reference (transformers).
 
-    python -m benchmarks.quality.run                  # the published grid (~1 h on 2 cores)
+    python -m benchmarks.quality.run                  # the published grid (~12 min on 2 cores)
     python -m benchmarks.quality.run --smoke          # tiny grid, seconds
 
 Writes ``rows.csv`` (one row per prompt and budget), ``table.md`` and ``accuracy.png`` into
@@ -13,7 +13,16 @@ import argparse
 from collections import defaultdict
 from pathlib import Path
 
-from benchmarks.common import machine, make_llm, markdown_table, progress, sampling, write_csv
+from benchmarks.common import (
+    machine,
+    make_llm,
+    markdown_table,
+    progress,
+    sampling,
+    scheduler_of,
+    write_csv,
+)
+from vllm_snapkv.plan import frees_blocks
 from vllm_snapkv.tasks import make_task
 
 
@@ -25,12 +34,16 @@ def parse_args(argv=None):
     parser.add_argument("--budgets", default="64,128,256,512,1024")
     parser.add_argument("--max-new-tokens", type=int, default=8)
     parser.add_argument("--no-reference", action="store_true")
+    parser.add_argument(
+        "--kv-cache-gib", type=float, default=6.0,
+        help="vLLM KV cache; the default holds all 36 prompts of the grid at once",
+    )
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/quality"))
     parser.add_argument("--smoke", action="store_true", help="tiny grid for the test suite")
     args = parser.parse_args(argv)
     if args.smoke:
         args.tasks, args.lengths, args.depths, args.budgets = "passkey", "300", "0.5", "64,128"
-        args.max_new_tokens = 8
+        args.max_new_tokens, args.kv_cache_gib = 8, 0.5
     return args
 
 
@@ -46,23 +59,36 @@ def main(argv=None) -> list[dict]:
         for length in args.lengths.split(",")
         for depth in args.depths.split(",")
     ]
-    llm = make_llm(model_dir, budget=max(budgets))
+    kv_cache_bytes = int(args.kv_cache_gib * 2**30)
+    llm = make_llm(model_dir, budget=max(budgets), kv_cache_memory_bytes=kv_cache_bytes)
     prompts = [task.prompt for task in tasks]
     prompt_lens = [len(ids) for ids in llm.get_tokenizer()(prompts).input_ids]
     plugin: dict[int | None, list[bool]] = {}
     plugin_texts: dict[int | None, list[str]] = {}
+    stats = scheduler_of(llm)._snapkv.stats
+    block_size = scheduler_of(llm)._snapkv.block_size
     for budget in [None, *budgets]:
         progress(f"vLLM, {'full cache' if budget is None else f'budget {budget}'}: {len(tasks)} prompts")
+        compressed_before = stats.compressed_requests
         outputs = llm.generate(prompts, sampling(budget, args.max_new_tokens), use_tqdm=False)
         plugin_texts[budget] = [o.outputs[0].text for o in outputs]
         plugin[budget] = [t.is_correct(text) for t, text in zip(tasks, plugin_texts[budget])]
+        expected = 0 if budget is None else sum(
+            frees_blocks(length, budget, 0, block_size) for length in prompt_lens
+        )
+        if stats.compressed_requests - compressed_before != expected:
+            # A request that kept its full cache (pool exhausted) would be scored as SnapKV.
+            raise RuntimeError(
+                f"budget {budget}: {stats.compressed_requests - compressed_before} of {expected} "
+                "prompts were compressed (KV cache exhausted): raise --kv-cache-gib"
+            )
 
     reference: dict[int, list[bool]] = defaultdict(list)
     reference_texts: dict[int, list[str]] = defaultdict(list)
     if not args.no_reference:
         from benchmarks.quality.reference import DenseSnapKVReference
 
-        dense = DenseSnapKVReference(model_dir)
+        dense = DenseSnapKVReference(model_dir, block_size=block_size)
         for index, task in enumerate(tasks):
             progress(f"reference {index + 1}/{len(tasks)}: {task.kind} {prompt_lens[index]} tokens")
             texts = dense.generate(task.prompt, budgets, args.max_new_tokens)
@@ -89,7 +115,10 @@ def main(argv=None) -> list[dict]:
     table = summarize(rows, has_reference=bool(reference))
     args.out.mkdir(parents=True, exist_ok=True)
     write_csv(args.out / "rows.csv", rows)
-    text = f"Machine: {machine()}. Correct answers out of {len(args.depths.split(','))} depths.\n\n"
+    text = (
+        f"Machine: {machine()}. Correct answers out of n = {len(args.depths.split(','))} depths; "
+        "same_text: completions of plugin and reference identical.\n\n"
+    )
     text += markdown_table(table)
     (args.out / "table.md").write_text(text + "\n")
     plot(table, budgets, args.out / "accuracy.png")
@@ -103,17 +132,18 @@ def summarize(rows: list[dict], has_reference: bool) -> list[dict]:
         key = (row["task"], row["filler_tokens"], row["budget"])
         cell = cells.setdefault(key, {
             "task": row["task"], "filler_tokens": row["filler_tokens"], "budget": row["budget"],
-            "prompt_tokens": 0, "n": 0, "full_cache": 0, "plugin": 0, "reference": 0,
+            "prompt_tokens": 0, "n": 0, "full_cache": 0, "plugin": 0, "reference": 0, "same_text": 0,
         })
         cell["n"] += 1
         cell["prompt_tokens"] = max(cell["prompt_tokens"], row["prompt_tokens"])
         for column in ("full_cache", "plugin", "reference"):
             cell[column] += int(row[column] or 0)
+        cell["same_text"] += row["plugin_text"] == row["reference_text"]
     table = list(cells.values())
     for cell in table:
         cell["plugin_vs_reference"] = cell["plugin"] - cell["reference"] if has_reference else ""
         if not has_reference:
-            cell["reference"] = ""
+            cell["reference"] = cell["same_text"] = ""
     return table
 
 
