@@ -14,7 +14,9 @@ from pathlib import Path
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
 
-def make_llm(model_dir: str, budget: int, **overrides):
+def make_llm(
+    model_dir: str, budget: int, window_size: int = 32, kernel_size: int = 7, **overrides
+):
     from vllm import LLM
 
     options = dict(
@@ -24,7 +26,10 @@ def make_llm(model_dir: str, budget: int, **overrides):
         gpu_memory_utilization=0.3,
         kv_cache_memory_bytes=1 << 30,
         seed=0,
-        additional_config={"kv_compression": {"method": "snapkv", "budget": budget}},
+        additional_config={"kv_compression": {
+            "method": "snapkv", "budget": budget, "window_size": window_size,
+            "kernel_size": kernel_size,
+        }},
     )
     options.update(overrides)
     return LLM(model_dir, **options)

@@ -10,3 +10,4 @@ PY="${VLLM_SNAPKV_VENV:-.venv}/bin/python"
 "$PY" -m benchmarks.performance.decode
 "$PY" -m benchmarks.performance.throughput
 "$PY" -m benchmarks.quality.run
+"$PY" -m benchmarks.quality.run --kernel-size 11 --out benchmarks/results/quality-kernel11

@@ -33,6 +33,8 @@ def parse_args(argv=None):
     parser.add_argument("--depths", default="0.1,0.5,0.9")
     parser.add_argument("--budgets", default="64,128,256,512,1024")
     parser.add_argument("--max-new-tokens", type=int, default=8)
+    parser.add_argument("--window-size", type=int, default=32, help="SnapKV observation window")
+    parser.add_argument("--kernel-size", type=int, default=7, help="SnapKV pooling kernel (odd)")
     parser.add_argument("--no-reference", action="store_true")
     parser.add_argument(
         "--kv-cache-gib", type=float, default=6.0,
@@ -60,7 +62,8 @@ def main(argv=None) -> list[dict]:
         for depth in args.depths.split(",")
     ]
     kv_cache_bytes = int(args.kv_cache_gib * 2**30)
-    llm = make_llm(model_dir, budget=max(budgets), kv_cache_memory_bytes=kv_cache_bytes)
+    snapkv = {"window_size": args.window_size, "kernel_size": args.kernel_size}
+    llm = make_llm(model_dir, budget=max(budgets), kv_cache_memory_bytes=kv_cache_bytes, **snapkv)
     prompts = [task.prompt for task in tasks]
     prompt_lens = [len(ids) for ids in llm.get_tokenizer()(prompts).input_ids]
     plugin: dict[int | None, list[bool]] = {}
@@ -88,7 +91,7 @@ def main(argv=None) -> list[dict]:
     if not args.no_reference:
         from benchmarks.quality.reference import DenseSnapKVReference
 
-        dense = DenseSnapKVReference(model_dir, block_size=block_size)
+        dense = DenseSnapKVReference(model_dir, block_size=block_size, **snapkv)
         for index, task in enumerate(tasks):
             progress(f"reference {index + 1}/{len(tasks)}: {task.kind} {prompt_lens[index]} tokens")
             texts = dense.generate(task.prompt, budgets, args.max_new_tokens)
@@ -116,7 +119,8 @@ def main(argv=None) -> list[dict]:
     args.out.mkdir(parents=True, exist_ok=True)
     write_csv(args.out / "rows.csv", rows)
     text = (
-        f"Machine: {machine()}. Correct answers out of n = {len(args.depths.split(','))} depths; "
+        f"Machine: {machine()}. Window {args.window_size}, kernel {args.kernel_size}. "
+        f"Correct answers out of n = {len(args.depths.split(','))} depths; "
         "same_text: completions of plugin and reference identical.\n\n"
     )
     text += markdown_table(table)
