@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import csv
 import os
 import platform
@@ -33,6 +34,23 @@ def make_llm(
     )
     options.update(overrides)
     return LLM(model_dir, **options)
+
+
+def demo_llm(budget: int, **overrides):
+    """``make_llm`` on the demo model (converted on first use)."""
+    from vllm_snapkv.demo_model import build_demo_model
+
+    return make_llm(str(build_demo_model()), budget, **overrides)
+
+
+def length_sweep_parser(doc: str, lengths: str, out: str) -> argparse.ArgumentParser:
+    """The options every prompt-length sweep shares; a script adds its own before parsing."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--lengths", default=lengths, help="filler tokens, comma-separated")
+    parser.add_argument("--budget", type=int, default=512)
+    parser.add_argument("--out", type=Path, default=Path(out))
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes for the test suite")
+    return parser
 
 
 def scheduler_of(llm):

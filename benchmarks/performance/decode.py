@@ -6,12 +6,10 @@ length C with the full cache (the physical limit).
 
 from __future__ import annotations
 
-import argparse
-from pathlib import Path
-
 from benchmarks.common import (
+    demo_llm,
+    length_sweep_parser,
     machine,
-    make_llm,
     markdown_table,
     plot_full_vs_snapkv,
     progress,
@@ -22,19 +20,13 @@ from vllm_snapkv.tasks import passkey_prompt
 
 
 def main(argv=None) -> list[dict]:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--lengths", default="1000,2000,4000,6000")
-    parser.add_argument("--budget", type=int, default=512)
+    parser = length_sweep_parser(__doc__, "1000,2000,4000,6000", "benchmarks/results/decode")
     parser.add_argument("--max-tokens", type=int, default=48)
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/decode"))
-    parser.add_argument("--smoke", action="store_true")
     args = parser.parse_args(argv)
     if args.smoke:
         args.lengths, args.budget, args.max_tokens, args.repeats = "600", 256, 6, 1
-    from vllm_snapkv.demo_model import build_demo_model
-
-    llm = make_llm(str(build_demo_model()), budget=args.budget, enforce_eager=args.smoke)
+    llm = demo_llm(args.budget, enforce_eager=args.smoke)
 
     def best(prompt: str, budget: int | None) -> dict:
         runs = [run_one(llm, prompt, budget, args.max_tokens) for _ in range(args.repeats)]

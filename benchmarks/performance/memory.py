@@ -5,12 +5,10 @@
 
 from __future__ import annotations
 
-import argparse
-from pathlib import Path
-
 from benchmarks.common import (
+    demo_llm,
+    length_sweep_parser,
     machine,
-    make_llm,
     markdown_table,
     plot_full_vs_snapkv,
     progress,
@@ -21,17 +19,11 @@ from vllm_snapkv.tasks import passkey_prompt
 
 
 def main(argv=None) -> list[dict]:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--lengths", default="500,1000,2000,4000,6000")
-    parser.add_argument("--budget", type=int, default=512)
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/memory"))
-    parser.add_argument("--smoke", action="store_true")
+    parser = length_sweep_parser(__doc__, "500,1000,2000,4000,6000", "benchmarks/results/memory")
     args = parser.parse_args(argv)
     if args.smoke:
         args.lengths, args.budget = "600", 256
-    from vllm_snapkv.demo_model import build_demo_model
-
-    llm = make_llm(str(build_demo_model()), budget=args.budget, enforce_eager=True)
+    llm = demo_llm(args.budget, enforce_eager=True)
     rows = []
     for length in (int(n) for n in args.lengths.split(",")):
         progress(f"prompt of ~{length} filler tokens")

@@ -5,27 +5,26 @@
 
 from __future__ import annotations
 
-import argparse
-from pathlib import Path
-
-from benchmarks.common import machine, make_llm, markdown_table, progress, worker_state_of, write_csv
+from benchmarks.common import (
+    demo_llm,
+    length_sweep_parser,
+    machine,
+    markdown_table,
+    progress,
+    worker_state_of,
+    write_csv,
+)
 from benchmarks.performance.engine_steps import run_one
 from vllm_snapkv.tasks import passkey_prompt
 
 
 def main(argv=None) -> list[dict]:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--lengths", default="1000,2000,4000,6000")
-    parser.add_argument("--budget", type=int, default=512)
+    parser = length_sweep_parser(__doc__, "1000,2000,4000,6000", "benchmarks/results/overhead")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/overhead"))
-    parser.add_argument("--smoke", action="store_true")
     args = parser.parse_args(argv)
     if args.smoke:
         args.lengths, args.budget, args.repeats = "600", 256, 1
-    from vllm_snapkv.demo_model import build_demo_model
-
-    llm = make_llm(str(build_demo_model()), budget=args.budget, enforce_eager=args.smoke)
+    llm = demo_llm(args.budget, enforce_eager=args.smoke)
     rows = []
     for length in (int(n) for n in args.lengths.split(",")):
         progress(f"~{length} filler tokens")
