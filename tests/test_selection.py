@@ -7,7 +7,12 @@ import math
 import pytest
 import torch
 
-from vllm_snapkv.selection import pool_scores, select_kept_positions, window_attention_scores
+from vllm_snapkv.selection import (
+    pool_scores,
+    select_kept_positions,
+    top_positions,
+    window_attention_scores,
+)
 
 
 def reference_window_scores(q_win, keys, scale):
@@ -124,3 +129,10 @@ def test_rejects_budgets_that_evict_nothing_or_eat_the_window(budget, length):
 def test_even_kernel_rejected():
     with pytest.raises(ValueError, match="odd"):
         pool_scores(torch.zeros(1, 10), 4, "max")
+
+
+def test_top_positions_breaks_ties_towards_earlier_positions():
+    scores = torch.tensor([[1.0, 3.0, 3.0, 3.0, 2.0, 3.0], [5.0, 0.0, 5.0, 5.0, 4.0, 4.0]])
+    assert top_positions(scores, 2).tolist() == [[1, 2], [0, 2]]
+    assert top_positions(scores, 4).tolist() == [[1, 2, 3, 5], [0, 2, 3, 4]]
+    assert top_positions(scores, 6).tolist() == [list(range(6))] * 2
