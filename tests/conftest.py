@@ -13,6 +13,7 @@ import pytest
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
 from vllm_snapkv.demo_model import build_demo_model  # noqa: E402
+from vllm_snapkv.tasks import passkey_prompt  # noqa: E402
 
 #: KV cache per engine: ~87 blocks of 128 tokens for SmolLM2-135M in float32.
 KV_CACHE_BYTES = 512 * 1024 * 1024
@@ -91,6 +92,75 @@ def assert_same_selection(expected: dict, got: dict, budget: int) -> None:
         for head in range(kept.shape[0]):
             same = set(got[layer][head].tolist()) & set(kept[head].tolist())
             assert len(same) / budget >= 0.99, (layer, head)
+
+
+#: Tokens before the filler in a passkey prompt (kept when trimming to a length).
+HEADER_TOKENS = 24
+
+
+def prompt_of_length(tokenizer, length: int, passkey: int, depth: float = 0.5) -> list[int]:
+    """A passkey prompt of exactly ``length`` tokens (filler trimmed after the header)."""
+    ids = tokenizer(passkey_prompt(length + 200, passkey, depth)).input_ids
+    return ids[:HEADER_TOKENS] + ids[len(ids) - (length - HEADER_TOKENS) :]
+
+
+def as_prompt(ids: list[int]) -> dict:
+    return {"prompt_token_ids": ids}
+
+
+def reference_kept_positions(
+    model_dir: str, prompt_ids: list[int], budget: int, window: int, kernel_size: int = 7
+) -> dict:
+    """Dense SnapKV selection from transformers' eager forward of the same weights.
+
+    Independent of the plugin's code: post-RoPE Q/K captured from the HF Llama layers, scores
+    written out per head here.
+    """
+    import math
+
+    import torch
+    import transformers.models.llama.modeling_llama as llama
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(
+        model_dir, dtype=torch.float32, attn_implementation="eager"
+    )
+    captured: list[tuple[torch.Tensor, torch.Tensor]] = []
+    original = llama.apply_rotary_pos_emb
+
+    def capture(q, k, cos, sin, *args, **kwargs):
+        q, k = original(q, k, cos, sin, *args, **kwargs)
+        captured.append((q[0].detach(), k[0].detach()))  # [H, L, D]
+        return q, k
+
+    llama.apply_rotary_pos_emb = capture
+    try:
+        with torch.no_grad():
+            model(torch.tensor([prompt_ids]))
+    finally:
+        llama.apply_rotary_pos_emb = original
+
+    kept = {}
+    for layer, (q, k) in enumerate(captured):
+        num_q_heads, length, dim = q.shape
+        num_kv_heads = k.shape[0]
+        group = num_q_heads // num_kv_heads
+        prefix = length - window
+        q_win = q[:, -window:]  # [Hq, W, D]
+        k_rep = k.repeat_interleave(group, dim=0)  # [Hq, L, D]
+        logits = q_win @ k_rep.transpose(1, 2) / math.sqrt(dim)
+        future = torch.arange(length)[None, :] > (prefix + torch.arange(window))[:, None]
+        probs = logits.masked_fill(future, float("-inf")).softmax(-1)[..., :prefix].sum(1)
+        pooled = torch.nn.functional.max_pool1d(
+            probs[:, None], kernel_size, 1, kernel_size // 2
+        )[:, 0]
+        per_kv = pooled.view(num_kv_heads, group, prefix).mean(1)
+        # Max pooling makes plateaus of equal scores: the earlier position wins a tie, as in the
+        # plugin (a stable sort here, a threshold there).
+        order = per_kv.sort(dim=-1, descending=True, stable=True).indices
+        top = order[:, : budget - window]
+        kept[layer] = [set(row.tolist()) | set(range(prefix, length)) for row in top]
+    return kept
 
 
 @pytest.fixture(scope="session")

@@ -5,13 +5,19 @@ Engines run in-process (conftest) so the tests read vLLM's own scheduler and blo
 
 from __future__ import annotations
 
-import math
 
 import pytest
 import torch
 from vllm import SamplingParams
 
-from conftest import SERVER_BUDGET, greedy, load_dump, scheduler_of, token_ids
+from conftest import (
+    SERVER_BUDGET,
+    greedy,
+    load_dump,
+    reference_kept_positions,
+    scheduler_of,
+    token_ids,
+)
 from vllm_snapkv.tasks import passkey_prompt
 from vllm_snapkv.plan import cdiv
 
@@ -158,51 +164,6 @@ def test_compression_changes_generation_versus_full_cache(snap_llm, dense_llm):
     assert compressed != full
 
 
-def _reference_kept_positions(model_dir: str, prompt_ids: list[int], budget: int) -> dict:
-    """Dense SnapKV selection from transformers' eager forward of the same weights.
-
-    Independent of the plugin's code: post-RoPE Q/K captured from the HF Llama layers, scores
-    written out per head here.
-    """
-    import transformers.models.llama.modeling_llama as llama
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(
-        model_dir, dtype=torch.float32, attn_implementation="eager"
-    )
-    captured: list[tuple[torch.Tensor, torch.Tensor]] = []
-    original = llama.apply_rotary_pos_emb
-
-    def capture(q, k, cos, sin, *args, **kwargs):
-        q, k = original(q, k, cos, sin, *args, **kwargs)
-        captured.append((q[0].detach(), k[0].detach()))  # [H, L, D]
-        return q, k
-
-    llama.apply_rotary_pos_emb = capture
-    try:
-        with torch.no_grad():
-            model(torch.tensor([prompt_ids]))
-    finally:
-        llama.apply_rotary_pos_emb = original
-
-    kept = {}
-    for layer, (q, k) in enumerate(captured):
-        num_q_heads, length, dim = q.shape
-        num_kv_heads = k.shape[0]
-        group = num_q_heads // num_kv_heads
-        prefix = length - WINDOW
-        q_win = q[:, -WINDOW:]  # [Hq, W, D]
-        k_rep = k.repeat_interleave(group, dim=0)  # [Hq, L, D]
-        logits = q_win @ k_rep.transpose(1, 2) / math.sqrt(dim)
-        future = torch.arange(length)[None, :] > (prefix + torch.arange(WINDOW))[:, None]
-        probs = logits.masked_fill(future, float("-inf")).softmax(-1)[..., :prefix].sum(1)
-        pooled = torch.nn.functional.max_pool1d(probs[:, None], 7, 1, 3)[:, 0]
-        per_kv = pooled.view(num_kv_heads, group, prefix).mean(1)
-        top = per_kv.topk(budget - WINDOW, dim=-1).indices
-        kept[layer] = [set(row.tolist()) | set(range(prefix, length)) for row in top]
-    return kept
-
-
 def test_kept_positions_match_dense_transformers_reference(
     snap_llm, passkey_outputs, dump_dir, model_dir
 ):
@@ -212,7 +173,7 @@ def test_kept_positions_match_dense_transformers_reference(
     assert dump["prompt_len"] == len(prompt_ids)
     assert dump["budget"] == 512
     assert sorted(dump["layers"]) == list(range(30))
-    reference = _reference_kept_positions(model_dir, prompt_ids, 512)
+    reference = reference_kept_positions(model_dir, prompt_ids, 512, WINDOW)
     for layer, kept in dump["layers"].items():
         assert kept.shape == (3, 512) and kept.dtype == torch.long
         assert torch.all(kept[:, 1:] > kept[:, :-1]), "ascending"

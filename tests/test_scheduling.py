@@ -11,13 +11,14 @@ from conftest import (
     assert_same_selection,
     close_llm,
     greedy,
+    as_prompt,
     load_dump,
     make_llm,
+    prompt_of_length,
     scheduler_of,
     snapkv_config,
     token_ids,
 )
-from vllm_snapkv.tasks import passkey_prompt
 from vllm_snapkv.plan import prefix_hit_limit
 
 pytestmark = pytest.mark.engine
@@ -25,22 +26,11 @@ pytestmark = pytest.mark.engine
 CHUNK = 256
 WINDOW = 32
 BUDGET = 256
-HEADER_TOKENS = 24
 
 
 @pytest.fixture(scope="module")
 def tokenizer(snap_llm):
     return snap_llm.get_tokenizer()
-
-
-def prompt_of_length(tokenizer, length: int, passkey: int, depth: float = 0.5) -> list[int]:
-    """A passkey prompt of exactly ``length`` tokens (filler trimmed after the header)."""
-    ids = tokenizer(passkey_prompt(length + 200, passkey, depth)).input_ids
-    return ids[:HEADER_TOKENS] + ids[len(ids) - (length - HEADER_TOKENS) :]
-
-
-def as_prompt(ids: list[int]) -> dict:
-    return {"prompt_token_ids": ids}
 
 
 @pytest.fixture(scope="module")

@@ -1,21 +1,30 @@
-"""Frontend side: validate the compression config and reject what SnapKV cannot serve correctly.
+"""Engine set-up: validate the compression config, reject what SnapKV cannot serve correctly, and
+make sure every worker really runs the plugin.
 
-Patched (vLLM 0.32): ``EngineArgs.create_engine_config`` (post). It runs in the process that
-builds the engine (``LLM(...)``, the API server), so a bad setting fails there with its field named,
-before any engine process starts.
+Patched (vLLM 0.32):
+- ``EngineArgs.create_engine_config`` (pre and post). It runs in the process that builds the
+  engine (``LLM(...)``, the API server), so a bad setting fails there with its field named, before
+  any engine process starts. Pre: select the V1 model runner (the one the worker patches hook).
+- ``EngineCore._initialize_kv_caches`` (post): ask every worker (``collective_rpc``) what it runs;
+  a rank without the plugin's worker side, on another runner, or on an unsupported attention
+  backend stops the engine start, named. Without this, a worker whose plugin failed to load would
+  keep the full KV layout while the scheduler frees blocks.
 """
 
 from __future__ import annotations
 
 import functools
+import os
 from typing import Any
 
 from vllm.config import VllmConfig
 from vllm.engine.arg_utils import EngineArgs
 from vllm.logger import init_logger
 from vllm.platforms import current_platform
+from vllm.v1.engine.core import EngineCore
 
 from vllm_snapkv.config import SnapKVConfig, config_from_additional
+from vllm_snapkv.adapter.worker import worker_report
 from vllm_snapkv.metrics import serve_metrics_from_this_process
 
 # Under the "vllm" logger tree so vLLM's handlers and VLLM_LOGGING_LEVEL apply.
@@ -27,10 +36,9 @@ def unsupported_features(vllm_config: VllmConfig) -> list[str]:
     model = vllm_config.model_config
     parallel = vllm_config.parallel_config
     reasons = []
-    if not current_platform.is_cpu():
+    if not (current_platform.is_cpu() or current_platform.is_cuda()):
         reasons.append(
-            f"platform {current_platform.device_name!r}: this release compacts the KV cache of "
-            "vLLM's CPU attention backend only"
+            f"platform {current_platform.device_name!r} (this release supports CPU and CUDA)"
         )
     if vllm_config.speculative_config is not None:
         reasons.append("speculative decoding (the drafter computes its own positions and slots)")
@@ -57,8 +65,37 @@ def unsupported_features(vllm_config: VllmConfig) -> list[str]:
             "(replicated KV heads would select from a subset of their query heads)"
         )
     if vllm_config.use_v2_model_runner:
-        reasons.append("the V2 model runner (set VLLM_USE_V2_MODEL_RUNNER=0)")
+        reasons.append(
+            "the V2 model runner (VLLM_USE_V2_MODEL_RUNNER=1 or a feature that requires it; "
+            "SnapKV hooks the V1 runner)"
+        )
     return reasons
+
+
+#: vLLM's switch between the V1 and V2 model runners (``VllmConfig.use_v2_model_runner``).
+V2_RUNNER_ENV = "VLLM_USE_V2_MODEL_RUNNER"
+
+
+def select_v1_model_runner() -> None:
+    """Use the V1 model runner unless the user chose one: the worker patches hook it (see
+    docs/architecture.md, "Model runner"). Set in this process's environment before the engine
+    config is built, so the engine core and every worker (spawned, or Ray workers, which copy the
+    driver's environment) make the same choice; ``worker_report`` verifies it."""
+    if os.environ.get(V2_RUNNER_ENV) is None:
+        os.environ[V2_RUNNER_ENV] = "0"
+        if not current_platform.is_cpu():  # the CPU worker always runs V1
+            logger.info("SnapKV: using the V1 model runner (%s=0): SnapKV hooks it.", V2_RUNNER_ENV)
+
+
+def log_cudagraph_policy(vllm_config: VllmConfig) -> None:
+    mode = vllm_config.compilation_config.cudagraph_mode
+    if mode is not None and mode.has_full_cudagraphs():
+        logger.info(
+            "SnapKV: cudagraph_mode=%s kept; steps that capture window queries or compact a "
+            "request run without a full CUDA graph (piecewise, or eager where only full graphs "
+            "exist). Other steps, decode included, use the configured graphs.",
+            mode.name,
+        )
 
 
 def check_and_adjust(vllm_config: VllmConfig) -> SnapKVConfig | None:
@@ -73,16 +110,43 @@ def check_and_adjust(vllm_config: VllmConfig) -> SnapKVConfig | None:
         )
     serve_metrics_from_this_process(vllm_config.model_config.served_model_name)
     if vllm_config.scheduler_config.async_scheduling:
-        # Plans are built from schedule-time state only, but overlapping steps were never run
-        # with compaction; correctness first.
+        # Plans are built from schedule-time state only, but overlapping steps (the next step
+        # scheduled while this one's compaction runs) have never run on a GPU here.
         vllm_config.scheduler_config.async_scheduling = False
-        logger.warning("SnapKV: async scheduling disabled (not validated with KV compaction).")
+        logger.warning(
+            "SnapKV: async scheduling disabled (not validated with KV compaction); the CPU "
+            "scheduling work of each step is no longer overlapped with the GPU's."
+        )
+    log_cudagraph_policy(vllm_config)
     return config
+
+
+def check_worker_reports(reports: list[dict[str, Any]]) -> None:
+    """Every worker must run the patched V1 runner with SnapKV state; raise naming the ranks."""
+    problems = []
+    for report in reports:
+        if not report["v1_runner"]:
+            problems.append(
+                f"rank {report['rank']} runs {report['runner']}, not vLLM's V1 model runner"
+            )
+        elif not report["compression"]:
+            problems.append(
+                f"rank {report['rank']} has no SnapKV worker state (was the vllm-snapkv plugin "
+                "loaded in that process? check its log for 'Failed to load plugin' and "
+                "VLLM_PLUGINS)"
+            )
+    if problems:
+        raise RuntimeError(
+            "kv_compression: refusing to start, since compressed requests would corrupt the KV "
+            "cache on: " + "; ".join(problems)
+        )
 
 
 def _patch_create_engine_config(original):
     @functools.wraps(original)
     def create_engine_config(self: EngineArgs, *args: Any, **kwargs: Any) -> VllmConfig:
+        if config_from_additional(self.additional_config) is not None:
+            select_v1_model_runner()
         vllm_config = original(self, *args, **kwargs)
         check_and_adjust(vllm_config)
         return vllm_config
@@ -90,4 +154,24 @@ def _patch_create_engine_config(original):
     return create_engine_config
 
 
-ENGINE_PATCHES = ((EngineArgs, "create_engine_config", _patch_create_engine_config),)
+def _patch_initialize_kv_caches(original):
+    @functools.wraps(original)
+    def _initialize_kv_caches(self: EngineCore, *args: Any, **kwargs: Any):
+        result = original(self, *args, **kwargs)
+        if config_from_additional(self.vllm_config.additional_config) is not None:
+            reports = self.model_executor.collective_rpc(worker_report)
+            check_worker_reports(reports)
+            logger.info(
+                "SnapKV: compression active on %d worker(s); attention backends: %s",
+                len(reports),
+                ", ".join(sorted({b for report in reports for b in report["backends"]})),
+            )
+        return result
+
+    return _initialize_kv_caches
+
+
+ENGINE_PATCHES = (
+    (EngineArgs, "create_engine_config", _patch_create_engine_config),
+    (EngineCore, "_initialize_kv_caches", _patch_initialize_kv_caches),
+)

@@ -1,13 +1,19 @@
 """Worker side: execute the scheduler's directives inside vLLM's V1 model runner.
 
 Patched (vLLM 0.32; contract tests in tests/test_contract.py):
+- ``GPUModelRunner.initialize_kv_cache`` (post): check every attention layer runs a supported
+  backend (``vllm_snapkv.adapter.attention``), refusing the engine start otherwise.
 - ``GPUModelRunner._update_states`` (pre): apply last step's block swaps to the request state and
   the block-table row *before* vLLM appends this step's new blocks; forget finished/resumed ids.
 - ``GPUModelRunner._prepare_inputs`` (post): physical ``seq_lens`` and slot mapping for compressed
-  requests (RoPE ``positions`` stay logical); locate this step's window rows.
+  requests (RoPE ``positions`` stay logical), written into the runner's persistent buffers that
+  attention metadata and CUDA graphs read; locate this step's window rows.
+- ``CudagraphDispatcher.dispatch``: a step with SnapKV work never replays a *full* CUDA graph (no
+  Python would run inside it); piecewise graphs keep attention eager, so they stay allowed.
 - ``GPUModelRunner.execute_model`` (post): check every layer compacted, write debug dumps, queue
   the block swaps.
-- ``CPUAttentionBackendImpl.forward`` (post): buffer window queries, select, compact.
+- ``forward`` of each supported attention implementation (post): buffer window queries, select,
+  compact.
 ``CPUModelRunner`` inherits the runner methods, so patching ``GPUModelRunner`` covers it.
 """
 
@@ -24,10 +30,12 @@ import torch
 from vllm.logger import init_logger
 from vllm.model_executor.models.utils import extract_layer_index
 from vllm.v1.attention.backend import AttentionType
-from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackendImpl
+from vllm.config import CUDAGraphMode
+from vllm.v1.cudagraph_dispatcher import CudagraphDispatcher
 from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
-from vllm_snapkv.adapter.kv_layout import gather_values, read_keys, slots_of, write_kv
+from vllm_snapkv.adapter.attention import check_attention_layers, layout_for, loaded_impls
+from vllm_snapkv.adapter.layouts import PagedKVLayout, PagedTokens
 from vllm_snapkv.adapter.scheduler import DIRECTIVES_ATTR
 from vllm_snapkv.config import SnapKVConfig, config_from_additional
 from vllm_snapkv.plan import CompressionPlan, StepDirectives, WindowCapture
@@ -47,7 +55,9 @@ class _Job:
     chunk_len: int
     capture: WindowCapture | None = None
     plan: CompressionPlan | None = None
-    source_block_ids: list[int] | None = None
+    #: With a plan: the prompt (+ re-prefilled outputs) as stored now, and the slots it moves to.
+    source: PagedTokens | None = None
+    target_slots: torch.Tensor | None = None
     layers_done: set[int] = field(default_factory=set)
     kept: dict[int, torch.Tensor] = field(default_factory=dict)
 
@@ -69,9 +79,17 @@ class WorkerCompression:
     """Per-model-runner SnapKV state. Invariant: after ``execute_model`` of a step, every plan of
     that step has been applied by every attention layer of this worker, or the step failed."""
 
-    def __init__(self, config: SnapKVConfig, num_layers: int, tp_rank: int, tp_size: int):
+    def __init__(
+        self,
+        config: SnapKVConfig,
+        num_layers: int,
+        block_size: int,
+        tp_rank: int,
+        tp_size: int,
+    ):
         self.config = config
         self.num_layers = num_layers
+        self.block_size = block_size  # the scheduler's (manager) block size
         self.tp_rank, self.tp_size = tp_rank, tp_size
         self.directives = StepDirectives()
         self.jobs: list[_Job] = []
@@ -79,8 +97,19 @@ class WorkerCompression:
         self.window_queries: dict[str, dict[int, list[torch.Tensor]]] = {}
         #: request -> target blocks that replace its block list at the next step.
         self.pending_swaps: dict[str, tuple[int, ...]] = {}
+        #: Attention layer name -> its cache layout, from the implementation vLLM runs there.
+        self.layouts: dict[str, PagedKVLayout] = {}
+        #: Attention backend name per layer, checked at KV-cache initialisation.
+        self.backend_names: set[str] = set()
         #: Wall time spent selecting and compacting (all layers, all requests), for benchmarks.
         self.compaction_seconds = 0.0
+
+    def check_layers(self, runner: GPUModelRunner) -> None:
+        """Refuse (at engine start) any attention layer SnapKV cannot compact."""
+        forward_context = runner.compilation_config.static_forward_context
+        names = runner.kv_cache_config.kv_cache_groups[0].layer_names
+        backends = check_attention_layers({name: forward_context[name] for name in names})
+        self.backend_names = {backend.name for backend in backends.values()}
 
     def forget(self, request_id: str) -> None:
         self.window_queries.pop(request_id, None)
@@ -122,25 +151,32 @@ class WorkerCompression:
             capture = directives.captures.get(request_id)
             if plan is None and capture is None:
                 continue
-            self.jobs.append(
-                _Job(
-                    request_id=request_id,
-                    first_row=int(query_start[row]),
-                    chunk_start=int(batch.num_computed_tokens_cpu[row]),
-                    chunk_len=int(num_scheduled_tokens[row]),
-                    capture=capture,
-                    plan=plan,
-                    source_block_ids=(
-                        list(runner.requests[request_id].block_ids[0]) if plan else None
-                    ),
-                )
+            job = _Job(
+                request_id=request_id,
+                first_row=int(query_start[row]),
+                chunk_start=int(batch.num_computed_tokens_cpu[row]),
+                chunk_len=int(num_scheduled_tokens[row]),
+                capture=capture,
+                plan=plan,
             )
+            if plan is not None:
+                # Built once per step, not per layer: one host-to-device copy each.
+                job.source = PagedTokens.of(
+                    runner.requests[request_id].block_ids[0],
+                    self.block_size,
+                    plan.prefill_len,
+                    runner.device,
+                )
+                job.target_slots = PagedTokens.of(
+                    plan.target_block_ids, self.block_size, plan.num_kept, runner.device
+                ).slots()
+            self.jobs.append(job)
         if self.jobs:
             _ACTIVE_STEP = self
 
     def on_attention_layer(
         self,
-        impl: CPUAttentionBackendImpl,
+        impl: Any,
         layer: torch.nn.Module,
         query: torch.Tensor,
         kv_cache: torch.Tensor,
@@ -161,6 +197,12 @@ class WorkerCompression:
             self.compaction_seconds += time.perf_counter() - started
             job.layers_done.add(layer_index)
 
+    def _layout(self, impl: Any, layer: torch.nn.Module) -> PagedKVLayout:
+        layout = self.layouts.get(layer.layer_name)
+        if layout is None:
+            layout = self.layouts[layer.layer_name] = layout_for(impl, layer)
+        return layout
+
     def _compact(self, impl, layer, job: _Job, window_queries, kv_cache) -> torch.Tensor:
         plan = job.plan
         if window_queries.shape[0] != plan.window_size:
@@ -168,13 +210,13 @@ class WorkerCompression:
                 f"SnapKV: request {job.request_id} has {window_queries.shape[0]} window queries "
                 f"at layer {layer.layer_name}, expected {plan.window_size}"
             )
-        isa = layer.isa
+        layout = self._layout(impl, layer)
         # Copies of the source tokens are read before any write: targets may be reused sources
         # (in-place compaction).
-        keys = read_keys(kv_cache, job.source_block_ids, plan.prefill_len, isa)
+        keys = layout.read_keys(kv_cache, job.source)
         kept = select_kept_positions(
             window_queries,
-            keys[: plan.prompt_len],
+            keys[: plan.prompt_len, :, : impl.head_size],
             plan.budget,
             impl.scale,
             self.config.kernel_size,
@@ -185,19 +227,9 @@ class WorkerCompression:
         # Slot i of head h holds position per_slot[i, h]: the selection, then earlier outputs.
         per_slot = torch.cat([kept, outputs.expand(num_heads, -1)], dim=1).T
         heads = torch.arange(num_heads, device=keys.device)
-        kept_keys = keys[per_slot, heads].contiguous()
-        kept_values = gather_values(kv_cache, job.source_block_ids, per_slot, isa).contiguous()
-        block_size = kv_cache.shape[2]
-        write_kv(
-            kv_cache,
-            kept_keys,
-            kept_values,
-            slots_of(plan.target_block_ids, plan.num_kept, block_size, kv_cache.device),
-            isa,
-            k_scale=layer._k_scale_float,
-            v_scale=layer._v_scale_float,
-            kv_cache_dtype=impl.kv_cache_dtype,
-        )
+        kept_keys = keys[per_slot, heads]
+        kept_values = layout.gather_values(kv_cache, job.source, per_slot)
+        layout.write(kv_cache, kept_keys, kept_values, job.target_slots)
         return kept
 
     def after_execute_model(self) -> None:
@@ -286,6 +318,7 @@ def _create_state(runner: GPUModelRunner) -> WorkerCompression | None:
     return WorkerCompression(
         config,
         num_layers=len(groups[0].layer_names),
+        block_size=groups[0].kv_cache_spec.block_size,
         tp_rank=get_tensor_model_parallel_rank(),
         tp_size=runner.parallel_config.tensor_parallel_size,
     )
@@ -326,10 +359,28 @@ def _patch_execute_model(original):
     return execute_model
 
 
-def _patch_cpu_attention_forward(original):
+def _patch_initialize_kv_cache(original):
+    @functools.wraps(original)
+    def initialize_kv_cache(self: GPUModelRunner, *args: Any, **kwargs: Any):
+        result = original(self, *args, **kwargs)
+        self.__dict__.pop("_snapkv", None)  # the KV cache config may have changed
+        state = _state(self)
+        if state is not None:
+            state.check_layers(self)
+        return result
+
+    return initialize_kv_cache
+
+
+def _is_decoder(impl: Any) -> bool:
+    # FlashInferImpl serves decoders only and keeps no attn_type.
+    return getattr(impl, "attn_type", AttentionType.DECODER) == AttentionType.DECODER
+
+
+def _patch_attention_forward(original):
     @functools.wraps(original)
     def forward(
-        self: CPUAttentionBackendImpl,
+        self: Any,
         layer: torch.nn.Module,
         query: torch.Tensor,
         key: torch.Tensor,
@@ -341,17 +392,46 @@ def _patch_cpu_attention_forward(original):
     ) -> torch.Tensor:
         output = original(self, layer, query, key, value, kv_cache, attn_metadata, *args, **kwargs)
         step = _ACTIVE_STEP
-        if step is not None and attn_metadata is not None and self.attn_type == AttentionType.DECODER:
+        if step is not None and attn_metadata is not None and _is_decoder(self):
             step.on_attention_layer(self, layer, query, kv_cache)
         return output
 
     return forward
 
 
+def _patch_cudagraph_dispatch(original):
+    @functools.wraps(original)
+    def dispatch(self: CudagraphDispatcher, *args: Any, **kwargs: Any):
+        if _ACTIVE_STEP is not None:
+            # A full graph would replay this step's attention without running the capture and
+            # compaction; piecewise graphs run attention eagerly (it is a splitting op).
+            kwargs["invalid_modes"] = {*(kwargs.get("invalid_modes") or ()), CUDAGraphMode.FULL}
+        return original(self, *args, **kwargs)
+
+    return dispatch
+
+
+def worker_report(worker: Any) -> dict[str, Any]:
+    """What this worker runs, for the engine core's start-up check (``collective_rpc``): a rank
+    whose runner is not the patched V1 runner, or that has no SnapKV state, would keep the full KV
+    layout while the scheduler frees blocks."""
+    runner = getattr(worker, "model_runner", None)
+    state = runner.__dict__.get("_snapkv") if runner is not None else None
+    return {
+        "rank": getattr(worker, "rank", None),
+        "runner": type(runner).__name__,
+        "v1_runner": isinstance(runner, GPUModelRunner),
+        "compression": state is not None,
+        "backends": sorted(state.backend_names) if state is not None else [],
+    }
+
+
 #: (owner class, method name, wrapper factory): every worker patch, in one visible list.
 WORKER_PATCHES = (
+    (GPUModelRunner, "initialize_kv_cache", _patch_initialize_kv_cache),
     (GPUModelRunner, "_update_states", _patch_update_states),
     (GPUModelRunner, "_prepare_inputs", _patch_prepare_inputs),
     (GPUModelRunner, "execute_model", _patch_execute_model),
-    (CPUAttentionBackendImpl, "forward", _patch_cpu_attention_forward),
+    (CudagraphDispatcher, "dispatch", _patch_cudagraph_dispatch),
+    *((impl, "forward", _patch_attention_forward) for _, impl in loaded_impls()),
 )

@@ -1,11 +1,16 @@
-"""CPU paged-cache layout: what vLLM's own write op stores is what read_kv returns."""
+"""CPU paged-cache layout (CPU_ATTN): what vLLM's own write op stores is what read_kv returns."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from vllm_snapkv.adapter.kv_layout import gather_values, read_keys, read_kv, slots_of, write_kv
+from vllm_snapkv.adapter.layouts import PagedTokens
+from vllm_snapkv.adapter.layouts.cpu import gather_values, read_keys, read_kv, write_kv
+
+
+def slots_of(block_ids, num_tokens: int, block_size: int) -> torch.Tensor:
+    return PagedTokens.of(block_ids, block_size, num_tokens, "cpu").slots()
 
 LAYOUTS = [
     ("vec", torch.float32, 128, 64),
@@ -25,7 +30,7 @@ def test_round_trip_through_vllm_cache_write_op(isa, dtype, block_size, head_dim
     keys = torch.randn(num_tokens, num_heads, head_dim).to(dtype)
     values = torch.randn(num_tokens, num_heads, head_dim).to(dtype)
     block_ids = [5, 2, 7]  # out of order on purpose, as a block table is
-    write_kv(cache, keys, values, slots_of(block_ids, num_tokens, block_size, "cpu"), isa)
+    write_kv(cache, keys, values, slots_of(block_ids, num_tokens, block_size), isa)
     got_keys, got_values = read_kv(cache, block_ids, num_tokens, isa)
     assert torch.equal(got_keys, keys)
     assert torch.equal(got_values, values)
@@ -39,7 +44,7 @@ def test_per_head_lanes_keep_different_positions_per_head():
     values = torch.randn(40, 3, head_dim)
     kept = torch.tensor([[0, 5, 39], [1, 2, 3], [30, 31, 39]])
     heads = torch.arange(3)
-    slots = slots_of([3], 3, block_size, "cpu")
+    slots = slots_of([3], 3, block_size)
     write_kv(cache, keys[kept.T, heads], values[kept.T, heads], slots, "vec16")
     got_keys, got_values = read_kv(cache, [3], 3, "vec16")
     for h in range(3):
@@ -48,7 +53,7 @@ def test_per_head_lanes_keep_different_positions_per_head():
 
 
 def test_slots_follow_the_block_list():
-    assert slots_of((4, 1, 6), 5, 2, "cpu").tolist() == [8, 9, 2, 3, 12]
+    assert slots_of((4, 1, 6), 5, 2).tolist() == [8, 9, 2, 3, 12]
 
 
 def test_unknown_isa_is_refused():

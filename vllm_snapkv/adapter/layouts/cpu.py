@@ -1,4 +1,4 @@
-"""Read and write one request's K/V in vLLM 0.32's CPU paged KV cache.
+"""The CPU attention backend's paged KV layout (``CPU_ATTN``, vLLM 0.32).
 
 Layer cache: ``[num_blocks, num_kv_heads, block_size, 2 * head_size]``. Per (block, head) the first
 ``block_size * head_size`` elements hold K and the rest V, packed by the attention ISA that
@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import torch
 from vllm import _custom_ops as ops
+
+from vllm_snapkv.adapter.layouts import PagedTokens
 
 #: ISAs whose packing :func:`read_kv` knows. Others fail at the first compaction.
 SUPPORTED_ISAS = ("vec", "vec16", "amx")
@@ -47,7 +49,7 @@ def read_kv(
     kv_cache: torch.Tensor, block_ids: list[int], num_tokens: int, isa: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """K and V of the first ``num_tokens`` slots of ``block_ids``, each ``[num_tokens, H, D]``."""
-    index = torch.tensor(block_ids, dtype=torch.long, device=kv_cache.device)
+    index = torch.as_tensor(block_ids, dtype=torch.long, device=kv_cache.device)
     keys, values = _unpack(kv_cache.index_select(0, index), isa)
 
     def tokens_first(x: torch.Tensor) -> torch.Tensor:
@@ -68,7 +70,7 @@ def read_keys(kv_cache: torch.Tensor, block_ids: list[int], num_tokens: int, isa
         return read_kv(kv_cache, block_ids, num_tokens, isa)[0]
     num_blocks, num_heads, block_size, double_dim = kv_cache.shape
     dim = double_dim // 2
-    index = torch.tensor(block_ids, dtype=torch.long, device=kv_cache.device)
+    index = torch.as_tensor(block_ids, dtype=torch.long, device=kv_cache.device)
     # K halves only, as [H, D, blocks, BS]; one gathering copy, then a free reshape.
     keys_t = kv_cache.view(num_blocks, num_heads, 2, dim, block_size)[:, :, 0].permute(1, 2, 0, 3)
     keys_t = keys_t[:, :, index].reshape(num_heads, dim, -1)[:, :, :num_tokens]
@@ -87,15 +89,8 @@ def gather_values(
         return values[positions, heads]
     num_blocks, _, block_size, double_dim = kv_cache.shape
     values = kv_cache.view(num_blocks, num_heads, 2, block_size, double_dim // 2)[:, :, 1]
-    blocks = torch.tensor(block_ids, dtype=torch.long, device=kv_cache.device)
+    blocks = torch.as_tensor(block_ids, dtype=torch.long, device=kv_cache.device)
     return values[blocks[positions // block_size], heads, positions % block_size]
-
-
-def slots_of(block_ids: tuple[int, ...] | list[int], num_tokens: int, block_size: int, device):
-    """Physical slots ``0 .. num_tokens-1`` of a block list, as vLLM's slot mapping encodes them."""
-    blocks = torch.tensor(block_ids, dtype=torch.long, device=device)
-    offsets = torch.arange(num_tokens, device=device)
-    return blocks[offsets // block_size] * block_size + offsets % block_size
 
 
 def write_kv(
@@ -122,3 +117,41 @@ def write_kv(
         v_scale=v_scale,
         kv_cache_dtype=kv_cache_dtype,
     )
+
+
+class CpuPackedLayout:
+    """:class:`~vllm_snapkv.adapter.layouts.PagedKVLayout` of one CPU attention layer: its ISA
+    packing and the scales/dtype its cache-write op needs. CPU kernel blocks are the scheduler's
+    blocks, so block ids index the cache directly."""
+
+    name = "cpu"
+
+    def __init__(
+        self, isa: str, k_scale: float = 1.0, v_scale: float = 1.0, kv_cache_dtype: str = "auto"
+    ):
+        if isa not in SUPPORTED_ISAS:
+            _unpack(torch.zeros(1, 1, 16, 32), isa)  # raises, naming the ISA
+        self.isa, self.k_scale, self.v_scale = isa, k_scale, v_scale
+        self.kv_cache_dtype = kv_cache_dtype
+
+    def read_keys(self, kv_cache: torch.Tensor, tokens: PagedTokens) -> torch.Tensor:
+        return read_keys(kv_cache, tokens.block_ids, tokens.num_tokens, self.isa)
+
+    def gather_values(
+        self, kv_cache: torch.Tensor, tokens: PagedTokens, positions: torch.Tensor
+    ) -> torch.Tensor:
+        return gather_values(kv_cache, tokens.block_ids, positions, self.isa)
+
+    def write(
+        self, kv_cache: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, slots: torch.Tensor
+    ) -> None:
+        write_kv(
+            kv_cache,
+            keys.contiguous(),
+            values.contiguous(),
+            slots,
+            self.isa,
+            k_scale=self.k_scale,
+            v_scale=self.v_scale,
+            kv_cache_dtype=self.kv_cache_dtype,
+        )

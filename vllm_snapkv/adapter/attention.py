@@ -1,0 +1,104 @@
+"""The attention backends SnapKV hooks in vLLM 0.32, and the KV layout each one stores.
+
+Window-query capture and compaction run right after vLLM's own attention in each layer, inside
+the implementation's ``forward`` (so on the layer's device and stream, after the step's K/V were
+written). Each supported backend names the implementation class whose ``forward`` is wrapped and
+the layout of its cache (:mod:`vllm_snapkv.adapter.layouts`). A model whose layers run any other
+implementation is refused when its worker initialises the KV cache, naming the backend.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+from dataclasses import dataclass
+from typing import Any
+
+from vllm_snapkv.adapter.layouts import PagedKVLayout
+
+
+@dataclass(frozen=True)
+class SupportedBackend:
+    """One attention backend: ``name`` as vLLM spells it (``--attention-backend``)."""
+
+    name: str
+    module: str
+    impl_class: str
+    layout: str  # "cpu" or "standard"
+
+    def load_impl(self) -> type | None:
+        """The implementation class, or None where its module cannot be imported (FlashInfer
+        without the ``flashinfer`` package: vLLM cannot select that backend either)."""
+        try:
+            return getattr(importlib.import_module(self.module), self.impl_class)
+        except ImportError:
+            return None
+
+
+_BACKENDS = "vllm.v1.attention.backends"
+
+SUPPORTED_BACKENDS: tuple[SupportedBackend, ...] = (
+    SupportedBackend("CPU_ATTN", f"{_BACKENDS}.cpu_attn", "CPUAttentionBackendImpl", "cpu"),
+    SupportedBackend("FLASH_ATTN", f"{_BACKENDS}.flash_attn", "FlashAttentionImpl", "standard"),
+    SupportedBackend("TRITON_ATTN", f"{_BACKENDS}.triton_attn", "TritonAttentionImpl", "standard"),
+    SupportedBackend("FLASHINFER", f"{_BACKENDS}.flashinfer", "FlashInferImpl", "standard"),
+    SupportedBackend(
+        "FLEX_ATTENTION", f"{_BACKENDS}.flex_attention", "FlexAttentionImpl", "standard"
+    ),
+)
+
+
+@functools.cache
+def loaded_impls() -> tuple[tuple[SupportedBackend, type], ...]:
+    """Every supported backend whose implementation imports in this process."""
+    return tuple((b, impl) for b in SUPPORTED_BACKENDS if (impl := b.load_impl()) is not None)
+
+
+def backend_of(impl: Any) -> SupportedBackend | None:
+    for backend, impl_class in loaded_impls():
+        if type(impl) is impl_class:
+            return backend
+    return None
+
+
+class UnsupportedAttentionBackend(ValueError):
+    """A layer runs an attention implementation SnapKV cannot compact."""
+
+
+def check_attention_layers(layers: dict[str, Any]) -> dict[str, SupportedBackend]:
+    """The backend of every attention layer (``name -> vLLM Attention module``); raises naming
+    the backend when any layer's implementation is not supported."""
+    backends = {}
+    for name, layer in layers.items():
+        impl = getattr(layer, "impl", None)
+        backend = backend_of(impl)
+        if backend is None:
+            attn_backend = getattr(layer, "attn_backend", None)
+            backend_name = attn_backend.get_name() if attn_backend else type(impl).__name__
+            raise UnsupportedAttentionBackend(
+                f"kv_compression: attention backend {backend_name} (layer {name}, "
+                f"{type(impl).__name__}) is not supported by vllm-snapkv; supported: "
+                f"{', '.join(b.name for b in SUPPORTED_BACKENDS)}. Choose one with "
+                "--attention-backend or turn compression off."
+            )
+        backends[name] = backend
+    return backends
+
+
+def layout_for(impl: Any, layer: Any) -> PagedKVLayout:
+    """The layout of ``layer``'s cache, from the implementation vLLM runs for it."""
+    backend = backend_of(impl)
+    if backend is None:
+        raise UnsupportedAttentionBackend(f"no KV layout for {type(impl).__name__}")
+    if backend.layout == "cpu":
+        from vllm_snapkv.adapter.layouts.cpu import CpuPackedLayout
+
+        return CpuPackedLayout(
+            layer.isa,
+            k_scale=layer._k_scale_float,
+            v_scale=layer._v_scale_float,
+            kv_cache_dtype=impl.kv_cache_dtype,
+        )
+    from vllm_snapkv.adapter.layouts.standard import StandardLayout
+
+    return StandardLayout()

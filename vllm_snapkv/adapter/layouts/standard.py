@@ -1,0 +1,59 @@
+"""The standard KV layout of vLLM 0.32's non-CPU attention backends (RFC #42082).
+
+A layer's cache tensor is the *logical* view ``[num_blocks, num_kv_heads, block_size, C]`` with
+``C = head_size + head_size_v`` (K in the first half of the last dimension, V in the second),
+however it is laid out in memory: the physical ``KVCacheLayout`` order (LBNHC by default, HND for
+FlashInfer on SM100, ...) and views into one buffer shared by all layers only change the strides.
+Indexing the logical view is therefore correct for every order; nothing here assumes
+contiguity. Pure torch on the cache's device: advanced indexing reads copies, ``index_put_`` writes
+through the view into the shared storage.
+
+The kernel block size of the cache may be smaller than the scheduler's (vLLM splits a manager
+block into kernel blocks of consecutive tokens); slots are the same numbers in both, so a slot
+``s`` lives at kernel block ``s // N``, offset ``s % N`` with ``N = kv_cache.shape[2]``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from vllm_snapkv.adapter.layouts import PagedTokens
+
+
+class StandardLayout:
+    """:class:`~vllm_snapkv.adapter.layouts.PagedKVLayout` of the standard layout."""
+
+    name = "standard"
+
+    @staticmethod
+    def _locate(kv_cache: torch.Tensor, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        block_size = kv_cache.shape[2]
+        return slots // block_size, slots % block_size
+
+    @staticmethod
+    def _half(kv_cache: torch.Tensor) -> int:
+        # Backends split K|V at C // 2 (Triton pads both halves alike), never at head_size_v.
+        return kv_cache.shape[-1] // 2
+
+    def read_keys(self, kv_cache: torch.Tensor, tokens: PagedTokens) -> torch.Tensor:
+        blocks, offsets = self._locate(kv_cache, tokens.slots())
+        # Advanced indices around a slice: the indexed dim comes first -> [N, H, half].
+        return kv_cache[blocks, :, offsets, : self._half(kv_cache)]
+
+    def gather_values(
+        self, kv_cache: torch.Tensor, tokens: PagedTokens, positions: torch.Tensor
+    ) -> torch.Tensor:
+        blocks, offsets = self._locate(kv_cache, tokens.slots(positions))
+        heads = torch.arange(kv_cache.shape[1], device=kv_cache.device)
+        return kv_cache[blocks, heads, offsets, self._half(kv_cache) :]
+
+    def write(
+        self, kv_cache: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, slots: torch.Tensor
+    ) -> None:
+        if keys.shape[-1] + values.shape[-1] != kv_cache.shape[-1]:
+            raise ValueError(
+                f"K/V rows of width {keys.shape[-1]}+{values.shape[-1]} do not fill a cache "
+                f"entry of width {kv_cache.shape[-1]}"
+            )
+        blocks, offsets = self._locate(kv_cache, slots)
+        kv_cache[blocks, :, offsets] = torch.cat([keys, values], dim=-1).to(kv_cache.dtype)
