@@ -216,3 +216,122 @@ def test_runner_execute_model_runs_the_forward():
     assert "self._update_states(scheduler_output)" in body
     assert "self._prepare_inputs(" in body
     assert "self._model_forward(" in body
+
+
+# --- GPU attention backends (standard KV layout) ------------------------------------------------
+
+BACKENDS_DIR = "vllm/v1/attention/backends"
+
+
+def backend_source(module: str) -> str:
+    """A backend module's source without importing it (FlashInfer needs the flashinfer package)."""
+    import importlib.util
+    import pathlib
+
+    spec = importlib.util.find_spec("vllm")
+    return (pathlib.Path(spec.origin).parent.parent / BACKENDS_DIR / f"{module}.py").read_text()
+
+
+@pytest.mark.parametrize("module,impl", [("flash_attn", "FlashAttentionImpl"),
+                                         ("triton_attn", "TritonAttentionImpl"),
+                                         ("flex_attention", "FlexAttentionImpl")])
+def test_importable_gpu_backends_keep_the_hooked_contract(module, impl):
+    backend_module = __import__(f"vllm.v1.attention.backends.{module}", fromlist=["x"])
+    impl_class = getattr(backend_module, impl)
+    assert params(inspect.unwrap(impl_class.forward))[:8] == [
+        "self", "layer", "query", "key", "value", "kv_cache", "attn_metadata", "output",
+    ]
+    # The step's K/V are written (do_kv_cache_update) before forward runs: compaction, which
+    # runs after forward, sees them.
+    backend_class = next(
+        value for value in vars(backend_module).values()
+        if isinstance(value, type) and getattr(value, "get_impl_cls", None)
+        and value.__module__ == backend_module.__name__
+        and value.get_impl_cls() is impl_class
+    )
+    assert backend_class.forward_includes_kv_cache_update is False
+    # They read the logical [blocks, kv_heads, block_size, K|V] view split in half.
+    assert "kv_cache.transpose(1, 2).split(" in backend_source(module)
+    for attribute in ("self.head_size = head_size", "self.scale = float(scale)",
+                      "self.num_heads = num_heads"):
+        assert attribute in inspect.getsource(impl_class.__init__)
+
+
+def test_flashinfer_contract_by_source():
+    text = backend_source("flashinfer")
+    assert "class FlashInferImpl(AttentionImpl):" in text
+    assert "forward_includes_kv_cache_update: bool = False" in text
+    import re
+
+    # forward(self, layer, query, key, value, kv_cache, attn_metadata, output, ...)
+    assert re.search(
+        r"def forward\(\s*self,\s*layer:[^,]*,\s*query:[^,]*,\s*key:[^,]*,\s*value:[^,]*,"
+        r"\s*kv_cache:[^,]*,\s*attn_metadata: FlashInferMetadata,\s*output:",
+        text,
+    )
+    # Its cache is the logical view, permuted to the physical layout only inside forward.
+    assert "kv_cache.permute(*stride_order)" in text
+    assert "k_cache, v_cache = kv_cache.transpose(1, 2).split(" in text
+    # Decoder-only: no attn_type attribute (the hook treats a missing one as DECODER).
+    assert "if attn_type != AttentionType.DECODER:" in text
+    for attribute in ("self.head_size = head_size", "self.scale = float(scale)"):
+        assert attribute in text
+
+
+def test_supported_backends_are_vllm_backend_names():
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum
+
+    from vllm_snapkv.adapter.attention import SUPPORTED_BACKENDS
+
+    for backend in SUPPORTED_BACKENDS:
+        path = AttentionBackendEnum[backend.name].get_path()
+        assert path.startswith(backend.module + "."), (backend.name, path)
+
+
+def test_standard_layout_facts():
+    from vllm.v1.kv_cache_interface import create_kv_cache_views
+    from vllm.v1.kv_cache_layout import KVCacheLayout
+
+    # Every order is a permutation of the logical [L, B, H, N, C]; views are [B, H, N, C].
+    assert {layout.name for layout in KVCacheLayout} == {
+        "LBHNC", "LBNHC", "LHBNC", "BLHNC", "BLNHC", "BHLNC"
+    }
+    body = source(create_kv_cache_views)
+    assert "torch.as_strided(" in body and "view_5d[layer_idx]" in body
+
+
+def test_cudagraph_dispatch_facts():
+    from vllm.config import CUDAGraphMode
+    from vllm.v1.cudagraph_dispatcher import CudagraphDispatcher
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    assert "invalid_modes" in params(inspect.unwrap(CudagraphDispatcher.dispatch))
+    assert "allowed_modes -= invalid_modes" in source(CudagraphDispatcher.dispatch)
+    # The runner dispatches by keyword, after _prepare_inputs (where the step's SnapKV work is
+    # known), so the dispatch patch sees whether this step has any.
+    body = source(GPUModelRunner.execute_model)
+    assert body.index("self._prepare_inputs(") < body.index(
+        "self._determine_batch_execution_and_padding("
+    )
+    assert "invalid_modes={CUDAGraphMode.FULL} if disable_full else None" in source(
+        GPUModelRunner._determine_batch_execution_and_padding
+    )
+    assert CUDAGraphMode.FULL_AND_PIECEWISE.has_full_cudagraphs()
+    assert not CUDAGraphMode.PIECEWISE.has_full_cudagraphs()
+
+
+def test_model_runner_selection_facts():
+    import vllm.envs as envs
+    from vllm.config import VllmConfig
+    from vllm.v1.engine.core import EngineCore
+    from vllm.v1.serial_utils import run_method
+
+    # VLLM_USE_V2_MODEL_RUNNER=0 selects the V1 runner; read from the environment lazily.
+    assert "use_v2_model_runner = envs.VLLM_USE_V2_MODEL_RUNNER" in source(
+        VllmConfig.use_v2_model_runner.fget
+    )
+    assert "VLLM_USE_V2_MODEL_RUNNER" in envs.environment_variables
+    # The start-up check runs after every worker initialised its KV cache, through a callable
+    # collective_rpc (called with the worker as its first argument).
+    assert "kv_cache_config = self._initialize_kv_caches(vllm_config)" in source(EngineCore.__init__)
+    assert "func = partial(method, obj)" in source(run_method)

@@ -77,7 +77,7 @@ def _config_with(**changes):
         ({"pp": 2}, "pipeline parallelism"),
         ({"tp": 4}, "tensor_parallel_size=4 > 3 KV heads"),
         ({"tp": 3}, None),
-        ({"v2": True}, "VLLM_USE_V2_MODEL_RUNNER=0"),
+        ({"v2": True}, "the V2 model runner"),
     ],
 )
 def test_unservable_features_are_named(changes, reason):
@@ -88,3 +88,13 @@ def test_unservable_features_are_named(changes, reason):
         assert reasons == []
     else:
         assert len(reasons) == 1 and reason in reasons[0]
+
+
+def test_engine_refuses_to_start_when_a_worker_lacks_the_plugin(model_dir, monkeypatch):
+    # As if the plugin's import had failed in the worker process: vLLM only logs that and goes on,
+    # while the scheduler would free blocks that worker still uses.
+    from vllm_snapkv.adapter import worker as worker_module
+
+    monkeypatch.setattr(worker_module, "_create_state", lambda runner: None)
+    with pytest.raises(RuntimeError, match="rank 0 has no SnapKV worker state"):
+        make_llm(model_dir, enforce_eager=True, additional_config={"kv_compression": {}})

@@ -1,0 +1,99 @@
+"""The standard KV layout of vLLM 0.32's GPU backends, for every physical order and float dtype.
+
+Caches are built as vLLM builds them: one buffer for all layers in a ``KVCacheLayout``'s physical
+order, each layer a strided logical ``[blocks, kv_heads, block_size, K|V]`` view into it. The
+reference writer/reader is the backends' own view, ``kv_cache.transpose(1, 2).split(half, -1)``.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from vllm.v1.kv_cache_layout import KVCacheLayout
+
+from vllm_snapkv.adapter.layouts import PagedTokens
+from vllm_snapkv.adapter.layouts.standard import StandardLayout
+
+NUM_LAYERS, NUM_BLOCKS, NUM_HEADS, HEAD_SIZE = 3, 10, 4, 8
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def layer_views(layout: KVCacheLayout, block_size: int, dtype) -> list[torch.Tensor]:
+    """Per-layer logical views into one buffer stored in ``layout``'s physical order."""
+    logical = (NUM_LAYERS, NUM_BLOCKS, NUM_HEADS, block_size, 2 * HEAD_SIZE)
+    physical = [logical[axis] for axis in layout.stride_order]
+    buffer = torch.zeros(physical, dtype=dtype)
+    inverse = sorted(range(5), key=lambda i: layout.stride_order[i])
+    whole = buffer.permute(*inverse)
+    assert whole.shape == logical
+    return [whole[layer] for layer in range(NUM_LAYERS)]
+
+
+def backend_write(kv_cache, keys, values, slots) -> None:
+    """What ``reshape_and_cache_flash`` does, through the backends' own K/V views."""
+    key_cache, value_cache = kv_cache.transpose(1, 2).split(kv_cache.shape[-1] // 2, dim=-1)
+    block_size = kv_cache.shape[2]
+    for row, slot in enumerate(slots.tolist()):
+        key_cache[slot // block_size, slot % block_size] = keys[row]
+        value_cache[slot // block_size, slot % block_size] = values[row]
+
+
+def backend_read(kv_cache, slots):
+    key_cache, value_cache = kv_cache.transpose(1, 2).split(kv_cache.shape[-1] // 2, dim=-1)
+    block_size = kv_cache.shape[2]
+    keys = torch.stack([key_cache[s // block_size, s % block_size] for s in slots.tolist()])
+    values = torch.stack([value_cache[s // block_size, s % block_size] for s in slots.tolist()])
+    return keys, values
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("layout", list(KVCacheLayout), ids=lambda layout: layout.name)
+def test_reads_what_the_backend_wrote_and_writes_what_it_reads(layout, dtype):
+    block_size = 4
+    views = layer_views(layout, block_size, dtype)
+    cache = views[1]  # a middle layer: a strided view into the shared buffer
+    tokens = PagedTokens.of([7, 2, 5], block_size, 11, "cpu")  # out of order, as a block table
+    keys = torch.randn(11, NUM_HEADS, HEAD_SIZE).to(dtype)
+    values = torch.randn(11, NUM_HEADS, HEAD_SIZE).to(dtype)
+    backend_write(cache, keys, values, tokens.slots())
+
+    standard = StandardLayout()
+    assert torch.equal(standard.read_keys(cache, tokens), keys)
+    positions = torch.tensor([[0, 10, 3, 3], [9, 1, 2, 8]])  # per head
+    heads = torch.arange(NUM_HEADS)
+    assert torch.equal(standard.gather_values(cache, tokens, positions), values[positions, heads])
+
+    # Compaction: row i of head h from position positions[i, h], into other blocks.
+    targets = PagedTokens.of([3], block_size, 2, "cpu").slots()
+    others = [view.clone() for view in (views[0], views[2])]
+    standard.write(cache, keys[positions, heads], values[positions, heads], targets)
+    got_keys, got_values = backend_read(cache, targets)
+    assert torch.equal(got_keys, keys[positions, heads])
+    assert torch.equal(got_values, values[positions, heads])
+    # The sources and the other layers sharing the buffer are untouched.
+    assert torch.equal(standard.read_keys(cache, tokens), keys)
+    assert torch.equal(views[0], others[0]) and torch.equal(views[2], others[1])
+
+
+def test_kernel_blocks_smaller_than_the_schedulers_hold_the_same_slots():
+    # vLLM splits a 16-token scheduler block into kernel blocks of 4 consecutive tokens
+    # (block b -> kernel blocks 4b .. 4b+3): slot numbers are unchanged.
+    kernel = torch.zeros(4 * NUM_BLOCKS, NUM_HEADS, 4, 2 * HEAD_SIZE)
+    tokens = PagedTokens.of([6, 1], 16, 20, "cpu")
+    keys, values = torch.randn(2, 20, NUM_HEADS, HEAD_SIZE).unbind(0)
+    backend_write(kernel, keys, values, tokens.slots())
+    assert torch.equal(StandardLayout().read_keys(kernel, tokens), keys)
+    assert torch.equal(kernel[4 * 6 + 1, :, 2, :HEAD_SIZE], keys[6])  # token 6: 2nd kernel block
+
+
+def test_rows_that_do_not_fill_an_entry_are_refused():
+    cache = torch.zeros(2, NUM_HEADS, 4, 2 * HEAD_SIZE)
+    short = torch.zeros(1, NUM_HEADS, HEAD_SIZE - 1)
+    with pytest.raises(ValueError, match="width"):
+        StandardLayout().write(cache, short, short, torch.tensor([0]))
+
+
+def test_slots_follow_the_block_list():
+    assert PagedTokens.of((4, 1, 6), 2, 5, "cpu").slots().tolist() == [8, 9, 2, 3, 12]
+    positions = torch.tensor([[4, 0], [1, 2]])
+    assert PagedTokens.of((4, 1, 6), 2, 5, "cpu").slots(positions).tolist() == [[12, 8], [9, 2]]
