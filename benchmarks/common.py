@@ -43,6 +43,19 @@ def demo_llm(budget: int, **overrides):
     return make_llm(str(build_demo_model()), budget, **overrides)
 
 
+def sweep_llm(args: argparse.Namespace, **overrides):
+    """The engine a length sweep asked for: the demo model on the CPU by default, or
+    ``--model``/``--dtype``/``--max-model-len``/``--kv-cache-gib`` (e.g. an 8B model on a GPU)."""
+    overrides.setdefault("dtype", args.dtype)
+    overrides.setdefault("max_model_len", args.max_model_len)
+    overrides.setdefault("max_num_batched_tokens", args.max_model_len)
+    overrides.setdefault("kv_cache_memory_bytes", int(args.kv_cache_gib * 2**30))
+    if args.model is None:
+        return demo_llm(args.budget, **overrides)
+    overrides.setdefault("gpu_memory_utilization", 0.9)
+    return make_llm(args.model, args.budget, **overrides)
+
+
 def length_sweep_parser(doc: str, lengths: str, out: str) -> argparse.ArgumentParser:
     """The options every prompt-length sweep shares; a script adds its own before parsing."""
     parser = argparse.ArgumentParser(description=doc.splitlines()[0])
@@ -50,7 +63,15 @@ def length_sweep_parser(doc: str, lengths: str, out: str) -> argparse.ArgumentPa
     parser.add_argument("--budget", type=int, default=512)
     parser.add_argument("--out", type=Path, default=Path(out))
     parser.add_argument("--smoke", action="store_true", help="tiny sizes for the test suite")
+    add_model_options(parser)
     return parser
+
+
+def add_model_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=None, help="default: the embedded demo model")
+    parser.add_argument("--dtype", default="float32", help="float32 for the demo model on CPU")
+    parser.add_argument("--max-model-len", type=int, default=8192)
+    parser.add_argument("--kv-cache-gib", type=float, default=1.0)
 
 
 def scheduler_of(llm):

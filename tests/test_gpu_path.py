@@ -101,3 +101,20 @@ def test_every_rank_must_run_the_plugin_worker_side():
         check_worker_reports([report(0), report(1, compression=False)])
     with pytest.raises(RuntimeError, match="rank 0 runs GPUModelRunnerV2"):
         check_worker_reports([report(0, v1_runner=False)])
+
+
+def test_standalone_compaction_benchmark_runs_without_vllm(tmp_path):
+    # What a GPU owner times with only torch installed: any vLLM import fails in this process.
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = (
+        "import runpy, sys; sys.modules['vllm'] = None; "
+        f"sys.argv = ['x', '--smoke', '--device', 'cpu', '--out', {str(tmp_path)!r}]; "
+        "runpy.run_module('benchmarks.gpu.compaction', run_name='__main__')"
+    )
+    result = subprocess.run([sys.executable, "-c", script], cwd=Path(__file__).parents[1],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "| 300 | 64 |" in (tmp_path / "table.md").read_text()

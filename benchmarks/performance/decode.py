@@ -7,8 +7,8 @@ length C with the full cache (the physical limit).
 from __future__ import annotations
 
 from benchmarks.common import (
-    demo_llm,
     length_sweep_parser,
+    sweep_llm,
     machine,
     markdown_table,
     plot_full_vs_snapkv,
@@ -26,7 +26,7 @@ def main(argv=None) -> list[dict]:
     args = parser.parse_args(argv)
     if args.smoke:
         args.lengths, args.budget, args.max_tokens, args.repeats = "600", 256, 6, 1
-    llm = demo_llm(args.budget, enforce_eager=args.smoke)
+    llm = sweep_llm(args, enforce_eager=args.smoke)
 
     def best(prompt: str, budget: int | None) -> dict:
         runs = [run_one(llm, prompt, budget, args.max_tokens) for _ in range(args.repeats)]

@@ -6,8 +6,8 @@
 from __future__ import annotations
 
 from benchmarks.common import (
-    demo_llm,
     length_sweep_parser,
+    sweep_llm,
     machine,
     markdown_table,
     plot_full_vs_snapkv,
@@ -23,7 +23,7 @@ def main(argv=None) -> list[dict]:
     args = parser.parse_args(argv)
     if args.smoke:
         args.lengths, args.budget = "600", 256
-    llm = demo_llm(args.budget, enforce_eager=True)
+    llm = sweep_llm(args, enforce_eager=True)
     rows = []
     for length in (int(n) for n in args.lengths.split(",")):
         progress(f"prompt of ~{length} filler tokens")

@@ -6,8 +6,8 @@
 from __future__ import annotations
 
 from benchmarks.common import (
-    demo_llm,
     length_sweep_parser,
+    sweep_llm,
     machine,
     markdown_table,
     progress,
@@ -24,7 +24,7 @@ def main(argv=None) -> list[dict]:
     args = parser.parse_args(argv)
     if args.smoke:
         args.lengths, args.budget, args.repeats = "600", 256, 1
-    llm = demo_llm(args.budget, enforce_eager=args.smoke)
+    llm = sweep_llm(args, enforce_eager=args.smoke)
     rows = []
     for length in (int(n) for n in args.lengths.split(",")):
         progress(f"~{length} filler tokens")

