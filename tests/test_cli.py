@@ -33,6 +33,20 @@ def test_flags_have_their_own_help_group():
     assert all(action.help for action in group._group_actions)
 
 
+def test_readme_help_command_lists_every_flag_of_the_group():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    vllm = Path(sys.executable).parent / "vllm"
+    result = subprocess.run([str(vllm), "serve", "--help=snapkv"], capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    for flag in ("--kv-compression", "--snapkv-budget", "--snapkv-window-size",
+                 "--snapkv-kernel-size", "--snapkv-pooling", "--snapkv-dump-selections-to"):
+        assert flag in result.stdout, flag
+
+
 def test_flags_map_into_additional_config():
     args = engine_args(
         "--kv-compression", "snapkv", "--snapkv-budget", "512", "--snapkv-window-size", "16",

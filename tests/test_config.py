@@ -80,6 +80,9 @@ SERVER = SnapKVConfig(budget=512, window_size=32)
         ({"snapkv_budget": 512}, 512),
         ({"kv_compression": "none"}, None),
         ({"kv_compression": "snapkv", "snapkv_budget": 64}, 64),
+        ({"kv_compression": "snapkv"}, 512),  # the server's setting, as if left out
+        ({"snapkv_budget": " 100 "}, 100),
+        ({"kv_transfer_params": {"x": 1}, "other_plugin_budget": 9}, 512),
     ],
 )
 def test_request_may_lower_its_budget_or_opt_out(extra_args, budget):
@@ -95,10 +98,36 @@ def test_request_may_lower_its_budget_or_opt_out(extra_args, budget):
         ({"snapkv_budget": True}, "snapkv_budget"),
         ({"snapkv_budget": "all"}, "snapkv_budget"),
         ({"kv_compression": "pyramidkv"}, "kv_compression"),
+        # Fuzzing: types, sizes and shapes a client can send.
+        ({"snapkv_budget": -100}, "snapkv_budget"),
+        ({"snapkv_budget": 0}, "snapkv_budget"),
+        ({"snapkv_budget": 10**30}, "snapkv_budget"),
+        ({"snapkv_budget": "9" * 5000}, "snapkv_budget"),
+        ({"snapkv_budget": "1e3"}, "snapkv_budget"),
+        ({"snapkv_budget": "٣٢٠"}, "snapkv_budget"),  # non-ASCII digits
+        ({"snapkv_budget": ""}, "snapkv_budget"),
+        ({"snapkv_budget": None}, "snapkv_budget"),
+        ({"snapkv_budget": [256]}, "snapkv_budget"),
+        ({"snapkv_budget": {"value": 256}}, "snapkv_budget"),
+        ({"snapkv_budget": float("nan")}, "snapkv_budget"),
+        ({"kv_compression": ""}, "kv_compression"),
+        ({"kv_compression": ["none"]}, "kv_compression"),
+        ({"kv_compression": {"budget": 4096}}, "kv_compression"),
+        ({"kv_compression": False}, "kv_compression"),
+        ({"kv_compression": "NONE"}, "kv_compression"),
+        # Unknown keys of the plugin's own prefix: typos, and settings a request may not set.
+        ({"snapkv_bugdet": 256}, "snapkv_bugdet"),
+        ({"snapkv_dump_selections_to": "/tmp"}, "snapkv_dump_selections_to"),
+        ({"snapkv_window_size": 8, "kv_compression": "none"}, "snapkv_window_size"),
     ],
 )
 def test_request_cannot_raise_budget_or_pass_garbage(extra_args, field):
-    with pytest.raises(KVCompressionConfigError, match=field) as error:
+    with pytest.raises(KVCompressionConfigError, match=f"^{field}:") as error:
         request_budget(SERVER, extra_args)
     if field == "snapkv_budget":
         assert "window_size (32) < snapkv_budget <= the server's budget (512)" in str(error.value)
+    if field.startswith("snapkv_") and field != "snapkv_budget":
+        assert "unknown SnapKV request key; allowed: kv_compression, snapkv_budget" in str(
+            error.value
+        )
+    assert len(str(error.value)) < 300

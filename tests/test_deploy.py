@@ -61,3 +61,24 @@ def test_config_files_are_valid_vllm_serve_configs(config):
     args = parser.parse_args(["some/model", "--config", str(config)])
     section = AsyncEngineArgs.from_cli_args(args).additional_config["kv_compression"]
     assert section["method"] == "snapkv" and section["window_size"] == 32
+
+
+def test_demo_model_is_readable_by_the_images_user(tmp_path):
+    # Dockerfile.cpu serves as uid 1000 from a read-only bind mount of the host's model folder.
+    import stat
+
+    from vllm_snapkv.demo_model import build_demo_model, make_world_readable
+
+    assert "USER 1000:1000" in (ROOT / "docker/Dockerfile.cpu").read_text()
+    folder = build_demo_model()
+    for path in (folder, *folder.rglob("*")):
+        mode = path.stat().st_mode
+        needed = (stat.S_IROTH | stat.S_IXOTH) if path.is_dir() else stat.S_IROTH
+        assert mode & needed == needed, (path, oct(mode))
+    # A folder written 0600/0700 (as transformers leaves weights) is repaired.
+    (tmp_path / "sub").mkdir(mode=0o700)
+    (tmp_path / "sub" / "model.safetensors").write_bytes(b"x")
+    (tmp_path / "sub" / "model.safetensors").chmod(0o600)
+    make_world_readable(tmp_path / "sub")
+    assert (tmp_path / "sub").stat().st_mode & 0o777 == 0o755
+    assert (tmp_path / "sub" / "model.safetensors").stat().st_mode & 0o777 == 0o644

@@ -6,6 +6,7 @@ vLLM pickles into every engine-core and worker process with the ``VllmConfig``.
 
 from __future__ import annotations
 
+import re
 from typing import Any, Literal, Mapping
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
@@ -101,25 +102,47 @@ def config_from_additional(additional_config: Any) -> SnapKVConfig | None:
 #: Per-request keys in ``SamplingParams.extra_args`` (the OpenAI API's ``vllm_xargs``).
 REQUEST_BUDGET_KEY = "snapkv_budget"
 REQUEST_METHOD_KEY = "kv_compression"
+#: Every ``extra_args`` key that starts with this belongs to the plugin: an unknown one (a typo
+#: such as ``snapkv_bugdet``) is an error, not silently ignored. Other plugins' keys pass.
+REQUEST_KEY_PREFIX = "snapkv_"
+REQUEST_KEYS = (REQUEST_METHOD_KEY, REQUEST_BUDGET_KEY)
+
+
+def _short(value: Any) -> str:
+    """``repr`` of a client-sent value, cut so an error message stays readable."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def request_budget(config: SnapKVConfig, extra_args: Mapping[str, Any] | None) -> int | None:
     """The budget one request compresses with, or None when it opts out.
 
     A request may lower its budget (``snapkv_budget``) or opt out (``kv_compression: "none"``),
-    never raise its memory use above the server's budget.
+    never raise its memory use above the server's budget. ``kv_compression: "snapkv"`` means the
+    server's setting (the same as leaving it out). Nothing else (window, pooling, dump
+    directory, ...) can be set per request.
     """
     if not extra_args:
         return config.budget
-    method = extra_args.get(REQUEST_METHOD_KEY, "snapkv")
-    if method not in ("snapkv", "none"):
+    unknown = sorted(
+        str(key) for key in extra_args
+        if str(key).startswith(REQUEST_KEY_PREFIX) and key not in REQUEST_KEYS
+    )
+    if unknown:
         raise KVCompressionConfigError(
-            f"{REQUEST_METHOD_KEY}: must be 'snapkv' or 'none'; got {method!r}"
+            f"{unknown[0]}: unknown SnapKV request key; allowed: {', '.join(REQUEST_KEYS)}"
+        )
+    method = extra_args.get(REQUEST_METHOD_KEY, "snapkv")
+    if not isinstance(method, str) or method not in ("snapkv", "none"):
+        raise KVCompressionConfigError(
+            f"{REQUEST_METHOD_KEY}: must be 'snapkv' or 'none'; got {_short(method)}"
         )
     if method == "none":
         return None
     budget = extra_args.get(REQUEST_BUDGET_KEY, config.budget)
-    if isinstance(budget, str) and budget.strip().isdigit():
+    # vllm_xargs values may arrive as strings (``--vllm-xargs`` style clients); only plain ASCII
+    # digits convert, so no float, exponent or 4,300-digit string reaches int().
+    if isinstance(budget, str) and re.fullmatch(r"\s*[0-9]{1,18}\s*", budget):
         budget = int(budget)
     if (
         isinstance(budget, bool)
@@ -128,6 +151,6 @@ def request_budget(config: SnapKVConfig, extra_args: Mapping[str, Any] | None) -
     ):
         raise KVCompressionConfigError(
             f"{REQUEST_BUDGET_KEY}: must be an integer with window_size ({config.window_size}) < "
-            f"{REQUEST_BUDGET_KEY} <= the server's budget ({config.budget}); got {budget!r}"
+            f"{REQUEST_BUDGET_KEY} <= the server's budget ({config.budget}); got {_short(budget)}"
         )
     return budget

@@ -33,10 +33,21 @@ def _gguf_path() -> Path:
     return path
 
 
+def make_world_readable(folder: Path) -> None:
+    """Folders 0755, files 0644: the weights are public, and the CPU image serves them as uid 1000
+    from a read-only bind mount of this folder, whoever built it (transformers writes the weights
+    0600)."""
+    for path in (folder, *folder.rglob("*")):
+        wanted = 0o755 if path.is_dir() else 0o644
+        if path.stat().st_mode & 0o777 != wanted:
+            path.chmod(wanted)
+
+
 def build_demo_model(cache_dir: Path = DEFAULT_CACHE) -> Path:
     """Return the converted model folder, converting the GGUF on first use (~30 s)."""
     target = Path(cache_dir) / MODEL_DIRNAME
     if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+        make_world_readable(target)  # folders built by earlier releases kept 0600 weights
         return target
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -55,6 +66,7 @@ def build_demo_model(cache_dir: Path = DEFAULT_CACHE) -> Path:
     staging = target.with_name(target.name + ".partial")
     model.save_pretrained(staging)
     tokenizer.save_pretrained(staging)
+    make_world_readable(staging)
     staging.rename(target)  # atomic: a half-written folder is never taken for a model
     return target
 

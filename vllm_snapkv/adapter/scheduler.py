@@ -134,6 +134,7 @@ def _patch_init(original):
         )
         coordinator._snapkv_evicted = state.evicted
         self._snapkv = state
+        state.publish_stats()  # counters exist (at 0) from the start, as Prometheus expects
         logger.info(
             "SnapKV KV-cache compression on: budget=%d, window_size=%d, kernel_size=%d, "
             "pooling=%s, block_size=%d",

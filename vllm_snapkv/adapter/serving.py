@@ -41,7 +41,9 @@ FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
     "pooling": ("--snapkv-pooling", {"choices": ["max", "avg"]}),
     "dump_selections_to": ("--snapkv-dump-selections-to", {"metavar": "DIR"}),
 }
-GROUP_TITLE = "SnapKV KV-cache compression (vllm-snapkv)"
+#: vLLM's ``--help=KEYWORD`` prints a whole group when its title equals the keyword (case
+#: ignored): ``vllm serve --help=snapkv`` then lists every flag, ``--kv-compression`` included.
+GROUP_TITLE = "SnapKV"
 
 
 class SnapKVRequestError(VLLMValidationError, ValueError):
@@ -58,7 +60,7 @@ def add_snapkv_arguments(parser: argparse.ArgumentParser) -> None:
         return
     group = parser.add_argument_group(
         GROUP_TITLE,
-        description="Compress each long prompt's KV cache at the end of its prefill: every KV "
+        description="KV-cache compression by vllm-snapkv. Compress each long prompt's KV cache at the end of its prefill: every KV "
         "head keeps its top positions for the observation window, the rest of its blocks go "
         "back to the pool. Same settings as additional_config['kv_compression'].",
     )
