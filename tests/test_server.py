@@ -199,6 +199,19 @@ def test_kv_cache_usage_is_lower_while_a_compressed_request_decodes(client, serv
         ({"snapkv_budget": 100000}, "snapkv_budget"),
         ({"snapkv_budget": 8}, "snapkv_budget"),
         ({"kv_compression": "zip"}, "kv_compression"),
+        # Fuzzing through HTTP: what JSON can carry.
+        ({"snapkv_budget": -1}, "snapkv_budget"),
+        ({"snapkv_budget": 10**40}, "snapkv_budget"),
+        ({"snapkv_budget": 256.5}, "snapkv_budget"),
+        ({"snapkv_budget": True}, "snapkv_budget"),
+        ({"snapkv_budget": ""}, "snapkv_budget"),
+        ({"snapkv_budget": "9" * 5000}, "snapkv_budget"),
+        ({"snapkv_budget": [256]}, "snapkv_budget"),
+        ({"snapkv_budget": {"nested": 256}}, "snapkv_budget"),
+        ({"kv_compression": ["none"]}, "kv_compression"),
+        ({"kv_compression": None}, "kv_compression"),
+        ({"snapkv_bugdet": 256}, "snapkv_bugdet"),
+        ({"snapkv_dump_selections_to": "/tmp/x"}, "snapkv_dump_selections_to"),
     ],
 )
 def test_bad_request_gets_400_naming_the_field_and_server_keeps_serving(client, xargs, field):
@@ -212,6 +225,22 @@ def test_bad_request_gets_400_naming_the_field_and_server_keeps_serving(client, 
     assert field in str(error.value)
     ok = client.completions.create(model=MODEL_NAME, prompt="Hello", max_tokens=4)
     assert ok.choices[0].text
+
+
+@pytest.mark.parametrize(
+    "xargs",
+    [{"kv_compression": "snapkv"}, {"other_plugin_key": 7, "my_flag": "x"}, {}],
+)
+def test_server_setting_and_other_plugins_keys_are_accepted(client, server, xargs):
+    before = metrics(server)
+    reply = client.completions.create(
+        model=MODEL_NAME, prompt=passkey_prompt(1500, 16180, 0.5), max_tokens=8, temperature=0,
+        extra_body={"vllm_xargs": xargs},
+    )
+    assert "16180" in reply.choices[0].text
+    assert metrics(server)["vllm:snapkv_compressed_requests_total"] == (
+        before["vllm:snapkv_compressed_requests_total"] + 1
+    )
 
 
 @pytest.mark.parametrize(
