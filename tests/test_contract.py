@@ -54,6 +54,19 @@ def test_scheduler_hook_signatures():
     assert "self._update_after_schedule(scheduler_output)" in source(Scheduler.schedule)
     # The prefix-cache hit comes back as (blocks, num_tokens, ...).
     assert "return blocks, num_local" in source(Scheduler._get_local_prefix_cache_hit)
+    # The prompt-end split: every scheduled chunk (running and waiting paths) passes through
+    # _reserve_prefill_lookahead after its size is final and before its slots are allocated.
+    assert params(unwrap(Scheduler._reserve_prefill_lookahead)) == [
+        "self", "request", "num_computed_tokens", "num_new_tokens",
+    ]
+    schedule = source(Scheduler.schedule)
+    calls = [i for i in range(len(schedule)) if schedule.startswith(
+        "num_new_tokens = self._reserve_prefill_lookahead(", i)]
+    allocations = [i for i in range(len(schedule)) if schedule.startswith(
+        "self.kv_cache_manager.allocate_slots(", i)]
+    assert len(calls) == 2 and len(allocations) >= 2
+    assert all(any(call < allocation for call in calls) for allocation in allocations)
+    assert calls[0] < allocations[0] < calls[1] < allocations[-1]
 
 
 def test_coordinator_signatures_the_accounting_patch_shifts():

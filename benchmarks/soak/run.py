@@ -77,6 +77,7 @@ class SoakResult:
     texts: list[str] = field(default_factory=list)
     cancelled: bool = False
     error: str | None = None
+    response_id: str | None = None
 
 
 def exact_prompt(tokenizer, length: int, key: int, depth: float) -> list[int]:
@@ -144,11 +145,13 @@ def send(client, request: SoakRequest, xargs: dict | None = None) -> SoakResult:
             response = client.chat.completions.create(
                 messages=[{"role": "user", "content": request.prompt}], **options)
         if not request.stream:
+            result.response_id = response.id
             for choice in response.choices:
                 result.texts[choice.index] = (choice.text if request.kind == "completion"
                                               else choice.message.content)
             return result
         for number, chunk in enumerate(response, start=1):
+            result.response_id = chunk.id
             for choice in chunk.choices:
                 piece = choice.text if request.kind == "completion" else choice.delta.content
                 result.texts[choice.index] += piece or ""
@@ -167,18 +170,38 @@ def run_concurrently(client, requests, concurrency: int, xargs_of=None) -> list[
             lambda r: send(client, r, None if xargs_of is None else xargs_of(r)), requests))
 
 
-def start(model_dir: str, out: Path, name: str, kv_blocks: int, with_plugin: bool) -> ServerProcess:
+def start(model_dir: str, out: Path, name: str, kv_blocks: int, with_plugin: bool,
+          dump_dir: Path | None = None) -> ServerProcess:
     port = free_port()
     extra = ["--kv-compression", "snapkv", "--snapkv-budget", str(BUDGET),
              "--snapkv-window-size", str(WINDOW)] if with_plugin else []
+    if dump_dir is not None:
+        extra += ["--snapkv-dump-selections-to", str(dump_dir)]
     return ServerProcess(
         demo_server_args(model_dir, port, MODEL_NAME, kv_blocks * DEMO_BLOCK_BYTES, *extra,
                          max_model_len=2048),
         port, out / f"{name}.log", server_env(without_plugin=not with_plugin))
 
 
+def selection_overlap(dump_dir: Path, first_id: str | None, second_id: str | None) -> float | None:
+    """Mean share of kept positions two runs of one request have in common (first choice, last
+    compression of each), or None without dumps."""
+    import torch
+
+    def load(response_id):
+        paths = sorted(dump_dir.glob(f"{response_id}*.pt"), key=lambda p: p.stat().st_mtime)
+        return torch.load(paths[-1])["layers"] if response_id and paths else None
+
+    first, second = load(first_id), load(second_id)
+    if first is None or second is None:
+        return None
+    shares = [len(set(first[layer][head].tolist()) & set(second[layer][head].tolist()))
+              / first[layer].shape[1] for layer in first for head in range(first[layer].shape[0])]
+    return round(sum(shares) / len(shares), 4)
+
+
 def run_soak(requests_count: int, seed: int, out: Path, concurrency: int = 8,
-             kv_blocks: int = 18) -> dict:
+             kv_blocks: int = 18, dump_selections: bool = False) -> dict:
     import openai
     from transformers import AutoTokenizer
 
@@ -188,7 +211,8 @@ def run_soak(requests_count: int, seed: int, out: Path, concurrency: int = 8,
     model_dir = str(build_demo_model())
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     workload = build_workload(tokenizer, requests_count, seed)
-    snap = start(model_dir, out, "snapkv-server", kv_blocks, with_plugin=True)
+    dump_dir = out / "selections" if dump_selections else None
+    snap = start(model_dir, out, "snapkv-server", kv_blocks, with_plugin=True, dump_dir=dump_dir)
     plain = start(model_dir, out, "plain-server", kv_blocks, with_plugin=False)
     report: dict = {"requests": requests_count, "seed": seed, "concurrency": concurrency,
                     "kv_blocks": kv_blocks}
@@ -255,6 +279,11 @@ def run_soak(requests_count: int, seed: int, out: Path, concurrency: int = 8,
                 [(r, loaded[r.index], a) for r, a in zip(full_cache, full_alone)]),
             "preemptions": delta(after_load, idle, "vllm:num_preemptions_total"),
         })
+        if dump_dir is not None:
+            report["selection_overlap_of_different"] = {
+                r.index: selection_overlap(dump_dir, loaded[r.index].response_id, a.response_id)
+                for r, a in zip(compressed, alone) if loaded[r.index].texts != a.texts
+            }
         note(opted_out, "plain")
         note([(r, loaded[r.index], a) for r, a in zip(compressed, alone)], "alone")
         note([(r, loaded[r.index], a) for r, a in zip(full_cache, full_alone)], "full-alone")
@@ -298,8 +327,11 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--kv-blocks", type=int, default=18, help="of 128 tokens; 18 preempts")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/soak"))
+    parser.add_argument("--dump-selections", action="store_true",
+                        help="keep every selection; the report compares those of differing outputs")
     args = parser.parse_args()
-    report = run_soak(args.requests, args.seed, args.out, args.concurrency, args.kv_blocks)
+    report = run_soak(args.requests, args.seed, args.out, args.concurrency, args.kv_blocks,
+                      args.dump_selections)
     print(json.dumps(report, indent=1))
 
 

@@ -5,6 +5,8 @@ Patched (vLLM 0.32, v1 engine; contract tests in tests/test_contract.py):
 - ``Scheduler._update_after_schedule``: plan compressions of requests whose prefill completes in
   this step, allocate targets, release sources, attach :class:`StepDirectives` to the output.
 - ``Scheduler._get_local_prefix_cache_hit``: keep the observation window out of prefix-cache hits.
+- ``Scheduler._reserve_prefill_lookahead`` (post): end a preempted request's re-prefill chunk at
+  its prompt, so its earlier outputs are recomputed over the compressed cache.
 - ``Scheduler._preempt_request`` / ``_free_request``: forget per-request state.
 - ``KVCacheCoordinator.get_num_blocks_to_allocate`` / ``allocate_new_blocks``: subtract evicted
   tokens, so the freed blocks are not allocated again at the next step.
@@ -73,8 +75,8 @@ class SchedulerCompression:
 
     config: SnapKVConfig
     block_size: int
-    #: Requests in prefill -> token count their prefill ends at (the prompt, or prompt + earlier
-    #: outputs when a preempted request is recomputed).
+    #: Requests in prefill -> their prompt length, where compression happens (a preempted
+    #: request's re-prefill is split there, see ``_patch_split_at_prompt_end``).
     prefill_end: dict[str, int] = field(default_factory=dict)
     #: Shared with the KV cache coordinator (same dict object).
     evicted: dict[str, int] = field(default_factory=dict)
@@ -96,14 +98,11 @@ class SchedulerCompression:
             logger.warning("SnapKV: request %s not compressed: %s", request.request_id, error)
             return None
 
-    def compression_budget(
-        self, request: Request, prompt_len: int, num_output_tokens: int = 0
-    ) -> int | None:
-        """The budget the request compresses with at the end of its prefill, or None."""
+    def compression_budget(self, request: Request, prompt_len: int) -> int | None:
+        """The budget the request compresses with at the end of its prompt, or None. Decided on
+        the prompt alone, so a preempted request's re-prefill decides as its first prefill did."""
         budget = self.budget_for(request)
-        if budget is None or not frees_blocks(
-            prompt_len, budget, num_output_tokens, self.block_size
-        ):
+        if budget is None or not frees_blocks(prompt_len, budget, 0, self.block_size):
             return None
         return budget
 
@@ -152,10 +151,9 @@ def _plan_step(scheduler: Scheduler, state: SchedulerCompression, output: Schedu
     """Build this step's directives; must run before ``num_computed_tokens`` advances."""
     directives = StepDirectives()
     for new_request in output.scheduled_new_reqs:
-        request = scheduler.requests[new_request.req_id]
-        state.prefill_end[request.request_id] = request.num_tokens
+        state.prefill_end[new_request.req_id] = scheduler.requests[new_request.req_id].num_prompt_tokens
     for request_id in output.scheduled_cached_reqs.resumed_req_ids:
-        state.prefill_end[request_id] = scheduler.requests[request_id].num_tokens
+        state.prefill_end[request_id] = scheduler.requests[request_id].num_prompt_tokens
 
     window = state.config.window_size
     completing: list[tuple[Request, int, int]] = []
@@ -163,25 +161,25 @@ def _plan_step(scheduler: Scheduler, state: SchedulerCompression, output: Schedu
         if request_id in state.evicted:
             directives.evicted[request_id] = state.evicted[request_id]
             continue
-        prefill_end = state.prefill_end.get(request_id)
-        if prefill_end is None:
+        prompt_end = state.prefill_end.get(request_id)
+        if prompt_end is None:
             continue
         request = scheduler.requests[request_id]
-        prompt_len = request.num_prompt_tokens
         chunk_start = request.num_computed_tokens
         chunk_end = chunk_start + num_scheduled
-        completes = chunk_end >= prefill_end
-        holds_window = chunk_start < prompt_len and chunk_end > prompt_len - window
+        completes = chunk_end >= prompt_end
+        holds_window = chunk_start < prompt_end and chunk_end > prompt_end - window
         if not (completes or holds_window):
             continue
-        num_output_tokens = prefill_end - prompt_len
-        budget = state.compression_budget(request, prompt_len, num_output_tokens)
+        budget = state.compression_budget(request, prompt_end)
         if completes:
             del state.prefill_end[request_id]
             if budget is not None:
-                completing.append((request, budget, num_output_tokens))
+                # 0 unless a resumed request's chunk ran past its prompt (the split at the
+                # prompt's end did not apply): those outputs are kept verbatim.
+                completing.append((request, budget, chunk_end - prompt_end))
         elif budget is not None:
-            directives.captures[request_id] = WindowCapture(prompt_len, window)
+            directives.captures[request_id] = WindowCapture(prompt_end, window)
 
     if completing:
         _compress(scheduler, state, completing, directives)
@@ -281,8 +279,7 @@ def _patch_prefix_cache_hit(original):
         if state is None or num_hit_tokens == 0:
             return (blocks, num_hit_tokens, *rest)
         prompt_len = request.num_prompt_tokens
-        num_output_tokens = request.num_tokens - prompt_len
-        if state.compression_budget(request, prompt_len, num_output_tokens) is None:
+        if state.compression_budget(request, prompt_len) is None:
             return (blocks, num_hit_tokens, *rest)
         limit = prefix_hit_limit(prompt_len, state.config.window_size, state.block_size)
         if num_hit_tokens > limit:
@@ -291,6 +288,31 @@ def _patch_prefix_cache_hit(original):
         return (blocks, num_hit_tokens, *rest)
 
     return _get_local_prefix_cache_hit
+
+
+def _patch_split_at_prompt_end(original):
+    """A preempted request recomputes its prompt and its earlier outputs. Those outputs were first
+    computed attending to the compressed cache, so the re-prefill chunk must end at the prompt:
+    the prompt is compressed exactly as the first time, and the outputs are recomputed over the
+    compressed cache in the next steps (as a short prefill with physical slots)."""
+
+    @functools.wraps(original)
+    def _reserve_prefill_lookahead(
+        self: Scheduler, request: Request, num_computed_tokens: int, num_new_tokens: int
+    ) -> int:
+        num_new_tokens = original(self, request, num_computed_tokens, num_new_tokens)
+        state = _state(self)
+        prompt_len = request.num_prompt_tokens
+        if (
+            state is not None
+            and num_computed_tokens < prompt_len < num_computed_tokens + num_new_tokens
+            and request.request_id not in state.evicted
+            and state.compression_budget(request, prompt_len) is not None
+        ):
+            return prompt_len - num_computed_tokens
+        return num_new_tokens
+
+    return _reserve_prefill_lookahead
 
 
 def _patch_forget(original):
@@ -374,6 +396,7 @@ SCHEDULER_PATCHES = (
     (Scheduler, "__init__", _patch_init),
     (Scheduler, "_update_after_schedule", _patch_update_after_schedule),
     (Scheduler, "_get_local_prefix_cache_hit", _patch_prefix_cache_hit),
+    (Scheduler, "_reserve_prefill_lookahead", _patch_split_at_prompt_end),
     (Scheduler, "_preempt_request", _patch_forget),
     (Scheduler, "_free_request", _patch_forget),
     (KVCacheCoordinator, "get_num_blocks_to_allocate", _patch_get_num_blocks_to_allocate),
