@@ -245,3 +245,14 @@ def test_preemption_after_decoding_continues_as_if_never_preempted(snap_llm, tok
     assert stats.compressed_requests == before + 2  # the first prefill and the re-prefill
     assert list(final.outputs[0].token_ids) == list(expected.outputs[0].token_ids)
     assert pool.get_num_free_blocks() == free_at_start
+
+
+def test_seeded_requests_keep_one_re_prefill_chunk_on_cpu():
+    # vLLM 0.32's CPU worker cannot rewind a seeded request's generator after a partial prefill.
+    from types import SimpleNamespace
+
+    from vllm_snapkv.adapter.scheduler import _split_crashes_vllm
+
+    seeded = SimpleNamespace(sampling_params=SimpleNamespace(seed=7))
+    unseeded = SimpleNamespace(sampling_params=SimpleNamespace(seed=None))
+    assert _split_crashes_vllm(seeded) and not _split_crashes_vllm(unseeded)

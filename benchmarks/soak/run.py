@@ -77,7 +77,6 @@ class SoakResult:
     texts: list[str] = field(default_factory=list)
     cancelled: bool = False
     error: str | None = None
-    response_id: str | None = None
 
 
 def exact_prompt(tokenizer, length: int, key: int, depth: float) -> list[int]:
@@ -128,15 +127,18 @@ def count_prompt_tokens(base: str, request: SoakRequest) -> int:
     return json.loads(urllib.request.urlopen(call, timeout=60).read())["count"]
 
 
-def send(client, request: SoakRequest, xargs: dict | None = None) -> SoakResult:
+def send(client, request: SoakRequest, xargs: dict | None = None,
+         request_id: str | None = None) -> SoakResult:
     """One request through the openai client; a cancelled stream is closed after a few chunks.
-    Greedy, except ``n=2`` (vLLM refuses n > 1 with greedy sampling): seeded sampling, which is
-    reproducible per request."""
-    sampling = {"temperature": 0.0} if request.n == 1 else {"temperature": 0.8,
-                                                            "seed": 1000 + request.index}
+    Greedy, except ``n=2``, which vLLM refuses with greedy sampling: a temperature so low that
+    sampling picks the argmax whatever the random draw, so outputs stay comparable. (Not a seed:
+    vLLM 0.32's CPU worker crashes on a seeded request's partial-prefill step, see README.)"""
+    sampling = {"temperature": 0.0 if request.n == 1 else 1e-4}
     options = dict(model=MODEL_NAME, max_tokens=request.max_tokens, n=request.n,
                    stream=request.stream, extra_body={"vllm_xargs": request.xargs if xargs is None
                                                       else xargs}, **sampling)
+    if request_id is not None:  # vLLM takes it as the engine request id: selection dumps' names
+        options["extra_headers"] = {"X-Request-Id": request_id}
     result = SoakResult(texts=[""] * request.n)
     try:
         if request.kind == "completion":
@@ -145,13 +147,11 @@ def send(client, request: SoakRequest, xargs: dict | None = None) -> SoakResult:
             response = client.chat.completions.create(
                 messages=[{"role": "user", "content": request.prompt}], **options)
         if not request.stream:
-            result.response_id = response.id
             for choice in response.choices:
                 result.texts[choice.index] = (choice.text if request.kind == "completion"
                                               else choice.message.content)
             return result
         for number, chunk in enumerate(response, start=1):
-            result.response_id = chunk.id
             for choice in chunk.choices:
                 piece = choice.text if request.kind == "completion" else choice.delta.content
                 result.texts[choice.index] += piece or ""
@@ -164,10 +164,10 @@ def send(client, request: SoakRequest, xargs: dict | None = None) -> SoakResult:
     return result
 
 
-def run_concurrently(client, requests, concurrency: int, xargs_of=None) -> list[SoakResult]:
+def run_concurrently(client, requests, concurrency: int, tag: str) -> list[SoakResult]:
     with ThreadPoolExecutor(concurrency) as pool:
-        return list(pool.map(
-            lambda r: send(client, r, None if xargs_of is None else xargs_of(r)), requests))
+        return list(pool.map(lambda r: send(client, r, request_id=f"soak{r.index}-{tag}"),
+                             requests))
 
 
 def start(model_dir: str, out: Path, name: str, kv_blocks: int, with_plugin: bool,
@@ -183,20 +183,20 @@ def start(model_dir: str, out: Path, name: str, kv_blocks: int, with_plugin: boo
         port, out / f"{name}.log", server_env(without_plugin=not with_plugin))
 
 
-def selection_overlap(dump_dir: Path, first_id: str | None, second_id: str | None) -> float | None:
-    """Mean share of kept positions two runs of one request have in common (first choice, last
-    compression of each), or None without dumps."""
+def selection_overlap(dump_dir: Path, index: int) -> float | None:
+    """Share of kept positions the loaded and the alone run of request ``index`` have in common
+    (mean over layers, heads and choices; last compression of each), or None without dumps."""
     import torch
 
-    def load(response_id):
-        paths = sorted(dump_dir.glob(f"{response_id}*.pt"), key=lambda p: p.stat().st_mtime)
-        return torch.load(paths[-1])["layers"] if response_id and paths else None
+    def load(tag):
+        paths = sorted(dump_dir.glob(f"*soak{index}-{tag}-*.pt"))
+        return [torch.load(path)["layers"] for path in paths]
 
-    first, second = load(first_id), load(second_id)
-    if first is None or second is None:
+    loaded, alone = load("load"), load("alone")
+    if not loaded or len(loaded) != len(alone):
         return None
-    shares = [len(set(first[layer][head].tolist()) & set(second[layer][head].tolist()))
-              / first[layer].shape[1] for layer in first for head in range(first[layer].shape[0])]
+    shares = [len(set(a[layer][head].tolist()) & set(b[layer][head].tolist())) / a[layer].shape[1]
+              for a, b in zip(loaded, alone) for layer in a for head in range(a[layer].shape[0])]
     return round(sum(shares) / len(shares), 4)
 
 
@@ -229,15 +229,16 @@ def run_soak(requests_count: int, seed: int, out: Path, concurrency: int = 8,
 
         progress(f"phase 1: {len(workload)} requests, {concurrency} at a time, on both servers")
         started = time.monotonic()
-        loaded = run_concurrently(snap_client, workload, concurrency)
+        loaded = run_concurrently(snap_client, workload, concurrency, "load")
         report["phase1_seconds"] = round(time.monotonic() - started, 1)
-        plain_results = run_concurrently(plain_client, workload, concurrency)
+        plain_results = run_concurrently(plain_client, workload, concurrency, "plain")
         after_load = snap.metrics()
 
         finished = [r for r, res in zip(workload, loaded) if not res.cancelled and not res.error]
         compressed = [r for r in finished if not r.opted_out]
         progress(f"phase 2: {len(compressed)} compressed requests alone, one by one")
-        alone = [send(snap_client, request) for request in compressed]
+        alone = [send(snap_client, request, request_id=f"soak{request.index}-alone")
+                 for request in compressed]
         after_alone = snap.metrics()
         # Control: the opted-out requests alone too. Differences here would be vLLM's own
         # batch-dependent numerics, not the plugin.
@@ -280,10 +281,13 @@ def run_soak(requests_count: int, seed: int, out: Path, concurrency: int = 8,
             "preemptions": delta(after_load, idle, "vllm:num_preemptions_total"),
         })
         if dump_dir is not None:
-            report["selection_overlap_of_different"] = {
-                r.index: selection_overlap(dump_dir, loaded[r.index].response_id, a.response_id)
-                for r, a in zip(compressed, alone) if loaded[r.index].texts != a.texts
-            }
+            # A difference with the same selection would be interference (same kept positions,
+            # different content); a different selection comes from different window scores.
+            overlaps = {index: selection_overlap(dump_dir, index)
+                        for index in report["compressed_different"]}
+            report["selection_overlap_of_different"] = overlaps
+            report["different_with_same_selection"] = [
+                index for index, overlap in overlaps.items() if overlap == 1.0]
         note(opted_out, "plain")
         note([(r, loaded[r.index], a) for r, a in zip(compressed, alone)], "alone")
         note([(r, loaded[r.index], a) for r, a in zip(full_cache, full_alone)], "full-alone")

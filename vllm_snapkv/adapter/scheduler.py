@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from vllm.logger import init_logger
+from vllm.platforms import current_platform
 from vllm.v1.core.kv_cache_coordinator import KVCacheCoordinator
 from vllm.v1.core.sched.output import SchedulerOutput
 from vllm.v1.core.sched.scheduler import Scheduler
@@ -307,12 +308,23 @@ def _patch_split_at_prompt_end(original):
             state is not None
             and num_computed_tokens < prompt_len < num_computed_tokens + num_new_tokens
             and request.request_id not in state.evicted
+            and not _split_crashes_vllm(request)
             and state.compression_budget(request, prompt_len) is not None
         ):
             return prompt_len - num_computed_tokens
         return num_new_tokens
 
     return _reserve_prefill_lookahead
+
+
+def _split_crashes_vllm(request: Request) -> bool:
+    """vLLM 0.32 on CPU rewinds a seeded request's generator after every partial-prefill step
+    (``gen.set_offset``), which CPU generators do not support: the worker crashes, also without
+    this plugin (a seeded prompt longer than one chunk). Seeded requests therefore keep vLLM's
+    single re-prefill chunk on CPU (their earlier outputs are then recomputed over the full
+    prompt; see README, "Preemption")."""
+    seeded = request.sampling_params is not None and request.sampling_params.seed is not None
+    return seeded and current_platform.is_cpu()
 
 
 def _patch_forget(original):
