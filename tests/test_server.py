@@ -3,18 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
-import re
-import shutil
-import socket
 import subprocess
-import sys
 import time
 import urllib.request
-from pathlib import Path
 
 import pytest
 
+from benchmarks.servers import free_port, parse_metrics, server_env, vllm_command
 from vllm_snapkv.plan import cdiv
 from vllm_snapkv.tasks import passkey_prompt
 
@@ -22,18 +17,6 @@ pytestmark = pytest.mark.engine
 
 SERVER_BUDGET = 512
 MODEL_NAME = "smollm2"
-
-
-def vllm_command() -> list[str]:
-    """The `vllm` console script of this interpreter's environment."""
-    script = Path(sys.executable).parent / "vllm"
-    return [str(script)] if script.exists() else [shutil.which("vllm") or "vllm"]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def server_args(model_dir: str, port: int, *extra: str) -> list[str]:
@@ -46,12 +29,6 @@ def server_args(model_dir: str, port: int, *extra: str) -> list[str]:
         "--enforce-eager",
         *extra,
     ]
-
-
-def server_env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k != "VLLM_ENABLE_V1_MULTIPROCESSING"}
-    env.pop("VLLM_SNAPKV_METRICS_DIR", None)
-    return env
 
 
 @pytest.fixture(scope="module")
@@ -99,17 +76,8 @@ def client(server):
 
 
 def metrics(server: str) -> dict[str, float]:
-    """Sample values of the SnapKV and KV-usage series, keyed by metric name."""
-    text = urllib.request.urlopen(server + "/metrics").read().decode()
-    values: dict[str, float] = {}
-    for line in text.splitlines():
-        match = re.match(r"^(vllm:(?:snapkv_\w+|kv_cache_usage_perc))(\{[^}]*\})? (\S+)$", line)
-        if match:
-            name, labels, value = match.groups()
-            if "le=" in (labels or ""):
-                name += "{" + re.search(r'le="([^"]+)"', labels).group(1) + "}"
-            values[name] = values.get(name, 0.0) + float(value)
-    return values
+    """Sample values of vLLM's and the plugin's series, keyed by metric name."""
+    return parse_metrics(urllib.request.urlopen(server + "/metrics").read().decode())
 
 
 def test_completion_answers_a_passkey_with_compression_on(client, server):

@@ -32,14 +32,12 @@ def test_opted_out_requests_equal_the_server_without_the_plugin(report):
     assert report["opted_out_different"] == []
 
 
-def test_compressed_requests_under_load_keep_what_they_selected(report):
-    # A compressed request whose output under load differs from its output alone while it kept
-    # the very same positions would have had its KV changed by a neighbour: never allowed.
-    # Outputs that differ because the selection itself differs (window scores computed in a
-    # different batch; see docs/results.md, "Soak") are reported, not hidden.
+def test_compressed_requests_under_load_equal_the_same_request_alone(report):
+    # Except a request the pool had no block for at its compaction step (counted as skipped):
+    # it kept its full cache, and must then answer exactly as the server without the plugin.
     assert report["compressed_compared"] >= 10
-    assert report["different_with_same_selection"] == []
-    assert all(overlap is not None for overlap in report["selection_overlap_of_different"].values())
+    assert report["compressed_different"] == []
+    assert report["skipped_unlike_plain"] == []
 
 
 def test_counters_match_the_requests(report):

@@ -10,7 +10,6 @@ split, prefix caching and preemption. Eager flex attends over the whole cache, s
 from __future__ import annotations
 
 import pytest
-import torch
 from vllm import SamplingParams
 
 from conftest import (
