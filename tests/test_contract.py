@@ -219,6 +219,10 @@ def test_frontend_hook_facts():
         "supported_tasks",
     ]
     assert "self._validate_params(" in source(InputProcessor.process_inputs)
+    # vLLM's own 64-bit check of extra_args runs while SamplingParams is built (before plugins).
+    from vllm.sampling_params import SamplingParams
+
+    assert "self._verify_extra_args()" in source(SamplingParams._verify_args)
 
 
 def test_runner_execute_model_runs_the_forward():

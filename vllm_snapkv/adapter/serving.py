@@ -10,6 +10,9 @@ Patched (vLLM 0.32; contract tests in tests/test_contract.py):
 - ``InputProcessor._validate_params`` (post): reject a bad ``snapkv_budget``/``kv_compression`` in
   a request's ``extra_args`` (``vllm_xargs``) with vLLM's validation error, which the OpenAI server
   answers with HTTP 400 while it keeps serving everyone else.
+- ``SamplingParams._verify_extra_args`` (pre): vLLM rejects integers outside 64 bits while it builds
+  the sampling params, before any plugin sees them, naming only ``extra_args``; an out-of-range
+  ``snapkv_*`` value is named by its own key instead.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from vllm.v1.engine.input_processor import InputProcessor
 
 from vllm_snapkv.config import (
     CONFIG_KEY,
+    REQUEST_KEY_PREFIX,
     KVCompressionConfigError,
     SnapKVConfig,
     config_from_additional,
@@ -149,8 +153,29 @@ def _patch_validate_params(original):
     return _validate_params
 
 
+def _patch_verify_extra_args(original):
+    @functools.wraps(original)
+    def _verify_extra_args(self: SamplingParams) -> None:
+        for key, value in (self.extra_args or {}).items():
+            if (
+                str(key).startswith(REQUEST_KEY_PREFIX)
+                and isinstance(value, int)
+                and not -(2**63) <= value < 2**64
+            ):
+                raise SnapKVRequestError(
+                    f"{key}: must be an integer no larger than the server's budget; got an "
+                    f"integer of {len(str(abs(value)))} digits",
+                    parameter=str(key),
+                    value=None,
+                )
+        original(self)
+
+    return _verify_extra_args
+
+
 SERVING_PATCHES = (
     (EngineArgs, "add_cli_args", _patch_add_cli_args),
     (EngineArgs, "from_cli_args", _patch_from_cli_args),
     (InputProcessor, "_validate_params", _patch_validate_params),
+    (SamplingParams, "_verify_extra_args", _patch_verify_extra_args),
 )
