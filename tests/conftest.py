@@ -13,6 +13,7 @@ import pytest
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
 from vllm_snapkv.demo_model import build_demo_model  # noqa: E402
+from vllm_snapkv.plan import cdiv  # noqa: E402
 from vllm_snapkv.tasks import passkey_prompt  # noqa: E402
 
 #: KV cache per engine: ~87 blocks of 128 tokens for SmolLM2-135M in float32.
@@ -92,6 +93,55 @@ def assert_same_selection(expected: dict, got: dict, budget: int) -> None:
         for head in range(kept.shape[0]):
             same = set(got[layer][head].tolist()) & set(kept[head].tolist())
             assert len(same) / budget >= 0.99, (layer, head)
+
+
+def internal_id(scheduler, request_id: str) -> str:
+    """The engine's id of a request added as ``request_id`` (vLLM appends 8 characters)."""
+    (internal,) = [r for r in scheduler.requests if r.startswith(f"{request_id}-")]
+    return internal
+
+
+def decode_checking_physical_blocks(engine, scheduler, request_id: str, prompt_len: int,
+                                    budget: int) -> None:
+    """Step a compressed request to its end; at every step it holds exactly the blocks for
+    ``budget`` + the tokens computed since its prompt."""
+    manager = scheduler.kv_cache_manager.coordinator.single_type_managers[0]
+    request = scheduler.requests[request_id]
+    finished = False
+    while not finished:
+        for output in engine.step():
+            finished |= output.finished
+        if not finished:
+            physical = budget + request.num_computed_tokens - prompt_len
+            assert len(manager.req_to_blocks[request_id]) == cdiv(physical, manager.block_size)
+
+
+def generate_under_preemption(llm, prompts, params) -> tuple[list[list[int]], list[str]]:
+    """Generate, recording which requests vLLM preempted. Every admission (each re-prefill
+    included) is compressed, and the pool's free count and the plugin's state return to empty."""
+    scheduler = scheduler_of(llm)
+    pool = scheduler.kv_cache_manager.block_pool
+    free_at_start = pool.get_num_free_blocks()
+    preempted: list[str] = []
+    preempt = scheduler._preempt_request
+
+    def spy(request, *args, **kwargs):
+        preempted.append(request.request_id)
+        return preempt(request, *args, **kwargs)
+
+    scheduler._preempt_request = spy
+    stats = scheduler._snapkv.stats
+    before = stats.compressed_requests
+    try:
+        got = token_ids(llm.generate(prompts, params))
+    finally:
+        del scheduler._preempt_request
+    assert preempted, "the cache was meant to be too small for the batch"
+    assert stats.skipped_no_free_blocks == 0
+    assert stats.compressed_requests - before == len(prompts) + len(preempted)
+    assert pool.get_num_free_blocks() == free_at_start
+    assert not scheduler._snapkv.evicted and not scheduler._snapkv.prefill_end
+    return got, preempted
 
 
 #: Tokens before the filler in a passkey prompt (kept when trimming to a length).

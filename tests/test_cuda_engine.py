@@ -15,6 +15,7 @@ from conftest import (
     as_prompt,
     close_llm,
     greedy,
+    internal_id,
     load_dump,
     make_llm,
     prompt_of_length,
@@ -83,7 +84,7 @@ def test_blocks_held_follow_the_budget_and_all_return(cuda_llm):
     engine = cuda_llm.llm_engine
     prompt_ids = prompt_of_length(tokenizer, 1000, 16180)
     engine.add_request("blocks", as_prompt(prompt_ids), greedy(100, max_tokens=40))
-    (request_id,) = [r for r in scheduler.requests if r.startswith("blocks-")]
+    request_id = internal_id(scheduler, "blocks")
     request = scheduler.requests[request_id]
     while request.num_computed_tokens < len(prompt_ids):
         engine.step()

@@ -12,7 +12,9 @@ from vllm import SamplingParams
 
 from conftest import (
     SERVER_BUDGET,
+    decode_checking_physical_blocks,
     greedy,
+    internal_id,
     load_dump,
     reference_kept_positions,
     scheduler_of,
@@ -55,11 +57,6 @@ def test_request_opting_out_generates_exactly_as_without_plugin(snap_llm, dense_
     assert scheduler_of(snap_llm)._snapkv.stats.compressed_requests == before
 
 
-def _internal_id(scheduler, request_id: str) -> str:
-    (internal,) = [r for r in scheduler.requests if r.startswith(f"{request_id}-")]
-    return internal
-
-
 def test_compressed_request_holds_budget_blocks_and_returns_the_rest(snap_llm):
     budget = 256
     engine = snap_llm.llm_engine
@@ -74,22 +71,14 @@ def test_compressed_request_holds_budget_blocks_and_returns_the_rest(snap_llm):
     assert cdiv(prompt_len, BLOCK_SIZE) >= 15
     engine.add_request("blocks", prompt, greedy(budget, max_tokens=200))
     engine.step()  # the whole prompt prefills in this step and is compacted
-    request_id = _internal_id(scheduler, "blocks")
+    request_id = internal_id(scheduler, "blocks")
     request = scheduler.requests[request_id]
     assert request.num_computed_tokens == prompt_len
     assert len(manager.req_to_blocks[request_id]) == cdiv(budget, BLOCK_SIZE)
     # Every source block went back; only the targets are held.
     assert pool.get_num_free_blocks() == free_at_start - cdiv(budget, BLOCK_SIZE)
 
-    finished = False
-    while not finished:
-        for output in engine.step():
-            finished |= output.finished
-        if not finished:
-            request = scheduler.requests[request_id]
-            # KV physically held: budget + tokens computed since the prefill.
-            physical = budget + request.num_computed_tokens - prompt_len
-            assert len(manager.req_to_blocks[request_id]) == cdiv(physical, BLOCK_SIZE)
+    decode_checking_physical_blocks(engine, scheduler, request_id, prompt_len, budget)
     assert request.num_output_tokens == 200
     assert pool.get_num_free_blocks() == free_at_start
 
@@ -115,7 +104,7 @@ def test_aborted_compressed_request_releases_every_block(snap_llm):
     engine.add_request("to-abort", passkey_prompt(1500, 12121, 0.5), greedy(256, max_tokens=100))
     engine.step()
     engine.step()
-    internal = _internal_id(scheduler, "to-abort")
+    internal = internal_id(scheduler, "to-abort")
     assert scheduler._snapkv.evicted[internal] > 0
     engine.abort_request(["to-abort"])
     engine.step()

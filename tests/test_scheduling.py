@@ -10,6 +10,7 @@ import pytest
 from conftest import (
     assert_same_selection,
     close_llm,
+    generate_under_preemption,
     greedy,
     as_prompt,
     load_dump,
@@ -112,30 +113,8 @@ def test_preemption_recomputes_and_recompresses_transparently(snap_llm, small_ca
     params = greedy(BUDGET, max_tokens=300)
     expected = token_ids(snap_llm.generate(prompts, params))
 
-    scheduler = scheduler_of(small_cache_llm)
-    pool = scheduler.kv_cache_manager.block_pool
-    free_at_start = pool.get_num_free_blocks()
-    preempted: list[str] = []
-    preempt = scheduler._preempt_request
-
-    def spy(request, *args, **kwargs):
-        preempted.append(request.request_id)
-        return preempt(request, *args, **kwargs)
-
-    scheduler._preempt_request = spy
-    stats = scheduler._snapkv.stats
-    before = stats.compressed_requests
-    try:
-        got = token_ids(small_cache_llm.generate(prompts, params))
-    finally:
-        del scheduler._preempt_request
-    assert preempted, "the cache was meant to be too small for the batch"
-    assert stats.skipped_no_free_blocks == 0
-    # Every admission compressed, including the re-prefill of each preempted request.
-    assert stats.compressed_requests - before == len(prompts) + len(preempted)
+    got, _ = generate_under_preemption(small_cache_llm, prompts, params)
     assert got == expected
-    assert pool.get_num_free_blocks() == free_at_start
-    assert not scheduler._snapkv.evicted and not scheduler._snapkv.prefill_end
 
 
 @contextmanager

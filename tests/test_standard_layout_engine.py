@@ -15,7 +15,10 @@ from vllm import SamplingParams
 from conftest import (
     as_prompt,
     close_llm,
+    decode_checking_physical_blocks,
+    generate_under_preemption,
     greedy,
+    internal_id,
     load_dump,
     make_llm,
     prompt_of_length,
@@ -97,11 +100,6 @@ def test_compression_changes_generation_versus_full_cache(flex_llm, tokenizer):
     assert token_ids([snap]) != token_ids([full])
 
 
-def _internal_id(scheduler, request_id: str) -> str:
-    (internal,) = [r for r in scheduler.requests if r.startswith(f"{request_id}-")]
-    return internal
-
-
 def test_compressed_request_holds_budget_blocks_from_the_pool_and_returns_the_rest(
     flex_llm, tokenizer
 ):
@@ -116,20 +114,14 @@ def test_compressed_request_holds_budget_blocks_from_the_pool_and_returns_the_re
     prompt_ids = prompt_of_length(tokenizer, 700, 16180)
     engine.add_request("blocks", as_prompt(prompt_ids), greedy(budget, max_tokens=40))
     engine.step()
-    request_id = _internal_id(scheduler, "blocks")
+    request_id = internal_id(scheduler, "blocks")
     request = scheduler.requests[request_id]
     while request.num_computed_tokens < len(prompt_ids):  # chunked: 256 + 256 + 188
         assert len(manager.req_to_blocks[request_id]) == cdiv(request.num_computed_tokens, 16)
         engine.step()
     assert len(manager.req_to_blocks[request_id]) == cdiv(budget, BLOCK_SIZE)
     assert pool.get_num_free_blocks() == free_at_start - cdiv(budget, BLOCK_SIZE)
-    finished = False
-    while not finished:
-        for output in engine.step():
-            finished |= output.finished
-        if not finished:
-            physical = budget + request.num_computed_tokens - len(prompt_ids)
-            assert len(manager.req_to_blocks[request_id]) == cdiv(physical, BLOCK_SIZE)
+    decode_checking_physical_blocks(engine, scheduler, request_id, len(prompt_ids), budget)
     assert request.num_output_tokens == 40
     assert pool.get_num_free_blocks() == free_at_start
 
@@ -194,7 +186,7 @@ def test_aborted_compressed_request_releases_every_block(flex_llm, tokenizer):
     engine.add_request("to-abort", as_prompt(prompt_of_length(tokenizer, 400, 1212)), greedy(64, 100))
     for _ in range(4):
         engine.step()
-    internal = _internal_id(scheduler, "to-abort")
+    internal = internal_id(scheduler, "to-abort")
     assert scheduler._snapkv.evicted[internal] > 0
     engine.abort_request(["to-abort"])
     engine.step()
@@ -219,25 +211,5 @@ def test_preemption_recomputes_and_recompresses_transparently(flex_llm, small_fl
     flex_llm.reset_prefix_cache()
     expected = token_ids(flex_llm.generate(prompts, params))
 
-    scheduler = scheduler_of(small_flex_llm)
-    pool = scheduler.kv_cache_manager.block_pool
-    free_at_start = pool.get_num_free_blocks()
-    preempted: list[str] = []
-    preempt = scheduler._preempt_request
-
-    def spy(request, *args, **kwargs):
-        preempted.append(request.request_id)
-        return preempt(request, *args, **kwargs)
-
-    scheduler._preempt_request = spy
-    stats = scheduler._snapkv.stats
-    before = stats.compressed_requests
-    try:
-        got = token_ids(small_flex_llm.generate(prompts, params))
-    finally:
-        del scheduler._preempt_request
-    assert preempted, "the cache was meant to be too small for the batch"
-    assert stats.compressed_requests - before == len(prompts) + len(preempted)
+    got, _ = generate_under_preemption(small_flex_llm, prompts, params)
     assert got == expected
-    assert pool.get_num_free_blocks() == free_at_start
-    assert not scheduler._snapkv.evicted and not scheduler._snapkv.prefill_end
