@@ -139,6 +139,9 @@ def test_model_runner_facts():
     # CPUModelRunner inherits the patched methods.
     for name in ("_update_states", "_prepare_inputs", "execute_model"):
         assert name not in CPUModelRunner.__dict__
+    # ...and reaches the patched initialize_kv_cache (the backend check) through super().
+    assert "super().initialize_kv_cache(" in source(CPUModelRunner.initialize_kv_cache)
+    assert "self.initialize_attn_backend(" in source(GPUModelRunner.initialize_kv_cache)
     assert params(inspect.unwrap(GPUModelRunner._prepare_inputs)) == [
         "self",
         "scheduler_output",

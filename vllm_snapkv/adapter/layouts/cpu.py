@@ -3,7 +3,7 @@
 Layer cache: ``[num_blocks, num_kv_heads, block_size, 2 * head_size]``. Per (block, head) the first
 ``block_size * head_size`` elements hold K and the rest V, packed by the attention ISA that
 ``cpu_attn_reshape_and_cache`` writes with (``layer.isa``). Reads unpack with the formulas below
-(round-trip tested against the real op in tests/test_kv_layout.py); writes always go through
+(round-trip tested against the real op in tests/test_layout_cpu.py); writes always go through
 vLLM's own op, so they stay correct by construction.
 """
 
