@@ -21,9 +21,8 @@ def test_workload_covers_what_users_send(report):
     assert report["completions"] and report["chats"] and report["streamed"] and report["n2"]
     assert report["cancelled"] >= 1
     # The cache is sized so that vLLM usually preempts (0 to 8 per run seen), but whether it does
-    # depends on timing: the count is reported, and preemption itself is tested deterministically
+    # depends on timing: the count is only reported; preemption itself is tested deterministically
     # (test_scheduling.py, test_standard_layout_engine.py).
-    assert report["preemptions"] >= 0
 
 
 def test_no_request_failed(report):
