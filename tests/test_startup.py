@@ -74,7 +74,7 @@ def _config_with(**changes):
         ({"use_mla": True}, "MLA attention"),
         ({"is_hybrid": True}, "hybrid"),
         ({"runner_type": "pooling"}, "only generative models"),
-        ({"pp": 2}, "pipeline parallelism"),
+        ({"pp": 2}, None),
         ({"tp": 4}, "tensor_parallel_size=4 > 3 KV heads"),
         ({"tp": 3}, None),
         ({"v2": True}, "the V2 model runner"),

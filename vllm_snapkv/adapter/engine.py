@@ -56,8 +56,6 @@ def unsupported_features(vllm_config: VllmConfig) -> list[str]:
         reasons.append("sliding-window attention")
     if vllm_config.cache_config.cache_dtype != "auto":
         reasons.append(f"kv_cache_dtype={vllm_config.cache_config.cache_dtype!r} (quantized KV)")
-    if parallel.pipeline_parallel_size > 1:
-        reasons.append("pipeline parallelism")
     num_kv_heads = model.get_total_num_kv_heads()
     if parallel.tensor_parallel_size > num_kv_heads:
         reasons.append(

@@ -34,7 +34,7 @@ from vllm_snapkv.config import (
     config_from_additional,
     request_budget,
 )
-from vllm_snapkv.metrics import CompressionStats, SnapshotWriter
+from vllm_snapkv.metrics import CompressionStats, StatsPublisher, publishers_from_environment
 from vllm_snapkv.plan import (
     CompressionPlan,
     StepDirectives,
@@ -82,11 +82,11 @@ class SchedulerCompression:
     #: Shared with the KV cache coordinator (same dict object).
     evicted: dict[str, int] = field(default_factory=dict)
     stats: CompressionStats = field(default_factory=CompressionStats)
-    snapshots: SnapshotWriter | None = None
+    publishers: list[StatsPublisher] = field(default_factory=list)
 
-    def publish_stats(self) -> None:
-        if self.snapshots is not None:
-            self.snapshots.write(self.stats)
+    def publish_stats(self, new_ratios: list[float] | None = None) -> None:
+        for publisher in self.publishers:
+            publisher.publish(self.stats, new_ratios or ())
 
     def budget_for(self, request: Request) -> int | None:
         """The request's budget, or None when it is not compressed."""
@@ -128,8 +128,11 @@ def _patch_init(original):
         state = SchedulerCompression(
             config=config,
             block_size=coordinator.single_type_managers[0].block_size,
-            snapshots=SnapshotWriter.from_environment(
-                self.vllm_config.parallel_config.data_parallel_rank
+            # data_parallel_index, not _rank: vLLM resets the rank of independent (non-MoE) DP
+            # engines to 0; the index is the engine's `engine` label in vLLM's own metrics.
+            publishers=publishers_from_environment(
+                self.vllm_config.model_config.served_model_name,
+                self.vllm_config.parallel_config.data_parallel_index,
             ),
         )
         coordinator._snapkv_evicted = state.evicted
@@ -229,6 +232,7 @@ def _compress(
         )
         allocations.append((request, plan, targets))
 
+    new_ratios = []
     for request, plan, targets in allocations:
         request_id = request.request_id
         sources = manager.req_to_blocks[request_id]
@@ -237,10 +241,12 @@ def _compress(
         block_pool.free_blocks(reversed([b for b in sources if b.block_id not in reused]))
         directives.plans[request_id] = plan
         state.evicted[request_id] = plan.num_evicted
-        state.stats.record_compression(
-            plan.prompt_len, plan.budget, plan.num_evicted, len(sources) - len(targets)
+        new_ratios.append(
+            state.stats.record_compression(
+                plan.prompt_len, plan.budget, plan.num_evicted, len(sources) - len(targets)
+            )
         )
-    state.publish_stats()
+    state.publish_stats(new_ratios)
 
 
 def _in_place_targets(block_pool, sources: list, num_targets: int):

@@ -6,7 +6,7 @@ Patched (vLLM 0.32; contract tests in tests/test_contract.py):
   args (``vllm serve``, the OpenAI api_server module, ``--config FILE``) gets them.
 - ``EngineArgs.from_cli_args`` (post): merge the flags into ``additional_config["kv_compression"]``
   (argparse values outside the dataclass fields are otherwise dropped) and validate them, naming
-  the flag.
+  the flag; the merged config is written back to the namespace for extra API server processes.
 - ``InputProcessor._validate_params`` (post): reject a bad ``snapkv_budget``/``kv_compression`` in
   a request's ``extra_args`` (``vllm_xargs``) with vLLM's validation error, which the OpenAI server
   answers with HTTP 400 while it keeps serving everyone else.
@@ -129,6 +129,11 @@ def _patch_from_cli_args(original: classmethod) -> classmethod:
         engine_args.additional_config = flags_to_config(
             args, dict(engine_args.additional_config or {})
         )
+        # Extra API server processes (--api-server-count, the default under data parallelism)
+        # get this namespace and call from_cli_args before they load plugins, i.e. unpatched:
+        # without the merged config there, they would neither validate requests nor serve the
+        # compression metrics.
+        args.additional_config = engine_args.additional_config
         return engine_args
 
     return classmethod(from_cli_args)

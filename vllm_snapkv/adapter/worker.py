@@ -84,13 +84,13 @@ class WorkerCompression:
         config: SnapKVConfig,
         num_layers: int,
         block_size: int,
-        tp_rank: int,
-        tp_size: int,
+        dump_suffix: str = "",
     ):
         self.config = config
         self.num_layers = num_layers
         self.block_size = block_size  # the scheduler's (manager) block size
-        self.tp_rank, self.tp_size = tp_rank, tp_size
+        #: Appended to dump names so ranks holding other heads or layers do not collide.
+        self.dump_suffix = dump_suffix
         self.directives = StepDirectives()
         self.jobs: list[_Job] = []
         #: request -> layer -> window queries buffered from earlier chunks.
@@ -252,7 +252,7 @@ class WorkerCompression:
     def _dump(self, job: _Job) -> None:
         directory = self.config.dump_selections_to
         os.makedirs(directory, exist_ok=True)
-        name = job.request_id if self.tp_size == 1 else f"{job.request_id}.tp{self.tp_rank}"
+        name = job.request_id + self.dump_suffix
         torch.save(
             {
                 "prompt_len": job.plan.prompt_len,
@@ -312,16 +312,28 @@ def _create_state(runner: GPUModelRunner) -> WorkerCompression | None:
     config = config_from_additional(runner.vllm_config.additional_config)
     if config is None:
         return None
-    from vllm.distributed import get_tensor_model_parallel_rank
-
     groups = runner.kv_cache_config.kv_cache_groups
     return WorkerCompression(
         config,
+        # A pipeline stage's KV cache config names only the layers it runs: each stage compacts
+        # its own layers, and checks it compacted all of them.
         num_layers=len(groups[0].layer_names),
         block_size=groups[0].kv_cache_spec.block_size,
-        tp_rank=get_tensor_model_parallel_rank(),
-        tp_size=runner.parallel_config.tensor_parallel_size,
+        dump_suffix=_rank_suffix(runner.parallel_config),
     )
+
+
+def _rank_suffix(parallel_config: Any) -> str:
+    """``.tp<r>`` / ``.pp<r>`` for each parallel dimension in use: a tensor-parallel rank holds
+    its own KV heads, a pipeline stage its own layers."""
+    from vllm.distributed import get_pp_group, get_tensor_model_parallel_rank
+
+    suffix = ""
+    if parallel_config.tensor_parallel_size > 1:
+        suffix += f".tp{get_tensor_model_parallel_rank()}"
+    if parallel_config.pipeline_parallel_size > 1:
+        suffix += f".pp{get_pp_group().rank_in_group}"
+    return suffix
 
 
 def _patch_update_states(original):
