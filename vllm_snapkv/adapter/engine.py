@@ -157,7 +157,16 @@ def _patch_initialize_kv_caches(original):
     def _initialize_kv_caches(self: EngineCore, *args: Any, **kwargs: Any):
         result = original(self, *args, **kwargs)
         if config_from_additional(self.vllm_config.additional_config) is not None:
-            reports = self.model_executor.collective_rpc(worker_report)
+            try:
+                reports = self.model_executor.collective_rpc(worker_report)
+            except Exception as error:
+                # E.g. vllm_snapkv missing or broken in a worker's environment (another node):
+                # the check itself cannot be unpickled there.
+                raise RuntimeError(
+                    "kv_compression: refusing to start: could not run the SnapKV start-up check "
+                    "on every worker (is vllm-snapkv installed and importable in each worker's "
+                    f"environment, on every node?): {error}"
+                ) from error
             check_worker_reports(reports)
             logger.info(
                 "SnapKV: compression active on %d worker(s); attention backends: %s",

