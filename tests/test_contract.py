@@ -355,3 +355,28 @@ def test_model_runner_selection_facts():
     # collective_rpc (called with the worker as its first argument).
     assert "kv_cache_config = self._initialize_kv_caches(vllm_config)" in source(EngineCore.__init__)
     assert "func = partial(method, obj)" in source(run_method)
+
+
+def test_scale_out_facts():
+    from prometheus_fastapi_instrumentator import Instrumentator
+    from vllm.config import ParallelConfig
+    from vllm.distributed import get_pp_group, get_tensor_model_parallel_rank  # noqa: F401
+    from vllm.entrypoints.launchers.api_server import entry
+    from vllm.entrypoints.serve.instrumentator import metrics as metrics_router
+    from vllm.v1.engine import core
+
+    # The scheduler labels its counts with the DP index: independent (non-MoE) DP engines have
+    # their rank reset to 0 and keep the index.
+    assert "data_parallel_index" in {f.name for f in dataclasses.fields(ParallelConfig)}
+    assert "reconfigure_for_independent_dp_rank" in source(core.EngineCoreProc.run_engine_core)
+    assert "parallel_config.data_parallel_index = dp_rank" in source(
+        core.EngineCoreProc.run_engine_core
+    )
+    # Extra API server processes parse the namespace with from_cli_args before plugins load
+    # (the plugin writes its merged config back into the namespace).
+    assert "AsyncEngineArgs.from_cli_args(args)" in source(entry.build_async_engine_client)
+    # With PROMETHEUS_MULTIPROC_DIR, /metrics is served from a fresh multiprocess registry per
+    # scrape, never from the registry vLLM passes (so engines publish multiprocess metrics).
+    assert "Instrumentator(" in source(metrics_router.attach_router)
+    expose = source(Instrumentator.expose)
+    assert "PROMETHEUS_MULTIPROC_DIR" in expose and "MultiProcessCollector" in expose
