@@ -45,7 +45,6 @@ def server_env(without_plugin: bool = False) -> dict[str, str]:
     """The environment for a server process; ``without_plugin`` excludes vllm-snapkv the way a
     user would (``VLLM_PLUGINS`` is vLLM's allow-list of general plugins)."""
     env = {k: v for k, v in os.environ.items() if k != "VLLM_ENABLE_V1_MULTIPROCESSING"}
-    env.pop("VLLM_SNAPKV_METRICS_DIR", None)
     if without_plugin:
         env["VLLM_PLUGINS"] = ""
     return env

@@ -179,16 +179,17 @@ _registered_collector: SnapKVCollector | None = None
 
 
 def serve_metrics_from_this_process(model_name: str) -> None:
-    """In the frontend process, before engines start: choose the snapshot directory (inherited
-    by engine processes through the environment) and register the collector. Idempotent."""
+    """In the frontend process, before engines start: create the snapshot directory (inherited
+    by the engine processes it starts, through the environment) and register the collector.
+    Idempotent. Always a new directory, never one found in the environment: that one belongs to
+    another server (a process that ran an engine itself and then started this one, e.g. a test
+    harness or a Ray driver), whose engine 0 would overwrite this server's engine 0."""
     global _registered_collector
     if _registered_collector is not None:
         return
-    directory = os.environ.get(METRICS_DIR_ENV)
-    if not directory:
-        directory = tempfile.mkdtemp(prefix="vllm-snapkv-metrics-")
-        os.environ[METRICS_DIR_ENV] = directory
-        atexit.register(shutil.rmtree, directory, ignore_errors=True)
+    directory = tempfile.mkdtemp(prefix="vllm-snapkv-metrics-")
+    os.environ[METRICS_DIR_ENV] = directory
+    atexit.register(shutil.rmtree, directory, ignore_errors=True)
     from prometheus_client import REGISTRY
 
     _registered_collector = SnapKVCollector(directory, model_name)
