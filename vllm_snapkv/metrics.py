@@ -194,4 +194,3 @@ def serve_metrics_from_this_process(model_name: str) -> None:
 
     _registered_collector = SnapKVCollector(directory, model_name)
     REGISTRY.register(_registered_collector)
-
