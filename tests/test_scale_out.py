@@ -48,7 +48,7 @@ from vllm_snapkv.tasks import passkey_prompt
 pytestmark = pytest.mark.engine
 
 BUDGET = 256  # per request, below the engines' 512
-PROMPT_LENGTHS = (1500, 2100, 200)  # the last one stays uncompressed
+PROMPT_LENGTHS = (1500, 2060, 200)  # the last one stays uncompressed
 MAX_TOKENS = 16
 NUM_LAYERS = 30
 NUM_KV_HEADS = 3
@@ -96,19 +96,53 @@ def single_rank(snap_llm, dump_dir, prompts):
     return generate_with_dumps(snap_llm, dump_dir, prompts)
 
 
+def record_batches(scheduler) -> list[tuple[str, set[str]]]:
+    """("scheduled", request ids) and ("output", ...) events of the scheduler, in order."""
+    events: list[tuple[str, set[str]]] = []
+    schedule, update = scheduler.schedule, scheduler.update_from_output
+
+    def recording_schedule(*args, **kwargs):
+        output = schedule(*args, **kwargs)
+        events.append(("scheduled", set(output.num_scheduled_tokens)))
+        return output
+
+    def recording_update(*args, **kwargs):
+        events.append(("output", set()))
+        return update(*args, **kwargs)
+
+    scheduler.schedule, scheduler.update_from_output = recording_schedule, recording_update
+    return events
+
+
+def requests_in_flight_twice(events) -> set[str]:
+    """Requests scheduled in a batch while an earlier batch holding them had not returned. vLLM's
+    batch queue returns batches in scheduling order, empty ones included."""
+    in_flight: list[set[str]] = []
+    twice: set[str] = set()
+    for kind, request_ids in events:
+        if kind == "output":
+            in_flight.pop(0)
+            continue
+        for batch in in_flight:
+            twice |= request_ids & batch
+        in_flight.append(request_ids)
+    return twice
+
+
 def run_parallel(model_dir, dump_dir, prompts, vllm_env, bind: str, **parallel):
-    """Generate on a parallel engine; check blocks mid-decode and that the pool comes back."""
+    """Generate on a parallel engine; check blocks mid-decode and that the pool comes back.
+    Returns the outputs, the dumps and the scheduler's batch events of the generation."""
     vllm_env("VLLM_CPU_OMP_THREADS_BIND", bind)
-    llm = make_llm(
-        model_dir, max_num_batched_tokens=8192, additional_config=snapkv_config(dump_dir),
-        **parallel,
-    )
+    options = {"max_num_batched_tokens": 8192, **parallel}
+    llm = make_llm(model_dir, additional_config=snapkv_config(dump_dir), **options)
     try:
         scheduler = scheduler_of(llm)
         pool = scheduler.kv_cache_manager.block_pool
         stats = scheduler._snapkv.stats
         free_at_start = pool.get_num_free_blocks()
+        events = record_batches(scheduler)
         got = generate_with_dumps(llm, dump_dir, prompts)
+        del scheduler.schedule, scheduler.update_from_output
         assert stats.compressed_requests == 2 and stats.skipped_no_free_blocks == 0
         assert stats.freed_blocks == sum(
             cdiv(n, BLOCK_SIZE) - cdiv(BUDGET, BLOCK_SIZE) for n in PROMPT_LENGTHS[:2]
@@ -118,10 +152,12 @@ def run_parallel(model_dir, dump_dir, prompts, vllm_env, bind: str, **parallel):
         engine = llm.llm_engine
         engine.add_request("blocks", as_prompt(prompts[0]), greedy(BUDGET, max_tokens=8))
         request_id = internal_id(scheduler, "blocks")
+        while scheduler.requests[request_id].num_computed_tokens < len(prompts[0]):
+            engine.step()  # prefill chunks
         decode_checking_physical_blocks(engine, scheduler, request_id, len(prompts[0]), BUDGET)
         assert pool.get_num_free_blocks() == free_at_start
         assert not scheduler._snapkv.evicted
-        return got
+        return (*got, events)
     finally:
         close_llm(llm)
 
@@ -130,10 +166,11 @@ def test_tensor_parallel_ranks_compact_their_own_heads(
     model_dir, prompts, single_rank, tmp_path, vllm_env
 ):
     expected_ids, expected_dumps = single_rank
-    got_ids, got_dumps = run_parallel(
+    got_ids, got_dumps, events = run_parallel(
         model_dir, str(tmp_path), prompts, vllm_env, "0|1|1",
         tensor_parallel_size=NUM_KV_HEADS, enforce_eager=True,
     )
+    assert not requests_in_flight_twice(events)  # one batch at a time without PP
     assert got_ids == expected_ids
     for expected, ranks in zip(expected_dumps[:2], got_dumps[:2]):
         assert sorted(ranks) == [f"tp{r}" for r in range(NUM_KV_HEADS)]
@@ -153,11 +190,15 @@ def test_pipeline_stages_compact_their_own_layers(
 ):
     # Not enforce_eager: vLLM-CPU 0.32 itself fails PP in eager mode (the CPU worker skips the
     # warm-up that allocates the intermediate tensors; `assert self.intermediate_tensors is not
-    # None` on the second stage, plugin or not). Compiled, it runs.
+    # None` on the second stage, plugin or not). Compiled, it runs. Chunked prefill (1024 tokens
+    # a step): vLLM keeps two batches in flight, and here the first prompt's capturing chunk and
+    # its compacting chunk are scheduled back to back, both in the pipeline at once.
     expected_ids, expected_dumps = single_rank
-    got_ids, got_dumps = run_parallel(
+    got_ids, got_dumps, events = run_parallel(
         model_dir, str(tmp_path), prompts, vllm_env, "0|1", pipeline_parallel_size=2,
+        max_num_batched_tokens=1024,
     )
+    assert requests_in_flight_twice(events), "no request had two chunks in the pipeline at once"
     assert got_ids == expected_ids
     for expected, stages in zip(expected_dumps[:2], got_dumps[:2]):
         assert sorted(stages) == ["pp0", "pp1"]
