@@ -1,7 +1,8 @@
 """Scale-out on the CPU build, with real worker processes (vLLM's mp executor).
 
-- Tensor parallelism (TP=3: one KV head per rank) and pipeline parallelism (PP=2: 15 layers per
-  stage): each rank selects and compacts its own heads or layers from the scheduler's one plan.
+- Tensor parallelism (TP=3: one KV head per rank), pipeline parallelism (PP=2: 15 layers per
+  stage) and both (6 ranks): each rank selects and compacts its own heads or layers from the
+  scheduler's one plan.
   Kept positions equal the single-rank run's, rank by rank; outputs equal; blocks come back.
 - The start-up guard with real worker processes: a worker that did not load the plugin, or
   could not import it, stops the engine start, named.
@@ -207,6 +208,32 @@ def test_pipeline_stages_compact_their_own_layers(
         combined = {**stages["pp0"]["layers"], **stages["pp1"]["layers"]}
         assert_same_selection(expected[""]["layers"], combined, BUDGET)
     assert got_dumps[2] == {}
+
+
+def test_tensor_and_pipeline_parallel_together(
+    model_dir, prompts, single_rank, tmp_path, vllm_env
+):
+    """TP=3 x PP=2: six ranks, each one KV head of 15 layers (the slowest start here: six
+    compiled workers on two cores)."""
+    expected_ids, expected_dumps = single_rank
+    got_ids, got_dumps, _ = run_parallel(
+        model_dir, str(tmp_path), prompts, vllm_env, "0|1|1|0|1|1",
+        tensor_parallel_size=NUM_KV_HEADS, pipeline_parallel_size=2, max_num_batched_tokens=1024,
+    )
+    assert got_ids == expected_ids
+    stage_of_layer = [layer * 2 // NUM_LAYERS for layer in range(NUM_LAYERS)]
+    for expected, ranks in zip(expected_dumps[:2], got_dumps[:2]):
+        assert sorted(ranks) == sorted(
+            f"tp{t}.pp{p}" for t in range(NUM_KV_HEADS) for p in range(2)
+        )
+        combined = {
+            layer: torch.cat([
+                ranks[f"tp{t}.pp{stage_of_layer[layer]}"]["layers"][layer]
+                for t in range(NUM_KV_HEADS)
+            ])
+            for layer in range(NUM_LAYERS)
+        }
+        assert_same_selection(expected[""]["layers"], combined, BUDGET)
 
 
 @pytest.fixture
