@@ -4,6 +4,8 @@
   stage) and both (6 ranks): each rank selects and compacts its own heads or layers from the
   scheduler's one plan.
   Kept positions equal the single-rank run's, rank by rank; outputs equal; blocks come back.
+- Data parallelism through `vllm serve --data-parallel-size 2`: each engine's counts under its
+  ``engine`` label, checked against vLLM's own per-engine counts, with 2 and with 1 API server.
 - The start-up guard with real worker processes: a worker that did not load the plugin, or
   could not import it, stops the engine start, named.
 - vLLM's Ray executor: vLLM 0.32 refuses it on the CPU platform, plugin on or off (shown here).
@@ -175,7 +177,7 @@ def test_tensor_parallel_ranks_compact_their_own_heads(
     assert got_ids == expected_ids
     for expected, ranks in zip(expected_dumps[:2], got_dumps[:2]):
         assert sorted(ranks) == [f"tp{r}" for r in range(NUM_KV_HEADS)]
-        for rank, dump in ranks.items():
+        for dump in ranks.values():
             assert all(kept.shape[0] == 1 for kept in dump["layers"].values())  # one head each
         # Rank r holds KV head r of the single-rank run.
         combined = {
@@ -204,7 +206,8 @@ def test_pipeline_stages_compact_their_own_layers(
     for expected, stages in zip(expected_dumps[:2], got_dumps[:2]):
         assert sorted(stages) == ["pp0", "pp1"]
         first, second = (set(stages[s]["layers"]) for s in ("pp0", "pp1"))
-        assert first == set(range(NUM_LAYERS // 2)) and second == set(range(15, NUM_LAYERS))
+        half = NUM_LAYERS // 2
+        assert first == set(range(half)) and second == set(range(half, NUM_LAYERS))
         combined = {**stages["pp0"]["layers"], **stages["pp1"]["layers"]}
         assert_same_selection(expected[""]["layers"], combined, BUDGET)
     assert got_dumps[2] == {}
