@@ -140,7 +140,7 @@ def generate_under_preemption(llm, prompts, params) -> tuple[list[list[int]], li
     assert stats.skipped_no_free_blocks == 0
     assert stats.compressed_requests - before == len(prompts) + len(preempted)
     assert pool.get_num_free_blocks() == free_at_start
-    assert not scheduler._snapkv.evicted and not scheduler._snapkv.prefill_end
+    assert not scheduler._snapkv.evicted and not scheduler._snapkv.prefilling
     return got, preempted
 
 

@@ -361,10 +361,13 @@ def test_scale_out_facts():
     from prometheus_fastapi_instrumentator import Instrumentator
     from vllm.config import ParallelConfig
     from vllm.distributed import get_pp_group, get_tensor_model_parallel_rank  # noqa: F401
+    from vllm.distributed.parallel_state import GroupCoordinator
     from vllm.entrypoints.launchers.api_server import entry
     from vllm.entrypoints.serve.instrumentator import metrics as metrics_router
     from vllm.v1.engine import core
 
+    # Dump names carry the stage's rank in the PP group.
+    assert "self.rank_in_group" in source(GroupCoordinator.__init__)
     # The scheduler labels its counts with the DP index: independent (non-MoE) DP engines have
     # their rank reset to 0 and keep the index.
     assert "data_parallel_index" in {f.name for f in dataclasses.fields(ParallelConfig)}

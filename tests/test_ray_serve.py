@@ -22,8 +22,6 @@ from vllm_snapkv.tasks import passkey_prompt
 
 pytestmark = pytest.mark.engine
 
-pytest.importorskip("ray.serve")
-
 APP_DIR = Path(__file__).resolve().parent.parent / "deploy" / "ray-serve"
 NAME = "smollm2-ray"
 PASSKEYS = [34748 + 1111 * i for i in range(6)]

@@ -76,9 +76,10 @@ class SchedulerCompression:
 
     config: SnapKVConfig
     block_size: int
-    #: Requests in prefill -> their prompt length, where compression happens (a preempted
-    #: request's re-prefill is split there, see ``_patch_split_at_prompt_end``).
-    prefill_end: dict[str, int] = field(default_factory=dict)
+    #: Requests whose prompt is not yet computed (new or resumed): they compress when their
+    #: prefill reaches the prompt's end (a preempted request's re-prefill is split there, see
+    #: ``_patch_split_at_prompt_end``).
+    prefilling: set[str] = field(default_factory=set)
     #: Shared with the KV cache coordinator (same dict object).
     evicted: dict[str, int] = field(default_factory=dict)
     stats: CompressionStats = field(default_factory=CompressionStats)
@@ -99,16 +100,18 @@ class SchedulerCompression:
             logger.warning("SnapKV: request %s not compressed: %s", request.request_id, error)
             return None
 
-    def compression_budget(self, request: Request, prompt_len: int) -> int | None:
+    def compression_budget(self, request: Request) -> int | None:
         """The budget the request compresses with at the end of its prompt, or None. Decided on
         the prompt alone, so a preempted request's re-prefill decides as its first prefill did."""
         budget = self.budget_for(request)
-        if budget is None or not frees_blocks(prompt_len, budget, 0, self.block_size):
+        if budget is None or not frees_blocks(
+            request.num_prompt_tokens, budget, 0, self.block_size
+        ):
             return None
         return budget
 
     def forget(self, request_id: str) -> None:
-        self.prefill_end.pop(request_id, None)
+        self.prefilling.discard(request_id)
         self.evicted.pop(request_id, None)
 
 
@@ -154,10 +157,8 @@ def _patch_init(original):
 def _plan_step(scheduler: Scheduler, state: SchedulerCompression, output: SchedulerOutput):
     """Build this step's directives; must run before ``num_computed_tokens`` advances."""
     directives = StepDirectives()
-    for new_request in output.scheduled_new_reqs:
-        state.prefill_end[new_request.req_id] = scheduler.requests[new_request.req_id].num_prompt_tokens
-    for request_id in output.scheduled_cached_reqs.resumed_req_ids:
-        state.prefill_end[request_id] = scheduler.requests[request_id].num_prompt_tokens
+    state.prefilling.update(new_request.req_id for new_request in output.scheduled_new_reqs)
+    state.prefilling.update(output.scheduled_cached_reqs.resumed_req_ids)
 
     window = state.config.window_size
     completing: list[tuple[Request, int, int]] = []
@@ -165,19 +166,19 @@ def _plan_step(scheduler: Scheduler, state: SchedulerCompression, output: Schedu
         if request_id in state.evicted:
             directives.evicted[request_id] = state.evicted[request_id]
             continue
-        prompt_end = state.prefill_end.get(request_id)
-        if prompt_end is None:
+        if request_id not in state.prefilling:
             continue
         request = scheduler.requests[request_id]
+        prompt_end = request.num_prompt_tokens
         chunk_start = request.num_computed_tokens
         chunk_end = chunk_start + num_scheduled
         completes = chunk_end >= prompt_end
         holds_window = chunk_start < prompt_end and chunk_end > prompt_end - window
         if not (completes or holds_window):
             continue
-        budget = state.compression_budget(request, prompt_end)
+        budget = state.compression_budget(request)
         if completes:
-            del state.prefill_end[request_id]
+            state.prefilling.discard(request_id)
             if budget is not None:
                 # 0 unless a resumed request's chunk ran past its prompt (the split at the
                 # prompt's end did not apply): those outputs are kept verbatim.
@@ -286,7 +287,7 @@ def _patch_prefix_cache_hit(original):
         if state is None or num_hit_tokens == 0:
             return (blocks, num_hit_tokens, *rest)
         prompt_len = request.num_prompt_tokens
-        if state.compression_budget(request, prompt_len) is None:
+        if state.compression_budget(request) is None:
             return (blocks, num_hit_tokens, *rest)
         limit = prefix_hit_limit(prompt_len, state.config.window_size, state.block_size)
         if num_hit_tokens > limit:
@@ -315,7 +316,7 @@ def _patch_split_at_prompt_end(original):
             and num_computed_tokens < prompt_len < num_computed_tokens + num_new_tokens
             and request.request_id not in state.evicted
             and not _split_crashes_vllm(request)
-            and state.compression_budget(request, prompt_len) is not None
+            and state.compression_budget(request) is not None
         ):
             return prompt_len - num_computed_tokens
         return num_new_tokens
