@@ -46,6 +46,10 @@ def test_scheduler_hook_signatures():
     unwrap = inspect.unwrap
     assert params(unwrap(Scheduler._update_after_schedule)) == ["self", "scheduler_output"]
     assert params(unwrap(Scheduler._get_local_prefix_cache_hit)) == ["self", "request"]
+    # The hit is get_computed_blocks(request): find_longest_cache_hit(block_hashes, num_tokens-1).
+    lookup = source(vllm.v1.core.kv_cache_manager.KVCacheManager.get_computed_blocks)
+    assert "self.coordinator.find_longest_cache_hit(" in lookup
+    assert "self.create_kv_cache_blocks(computed_blocks)" in lookup
     assert params(unwrap(Scheduler._preempt_request))[:2] == ["self", "request"]
     assert params(unwrap(Scheduler._free_request))[:2] == ["self", "request"]
     # The planning hook runs before num_computed_tokens advances.
@@ -69,31 +73,102 @@ def test_scheduler_hook_signatures():
     assert calls[0] < allocations[0] < calls[1] < allocations[-1]
 
 
-def test_coordinator_signatures_the_accounting_patch_shifts():
+def test_manager_signatures_the_accounting_patch_shifts():
     from vllm.v1.core.kv_cache_coordinator import KVCacheCoordinator
+    from vllm.v1.core.single_type_kv_cache_manager import (
+        FullAttentionManager,
+        SingleTypeKVCacheManager,
+    )
 
     unwrap = inspect.unwrap
-    assert params(unwrap(KVCacheCoordinator.get_num_blocks_to_allocate))[:8] == [
+    assert params(unwrap(SingleTypeKVCacheManager.get_num_blocks_to_allocate))[:7] == [
         "self",
         "request_id",
         "num_tokens",
         "new_computed_blocks",
-        "num_encoder_tokens",
         "total_computed_tokens",
         "num_local_computed_tokens",
         "num_tokens_main_model",
     ]
-    assert params(unwrap(KVCacheCoordinator.allocate_new_blocks))[:4] == [
+    assert params(unwrap(SingleTypeKVCacheManager.allocate_new_blocks))[:4] == [
         "self",
         "request_id",
         "num_tokens",
         "num_tokens_main_model",
     ]
+    # The managers of compressed (full-attention) groups run the patched base methods.
+    for name in ("get_num_blocks_to_allocate", "allocate_new_blocks"):
+        assert name not in FullAttentionManager.__dict__
+    # The coordinator hands each manager the same logical counts, in group order.
+    body = source(KVCacheCoordinator.get_num_blocks_to_allocate)
+    assert "for i, manager in enumerate(self.single_type_managers)" in body
+    assert "manager.allocate_new_blocks(" in source(KVCacheCoordinator.allocate_new_blocks)
     assert params(unwrap(KVCacheCoordinator.cache_blocks)) == [
         "self",
         "request",
         "num_computed_tokens",
     ]
+    # The capped re-lookup of a prefix-cache hit.
+    assert params(KVCacheCoordinator.find_longest_cache_hit)[:3] == [
+        "self",
+        "block_hashes",
+        "max_cache_hit_length",
+    ]
+
+
+def test_kv_cache_group_kinds():
+    from vllm.v1.kv_cache_interface import (
+        FullAttentionSpec,
+        MambaSpec,
+        MLAAttentionSpec,
+        SinkFullAttentionSpec,
+        SlidingWindowSpec,
+    )
+
+    # Exact-type checks decide which groups compress: the variants are subclasses.
+    assert not issubclass(SlidingWindowSpec, FullAttentionSpec)
+    assert issubclass(MLAAttentionSpec, FullAttentionSpec)
+    assert issubclass(SinkFullAttentionSpec, FullAttentionSpec)
+    assert {"block_size"} <= {f.name for f in dataclasses.fields(FullAttentionSpec)}
+    assert "block_size" in {f.name for f in dataclasses.fields(MambaSpec)}
+
+
+def test_hybrid_metadata_facts():
+    from vllm.v1.attention.backend import CommonAttentionMetadata
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+    from vllm.v1.worker.utils import AttentionGroup
+
+    # One seq_lens for every group: only block table and slot mapping change per group, and
+    # each group's metadata is built through AttentionGroup.build_metadata.
+    build = source(GPUModelRunner._build_attention_metadata)
+    assert "seq_lens=self.seq_lens[:num_reqs_padded]" in build
+    assert "cm = copy(cm_base)" in build
+    assert "attn_group.build_metadata(" in build
+    assert "builder.update_block_table(" in build  # reuses a same-spec group's metadata
+    assert params(AttentionGroup.build_metadata)[:2] == ["self", "common_attn_metadata"]
+    assert "kv_cache_group_id" in {f.name for f in dataclasses.fields(AttentionGroup)}
+    fields = {f.name for f in dataclasses.fields(CommonAttentionMetadata)}
+    assert {"seq_lens", "seq_lens_cpu_upper_bound", "max_seq_len",
+            "_num_computed_tokens_cache"} <= fields
+    # Per-group block tables and slot mappings, and per-group block ids in the request state.
+    from vllm.v1.worker.block_table import MultiGroupBlockTable
+
+    assert "self.block_tables" in source(MultiGroupBlockTable.__init__)
+    assert params(MultiGroupBlockTable.__getitem__) == ["self", "idx"]
+
+
+def test_attention_layer_facts_the_refusals_and_scores_read():
+    from vllm.model_executor.layers.attention.attention import Attention
+    from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackendImpl
+
+    init = source(Attention.__init__)
+    assert "self.sliding_window = sliding_window" in init
+    assert "self.layer_name = prefix" in init
+    impl_init = source(CPUAttentionBackendImpl.__init__)
+    for attribute in ("self.alibi_slopes =", "self.sinks = sinks", "self.logits_soft_cap ="):
+        assert attribute in impl_init
+    # The CPU kernel puts the sinks into the softmax as its own logit per query head.
+    assert "s_aux=self.sinks" in source(CPUAttentionBackendImpl.forward)
 
 
 def test_block_pool_and_manager_api():

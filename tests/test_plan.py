@@ -43,18 +43,22 @@ def test_prefix_hits_stop_before_the_window_on_a_block_boundary():
 
 def test_plan_arithmetic_for_a_resumed_request():
     plan = CompressionPlan(
-        prompt_len=1500, budget=256, window_size=32, num_output_tokens=40, target_block_ids=(7, 9, 4)
+        prompt_len=1500,
+        budget=256,
+        window_size=32,
+        num_output_tokens=40,
+        target_block_ids={0: (7, 9, 4), 5: (2, 8, 11)},
     )
     assert plan.prefill_len == 1540
     assert plan.num_kept == 296
     assert plan.num_evicted == 1244
-    assert cdiv(plan.num_kept, 128) == len(plan.target_block_ids)
+    assert all(cdiv(plan.num_kept, 128) == len(t) for t in plan.target_block_ids.values())
 
 
 def test_directives_survive_pickling():
     # vLLM ships SchedulerOutput to worker processes with pickle.
     directives = StepDirectives(
-        plans={"a": CompressionPlan(900, 256, 32, 0, (3, 4))},
+        plans={"a": CompressionPlan(900, 256, 32, 0, {0: (3, 4), 2: (5, 6)}, frozenset({4}))},
         captures={"b": WindowCapture(700, 32)},
         released={"c"},
         evicted={"d": 1000},

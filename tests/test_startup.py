@@ -26,16 +26,6 @@ def test_bad_setting_fails_at_start_naming_its_field(model_dir, settings, field)
         make_llm(model_dir, enforce_eager=True, additional_config={"kv_compression": settings})
 
 
-def test_quantized_kv_cache_is_rejected(model_dir):
-    with pytest.raises(ValueError, match=r"kv_compression=snapkv cannot be used with: .*fp8"):
-        make_llm(
-            model_dir,
-            enforce_eager=True,
-            kv_cache_dtype="fp8",
-            additional_config={"kv_compression": {"budget": 256}},
-        )
-
-
 def _config_with(**changes):
     """A stand-in VllmConfig of a plain Llama on CPU, with ``changes`` applied."""
     from types import SimpleNamespace
@@ -44,9 +34,9 @@ def _config_with(**changes):
         runner_type="generate",
         is_encoder_decoder=False,
         use_mla=False,
-        is_hybrid=False,
         is_attention_free=False,
-        get_sliding_window=lambda: changes.pop("sliding_window", None),
+        attention_chunk_size=None,
+        hf_text_config=SimpleNamespace(**changes.pop("hf_config", {"model_type": "llama"})),
         get_total_num_kv_heads=lambda: 3,
     )
     config = SimpleNamespace(
@@ -55,7 +45,7 @@ def _config_with(**changes):
             pipeline_parallel_size=changes.pop("pp", 1),
             tensor_parallel_size=changes.pop("tp", 1),
         ),
-        cache_config=SimpleNamespace(cache_dtype="auto"),
+        cache_config=SimpleNamespace(cache_dtype=changes.pop("kv_cache_dtype", "auto")),
         speculative_config=changes.pop("speculative_config", None),
         kv_transfer_config=None,
         use_v2_model_runner=changes.pop("v2", False),
@@ -70,9 +60,19 @@ def _config_with(**changes):
     [
         ({}, None),
         ({"speculative_config": object()}, "speculative decoding"),
-        ({"sliding_window": 4096}, "sliding-window attention"),
         ({"use_mla": True}, "MLA attention"),
-        ({"is_hybrid": True}, "hybrid"),
+        ({"is_attention_free": True}, "attention-free"),
+        ({"is_encoder_decoder": True}, "encoder-decoder"),
+        ({"attention_chunk_size": 8192}, "chunked local attention"),
+        ({"hf_config": {"model_type": "bloom"}}, "ALiBi position biases (Bloom"),
+        ({"hf_config": {"model_type": "mpt", "attn_config": {"alibi": True}}}, "ALiBi"),
+        ({"hf_config": {"model_type": "mpt", "attn_config": {"alibi": False}}}, None),
+        ({"hf_config": {"model_type": "falcon", "alibi": True}}, "Falcon with alibi"),
+        ({"hf_config": {"model_type": "falcon", "alibi": False}}, None),
+        ({"kv_cache_dtype": "fp8"}, None),
+        ({"kv_cache_dtype": "fp8_e5m2"}, None),
+        ({"kv_cache_dtype": "bfloat16"}, None),
+        ({"kv_cache_dtype": "fp8_inc"}, "kv_cache_dtype='fp8_inc'"),
         ({"runner_type": "pooling"}, "only generative models"),
         ({"pp": 2}, None),
         ({"tp": 4}, "tensor_parallel_size=4 > 3 KV heads"),

@@ -42,24 +42,27 @@ class WindowCapture:
 class CompressionPlan:
     """The request's prefill completes in this step: compact its KV into ``target_block_ids``.
 
-    Every attention layer selects ``budget`` prompt positions per KV head (the last
-    ``window_size`` always) and writes them, ascending, into slots ``0 .. budget-1`` of the
-    targets, followed by the ``num_output_tokens`` positions after the prompt. Those exist only
-    when a preempted request re-prefills its earlier outputs; keeping them verbatim makes the
-    compressed cache the same as before the preemption. From the next step on, the request's
-    block list is ``target_block_ids`` (+ blocks allocated later) and ``num_evicted`` tokens are
-    not held.
+    Every attention layer of a compressed KV cache group selects ``budget`` prompt positions per
+    KV head (the last ``window_size`` always) and writes them, ascending, into slots
+    ``0 .. budget-1`` of its group's targets, followed by the ``num_output_tokens`` positions
+    after the prompt. Those exist only when a preempted request re-prefills its earlier outputs;
+    keeping them verbatim makes the compressed cache the same as before the preemption. From the
+    next step on, the request's block list in each compressed group is that group's targets (+
+    blocks allocated later) and ``num_evicted`` tokens are not held there. Groups left alone
+    (sliding-window, recurrent state) keep their blocks.
 
-    ``reused_block_ids`` are targets that were the request's own source blocks (compaction in
-    place, when the pool had too few free blocks); the worker reads all sources before writing.
+    ``target_block_ids`` maps each compressed group id to its targets (``cdiv(num_kept,
+    block_size)`` blocks). ``reused_block_ids`` are targets that were the request's own source
+    blocks (compaction in place, when the pool had too few free blocks); the worker reads all
+    sources before writing.
     """
 
     prompt_len: int
     budget: int
     window_size: int
     num_output_tokens: int
-    target_block_ids: tuple[int, ...]
-    reused_block_ids: tuple[int, ...] = ()
+    target_block_ids: dict[int, tuple[int, ...]]
+    reused_block_ids: frozenset[int] = frozenset()
 
     @property
     def prefill_len(self) -> int:

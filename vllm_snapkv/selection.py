@@ -16,14 +16,23 @@ Pooling = Literal["max", "avg"]
 
 
 def window_attention_scores(
-    window_queries: torch.Tensor, keys: torch.Tensor, scale: float
+    window_queries: torch.Tensor,
+    keys: torch.Tensor,
+    scale: float,
+    sinks: torch.Tensor | None = None,
+    soft_cap: float | None = None,
 ) -> torch.Tensor:
-    """Attention mass each prefix position receives from the observation window.
+    """Attention mass each prefix position receives from the observation window, normalised as
+    the layer's own attention normalises it.
 
     Args:
         window_queries: ``[W, H_q, D]`` queries of the last ``W`` prompt tokens, after RoPE.
         keys: ``[L, H_kv, D]`` keys of the whole prompt, after RoPE. ``H_q % H_kv == 0``.
         scale: the layer's softmax scale.
+        sinks: ``[H_q]`` learned sink logits (gpt-oss): each query head's softmax denominator
+            also holds ``exp(sink)``, so the keys share less than all of the mass.
+        soft_cap: logit soft-capping ``cap * tanh(logits / cap)`` (Gemma 2), applied after the
+            scale as the attention kernels do.
 
     Returns:
         ``[H_q, L - W]`` float32: softmax(Q_win K^T) over all ``L`` keys (causal inside the window),
@@ -41,10 +50,16 @@ def window_attention_scores(
     # [H_kv, 1, D, L]: contiguous when the caller's keys are a view of [H_kv, D, L] storage.
     k = keys.float().permute(1, 2, 0).unsqueeze(1)
     logits = torch.matmul(q * scale, k)
+    if soft_cap:
+        logits = torch.tanh(logits / soft_cap) * soft_cap
     prefix_len = prompt_len - num_window
     # Window query i sits at position prefix_len + i and must not see window keys after it.
     causal = torch.ones(num_window, num_window, dtype=torch.bool, device=keys.device).triu(1)
     logits[..., prefix_len:].masked_fill_(causal, float("-inf"))
+    if sinks is not None:
+        # One extra column per query head: the sink takes its share of the softmax mass.
+        sink_column = sinks.float().view(num_kv_heads, group, 1, 1).expand(-1, -1, num_window, 1)
+        logits = torch.cat([logits, sink_column], dim=-1)
     probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
     return probs[..., :prefix_len].sum(dim=2).reshape(num_q_heads, prefix_len)
 
@@ -89,8 +104,11 @@ def select_kept_positions(
     scale: float,
     kernel_size: int = 7,
     pooling: Pooling = "max",
+    sinks: torch.Tensor | None = None,
+    soft_cap: float | None = None,
 ) -> torch.Tensor:
     """Positions each KV head keeps: its top ``budget - W`` prefix positions plus the window.
+    ``sinks`` and ``soft_cap`` as in :func:`window_attention_scores`.
 
     Returns a ``LongTensor[H_kv, budget]``, each row ascending; among equal scores the earlier
     position is kept. The caller skips prompts with
@@ -102,7 +120,7 @@ def select_kept_positions(
         raise ValueError(
             f"need window ({num_window}) < budget ({budget}) < prompt length ({prompt_len})"
         )
-    scores = window_attention_scores(window_queries, keys, scale)
+    scores = window_attention_scores(window_queries, keys, scale, sinks, soft_cap)
     scores = group_mean(pool_scores(scores, kernel_size, pooling), num_kv_heads)
     top = top_positions(scores, budget - num_window)
     window = torch.arange(prompt_len - num_window, prompt_len, device=keys.device)

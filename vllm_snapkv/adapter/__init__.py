@@ -30,12 +30,19 @@ def check_vllm_version(version: str | None = None) -> None:
 
 
 def all_patches():
+    from vllm_snapkv.adapter.block_accounting import BLOCK_ACCOUNTING_PATCHES
     from vllm_snapkv.adapter.engine import ENGINE_PATCHES
     from vllm_snapkv.adapter.scheduler import SCHEDULER_PATCHES
     from vllm_snapkv.adapter.serving import SERVING_PATCHES
     from vllm_snapkv.adapter.worker import WORKER_PATCHES
 
-    return SERVING_PATCHES + ENGINE_PATCHES + SCHEDULER_PATCHES + WORKER_PATCHES
+    return (
+        SERVING_PATCHES
+        + ENGINE_PATCHES
+        + SCHEDULER_PATCHES
+        + BLOCK_ACCOUNTING_PATCHES
+        + WORKER_PATCHES
+    )
 
 
 def install() -> None:

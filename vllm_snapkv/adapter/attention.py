@@ -81,12 +81,50 @@ def check_attention_layers(layers: dict[str, Any]) -> dict[str, SupportedBackend
                 f"{', '.join(b.name for b in SUPPORTED_BACKENDS)}. Choose one with "
                 "--attention-backend or turn compression off."
             )
+        reason = uncompressible_reason(layer)
+        if reason:
+            raise UnsupportedAttentionBackend(
+                f"kv_compression: layer {name} uses {reason}; SnapKV cannot compress it "
+                "correctly. Turn compression off for this model (leave out --kv-compression, "
+                "or set kv_compression to 'none')."
+            )
         backends[name] = backend
     return backends
 
 
+def uncompressible_reason(layer: Any) -> str | None:
+    """Why a layer of a full-attention KV cache group cannot be compacted, or None.
+
+    - ALiBi: the kernels add ``slope * (key index - query index)`` from *physical* key indices,
+      which compaction shifts, and the window scores would miss the bias.
+    - A sliding window inside a full-attention group (vLLM's hybrid KV cache manager turned
+      off): the kernel's window is counted back from the physical length, so after compaction it
+      would cover kept entries from long before the window.
+    """
+    impl = layer.impl
+    if getattr(impl, "alibi_slopes", None) is not None:
+        return "ALiBi position biases (computed from key indices, which compaction changes)"
+    if getattr(layer, "sliding_window", None) is not None:
+        return (
+            "sliding-window attention inside a full-attention KV cache group (vLLM's hybrid KV "
+            "cache manager is off, e.g. --disable-hybrid-kv-cache-manager or a KV connector)"
+        )
+    return None
+
+
+def scoring_options(impl: Any) -> dict[str, Any]:
+    """What the layer's own softmax adds to ``Q K^T * scale``: learned sinks (gpt-oss) and logit
+    soft-capping (Gemma 2); backends spell "none" as None or 0."""
+    return {
+        "sinks": getattr(impl, "sinks", None),
+        "soft_cap": getattr(impl, "logits_soft_cap", None) or None,
+    }
+
+
 def layout_for(impl: Any, layer: Any) -> PagedKVLayout:
-    """The layout of ``layer``'s cache, from the implementation vLLM runs for it."""
+    """The layout of ``layer``'s cache, from the implementation vLLM runs for it: its cache dtype
+    (``impl.kv_cache_dtype``) and, for fp8 caches, the layer's K scale the scores dequantise
+    with."""
     backend = backend_of(impl)
     if backend is None:
         raise UnsupportedAttentionBackend(f"no KV layout for {type(impl).__name__}")
@@ -94,11 +132,10 @@ def layout_for(impl: Any, layer: Any) -> PagedKVLayout:
         from vllm_snapkv.adapter.layouts.cpu import CpuPackedLayout
 
         return CpuPackedLayout(
-            layer.isa,
-            k_scale=layer._k_scale_float,
-            v_scale=layer._v_scale_float,
-            kv_cache_dtype=impl.kv_cache_dtype,
+            layer.isa, kv_cache_dtype=impl.kv_cache_dtype, k_scale=layer._k_scale_float
         )
-    from vllm_snapkv.adapter.layouts.standard import StandardLayout
+    from vllm_snapkv.adapter.layouts.standard import StandardLayout, stored_fp8_format
 
-    return StandardLayout()
+    return StandardLayout(
+        stored_fp8_format(backend.name, impl.kv_cache_dtype), k_scale=layer._k_scale_float
+    )

@@ -31,6 +31,11 @@ from vllm_snapkv.metrics import serve_metrics_from_this_process
 logger = init_logger(f"vllm.{__name__}")
 
 
+#: KV cache dtypes the layouts read and write: the model's dtype, an explicit 16-bit dtype (not a
+#: quantised cache), and per-tensor-scaled fp8, whose stored bytes compaction copies unchanged.
+SUPPORTED_KV_CACHE_DTYPES = ("auto", "bfloat16", "float16", "fp8", "fp8_e4m3", "fp8_e5m2")
+
+
 def unsupported_features(vllm_config: VllmConfig) -> list[str]:
     """Every configured feature the compaction cannot serve correctly, as readable reasons."""
     model = vllm_config.model_config
@@ -50,12 +55,23 @@ def unsupported_features(vllm_config: VllmConfig) -> list[str]:
         reasons.append("encoder-decoder models")
     if model.use_mla:
         reasons.append("MLA attention")
-    if model.is_hybrid or model.is_attention_free:
-        reasons.append("hybrid or attention-free models")
-    if model.get_sliding_window() is not None:
-        reasons.append("sliding-window attention")
-    if vllm_config.cache_config.cache_dtype != "auto":
-        reasons.append(f"kv_cache_dtype={vllm_config.cache_config.cache_dtype!r} (quantized KV)")
+    if model.is_attention_free:
+        reasons.append("attention-free models (nothing to compress)")
+    if getattr(model, "attention_chunk_size", None):
+        reasons.append(
+            "chunked local attention (Llama 4's attention_chunk_size: its chunks are counted in "
+            "key positions, which compaction changes)"
+        )
+    alibi = alibi_family(model.hf_text_config)
+    if alibi:
+        reasons.append(
+            f"ALiBi position biases ({alibi}: computed from key indices, which compaction changes)"
+        )
+    cache_dtype = vllm_config.cache_config.cache_dtype
+    if cache_dtype not in SUPPORTED_KV_CACHE_DTYPES:
+        reasons.append(
+            f"kv_cache_dtype={cache_dtype!r} (supported: {', '.join(SUPPORTED_KV_CACHE_DTYPES)})"
+        )
     num_kv_heads = model.get_total_num_kv_heads()
     if parallel.tensor_parallel_size > num_kv_heads:
         reasons.append(
@@ -68,6 +84,24 @@ def unsupported_features(vllm_config: VllmConfig) -> list[str]:
             "SnapKV hooks the V1 runner)"
         )
     return reasons
+
+
+def alibi_family(hf_config: Any) -> str | None:
+    """The ALiBi model family a Hugging Face config describes, or None. The worker also refuses
+    any layer with ALiBi slopes (exact); this names the usual families before anything loads."""
+    model_type = getattr(hf_config, "model_type", "")
+    attn_config = getattr(hf_config, "attn_config", None)
+    if model_type == "bloom":
+        return "Bloom"
+    if model_type == "mpt" and (
+        attn_config.get("alibi") if isinstance(attn_config, dict) else getattr(attn_config, "alibi", False)
+    ):
+        return "MPT"
+    if model_type == "falcon" and getattr(hf_config, "alibi", False):
+        return "Falcon with alibi"
+    if model_type == "jais" and getattr(hf_config, "position_embedding_type", None) == "alibi":
+        return "JAIS"
+    return None
 
 
 #: vLLM's switch between the V1 and V2 model runners (``VllmConfig.use_v2_model_runner``).

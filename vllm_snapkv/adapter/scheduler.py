@@ -8,10 +8,7 @@ Patched (vLLM 0.32, v1 engine; contract tests in tests/test_contract.py):
 - ``Scheduler._reserve_prefill_lookahead`` (post): end a preempted request's re-prefill chunk at
   its prompt, so its earlier outputs are recomputed over the compressed cache.
 - ``Scheduler._preempt_request`` / ``_free_request``: forget per-request state.
-- ``KVCacheCoordinator.get_num_blocks_to_allocate`` / ``allocate_new_blocks``: subtract evicted
-  tokens, so the freed blocks are not allocated again at the next step.
-- ``KVCacheCoordinator.cache_blocks``: never hash compacted blocks (their content is no longer
-  the prompt prefix the hashes describe).
+Block accounting of compressed groups (targets, block swap, physical counts): ``block_accounting``.
 """
 
 from __future__ import annotations
@@ -22,11 +19,12 @@ from typing import Any
 
 from vllm.logger import init_logger
 from vllm.platforms import current_platform
-from vllm.v1.core.kv_cache_coordinator import KVCacheCoordinator
 from vllm.v1.core.sched.output import SchedulerOutput
 from vllm.v1.core.sched.scheduler import Scheduler
-from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig
 from vllm.v1.request import Request
+
+from vllm_snapkv.adapter.block_accounting import compress_completing, share_evicted_counts
+from vllm_snapkv.adapter.groups import CompressedGroups
 
 from vllm_snapkv.config import (
     KVCompressionConfigError,
@@ -35,14 +33,7 @@ from vllm_snapkv.config import (
     request_budget,
 )
 from vllm_snapkv.metrics import CompressionStats, StatsPublisher, publishers_from_environment
-from vllm_snapkv.plan import (
-    CompressionPlan,
-    StepDirectives,
-    WindowCapture,
-    cdiv,
-    frees_blocks,
-    prefix_hit_limit,
-)
+from vllm_snapkv.plan import StepDirectives, WindowCapture, frees_blocks, prefix_hit_limit
 
 # Under the "vllm" logger tree so vLLM's handlers and VLLM_LOGGING_LEVEL apply.
 logger = init_logger(f"vllm.{__name__}")
@@ -51,31 +42,13 @@ logger = init_logger(f"vllm.{__name__}")
 DIRECTIVES_ATTR = "snapkv_directives"
 
 
-def check_kv_cache_config(kv_cache_config: KVCacheConfig) -> None:
-    """Compression is defined for one group of plain full-attention layers only."""
-    groups = kv_cache_config.kv_cache_groups
-    if len(groups) != 1:
-        raise ValueError(
-            "kv_compression: SnapKV supports models with exactly one KV cache group "
-            f"(plain full attention); this model has {len(groups)} "
-            "(hybrid, sliding-window or cross-attention layers)."
-        )
-    spec = groups[0].kv_cache_spec
-    if type(spec) is not FullAttentionSpec:
-        raise ValueError(
-            "kv_compression: SnapKV supports plain full attention only; this model's KV cache "
-            f"spec is {type(spec).__name__} (MLA, sink or sliding-window variants are not "
-            "supported)."
-        )
-
-
 @dataclass
 class SchedulerCompression:
     """Per-scheduler SnapKV state. Invariant: ``evicted[r] > 0`` iff ``r``'s block list holds
     compacted KV, i.e. its physical KV length is its logical length minus ``evicted[r]``."""
 
     config: SnapKVConfig
-    block_size: int
+    groups: CompressedGroups
     #: Requests whose prompt is not yet computed (new or resumed): they compress when their
     #: prefill reaches the prompt's end (a preempted request's re-prefill is split there, see
     #: ``_patch_split_at_prompt_end``).
@@ -99,6 +72,10 @@ class SchedulerCompression:
             # rather than failing the engine for everyone.
             logger.warning("SnapKV: request %s not compressed: %s", request.request_id, error)
             return None
+
+    @property
+    def block_size(self) -> int:
+        return self.groups.block_size
 
     def compression_budget(self, request: Request) -> int | None:
         """The budget the request compresses with at the end of its prompt, or None. Decided on
@@ -126,11 +103,9 @@ def _patch_init(original):
         config = config_from_additional(self.vllm_config.additional_config)
         if config is None:
             return
-        check_kv_cache_config(self.kv_cache_config)
-        coordinator = self.kv_cache_manager.coordinator
         state = SchedulerCompression(
             config=config,
-            block_size=coordinator.single_type_managers[0].block_size,
+            groups=CompressedGroups.of(self.kv_cache_config),
             # data_parallel_index, not _rank: vLLM resets the rank of independent (non-MoE) DP
             # engines to 0; the index is the engine's `engine` label in vLLM's own metrics.
             publishers=publishers_from_environment(
@@ -138,17 +113,19 @@ def _patch_init(original):
                 self.vllm_config.parallel_config.data_parallel_index,
             ),
         )
-        coordinator._snapkv_evicted = state.evicted
+        share_evicted_counts(self.kv_cache_manager.coordinator, state.groups, state.evicted)
         self._snapkv = state
         state.publish_stats()  # counters exist (at 0) from the start, as Prometheus expects
         logger.info(
             "SnapKV KV-cache compression on: budget=%d, window_size=%d, kernel_size=%d, "
-            "pooling=%s, block_size=%d",
+            "pooling=%s, block_size=%d, compressed KV cache groups %s of %d",
             config.budget,
             config.window_size,
             config.kernel_size,
             config.pooling,
             state.block_size,
+            list(state.groups.group_ids),
+            len(self.kv_cache_config.kv_cache_groups),
         )
 
     return __init__
@@ -187,85 +164,11 @@ def _plan_step(scheduler: Scheduler, state: SchedulerCompression, output: Schedu
             directives.captures[request_id] = WindowCapture(prompt_end, window)
 
     if completing:
-        _compress(scheduler, state, completing, directives)
+        new_ratios = compress_completing(
+            scheduler.kv_cache_manager.coordinator, state, completing, directives
+        )
+        state.publish_stats(new_ratios)
     return directives
-
-
-def _compress(
-    scheduler: Scheduler,
-    state: SchedulerCompression,
-    completing: list[tuple[Request, int, int]],
-    directives: StepDirectives,
-) -> None:
-    """Copy-on-compress into fresh blocks; in place only when the pool is short.
-
-    Every target is allocated before any source is released, so a fresh target can never be a
-    block another request of this step still reads from. Fresh targets leave the source blocks
-    (and their prefix-cache hashes) intact for later requests with the same prefix.
-    """
-    manager = scheduler.kv_cache_manager.coordinator.single_type_managers[0]
-    block_pool = manager.block_pool
-    allocations: list[tuple[Request, CompressionPlan, list]] = []
-    for request, budget, num_output_tokens in completing:
-        request_id = request.request_id
-        sources = manager.req_to_blocks[request_id]
-        num_targets = cdiv(budget + num_output_tokens, state.block_size)
-        if block_pool.get_num_free_blocks() >= num_targets:
-            targets, reused = block_pool.get_new_blocks(num_targets), []
-        else:
-            targets, reused = _in_place_targets(block_pool, sources, num_targets)
-        if targets is None:
-            # The window queries exist only during this step: compressing later is impossible.
-            state.stats.skipped_no_free_blocks += 1
-            directives.released.add(request_id)
-            logger.warning(
-                "SnapKV: request %s keeps its full KV cache: no free blocks to compact it into",
-                request_id,
-            )
-            continue
-        plan = CompressionPlan(
-            prompt_len=request.num_prompt_tokens,
-            budget=budget,
-            window_size=state.config.window_size,
-            num_output_tokens=num_output_tokens,
-            target_block_ids=tuple(block.block_id for block in targets),
-            reused_block_ids=tuple(block.block_id for block in reused),
-        )
-        allocations.append((request, plan, targets))
-
-    new_ratios = []
-    for request, plan, targets in allocations:
-        request_id = request.request_id
-        sources = manager.req_to_blocks[request_id]
-        manager.req_to_blocks[request_id] = list(targets)
-        reused = set(plan.reused_block_ids)
-        block_pool.free_blocks(reversed([b for b in sources if b.block_id not in reused]))
-        directives.plans[request_id] = plan
-        state.evicted[request_id] = plan.num_evicted
-        new_ratios.append(
-            state.stats.record_compression(
-                plan.prompt_len, plan.budget, plan.num_evicted, len(sources) - len(targets)
-            )
-        )
-    state.publish_stats(new_ratios)
-
-
-def _in_place_targets(block_pool, sources: list, num_targets: int):
-    """Targets for compaction in place: the request's own blocks that no other request holds,
-    taken from the tail, and fresh blocks for the rest. ``(None, [])`` when even that does not fit.
-
-    The worker reads every kept entry of a layer before it writes any, so any owned block may be
-    a target. Tail blocks go first because the leading ones are the prompt prefix later requests
-    are most likely to hit: freed untouched, they keep their prefix-cache entries.
-    """
-    owned = [block for block in reversed(sources) if block.ref_cnt == 1][:num_targets]
-    num_fresh = num_targets - len(owned)
-    if num_fresh > block_pool.get_num_free_blocks():
-        return None, []
-    reused = owned[::-1]
-    # Their content changes: no later request may hit them as a cached prompt block.
-    block_pool.evict_blocks({block.block_id for block in reused})
-    return reused + block_pool.get_new_blocks(num_fresh), reused
 
 
 def _patch_update_after_schedule(original):
@@ -281,21 +184,32 @@ def _patch_update_after_schedule(original):
 
 def _patch_prefix_cache_hit(original):
     @functools.wraps(original)
-    def _get_local_prefix_cache_hit(self: Scheduler, request: Request):
-        blocks, num_hit_tokens, *rest = original(self, request)
+    def _get_local_prefix_cache_hit(self: Scheduler, request: Request, *args: Any, **kwargs: Any):
+        blocks, num_hit_tokens, *rest = original(self, request, *args, **kwargs)
         state = _state(self)
-        if state is None or num_hit_tokens == 0:
+        if state is None or num_hit_tokens == 0 or state.compression_budget(request) is None:
             return (blocks, num_hit_tokens, *rest)
-        prompt_len = request.num_prompt_tokens
-        if state.compression_budget(request) is None:
-            return (blocks, num_hit_tokens, *rest)
-        limit = prefix_hit_limit(prompt_len, state.config.window_size, state.block_size)
+        limit = prefix_hit_limit(request.num_prompt_tokens, state.config.window_size, state.block_size)
         if num_hit_tokens > limit:
-            blocks = self.kv_cache_manager.truncate_computed_blocks(blocks, limit)
-            num_hit_tokens = limit
+            # Looked up again rather than truncated: a sliding-window group's hit holds only the
+            # window before its end (null blocks earlier), not the window before ``limit``.
+            blocks, num_hit_tokens, shared_prefix_boundary = _cache_hit_within(
+                self.kv_cache_manager, request, limit
+            )
+            rest[0] = shared_prefix_boundary
         return (blocks, num_hit_tokens, *rest)
 
     return _get_local_prefix_cache_hit
+
+
+def _cache_hit_within(kv_cache_manager: Any, request: Request, max_tokens: int):
+    """vLLM's local prefix-cache lookup (``KVCacheManager.get_computed_blocks``) capped at
+    ``max_tokens``: ``(blocks, hit tokens, shared prefix boundary)``."""
+    computed, num_hit_tokens, num_uncached = kv_cache_manager.coordinator.find_longest_cache_hit(
+        request.block_hashes, max_tokens
+    )
+    boundary = num_hit_tokens + num_uncached if num_uncached else 0
+    return kv_cache_manager.create_kv_cache_blocks(computed), num_hit_tokens, boundary
 
 
 def _patch_split_at_prompt_end(original):
@@ -346,70 +260,6 @@ def _patch_forget(original):
     return wrapper
 
 
-def _evicted_for(coordinator: KVCacheCoordinator, request_id: str) -> int:
-    evicted = getattr(coordinator, "_snapkv_evicted", None)
-    return evicted.get(request_id, 0) if evicted else 0
-
-
-def _patch_get_num_blocks_to_allocate(original):
-    @functools.wraps(original)
-    def get_num_blocks_to_allocate(
-        self: KVCacheCoordinator,
-        request_id: str,
-        num_tokens: int,
-        new_computed_blocks,
-        num_encoder_tokens: int,
-        total_computed_tokens: int,
-        num_local_computed_tokens: int,
-        num_tokens_main_model: int,
-        *args: Any,
-        **kwargs: Any,
-    ) -> int:
-        evicted = _evicted_for(self, request_id)
-        return original(
-            self,
-            request_id,
-            num_tokens - evicted,
-            new_computed_blocks,
-            num_encoder_tokens,
-            total_computed_tokens - evicted,
-            num_local_computed_tokens - evicted,
-            num_tokens_main_model - evicted,
-            *args,
-            **kwargs,
-        )
-
-    return get_num_blocks_to_allocate
-
-
-def _patch_allocate_new_blocks(original):
-    @functools.wraps(original)
-    def allocate_new_blocks(
-        self: KVCacheCoordinator,
-        request_id: str,
-        num_tokens: int,
-        num_tokens_main_model: int,
-        *args: Any,
-        **kwargs: Any,
-    ):
-        evicted = _evicted_for(self, request_id)
-        return original(
-            self, request_id, num_tokens - evicted, num_tokens_main_model - evicted, *args, **kwargs
-        )
-
-    return allocate_new_blocks
-
-
-def _patch_cache_blocks(original):
-    @functools.wraps(original)
-    def cache_blocks(self: KVCacheCoordinator, request: Request, num_computed_tokens: int) -> None:
-        if _evicted_for(self, request.request_id):
-            return
-        original(self, request, num_computed_tokens)
-
-    return cache_blocks
-
-
 #: (owner class, method name, wrapper factory): every engine-core patch, in one visible list.
 SCHEDULER_PATCHES = (
     (Scheduler, "__init__", _patch_init),
@@ -418,7 +268,4 @@ SCHEDULER_PATCHES = (
     (Scheduler, "_reserve_prefill_lookahead", _patch_split_at_prompt_end),
     (Scheduler, "_preempt_request", _patch_forget),
     (Scheduler, "_free_request", _patch_forget),
-    (KVCacheCoordinator, "get_num_blocks_to_allocate", _patch_get_num_blocks_to_allocate),
-    (KVCacheCoordinator, "allocate_new_blocks", _patch_allocate_new_blocks),
-    (KVCacheCoordinator, "cache_blocks", _patch_cache_blocks),
 )

@@ -6,10 +6,13 @@ Patched (vLLM 0.32; contract tests in tests/test_contract.py):
 - ``GPUModelRunner._update_states`` (pre): apply last step's block swaps to the request state and
   the block-table row *before* vLLM appends this step's new blocks; forget finished/resumed ids.
 - ``GPUModelRunner._prepare_inputs`` (post): physical ``seq_lens`` and slot mapping for compressed
-  requests (RoPE ``positions`` stay logical), written into the runner's persistent buffers that
-  attention metadata and CUDA graphs read; locate this step's window rows.
+  requests in the compressed groups (RoPE ``positions`` stay logical), written into the runner's
+  persistent buffers that attention metadata and CUDA graphs read (``adapter.physical``); locate
+  this step's window rows.
 - ``CudagraphDispatcher.dispatch``: a step with SnapKV work never replays a *full* CUDA graph (no
-  Python would run inside it); piecewise graphs keep attention eager, so they stay allowed.
+  Python would run inside it); piecewise graphs keep attention eager, so they stay allowed. On
+  hybrid models neither does a step whose groups read different lengths (a full graph captured
+  one ``seq_lens`` buffer for all groups).
 - ``GPUModelRunner.execute_model`` (post): check every layer compacted, write debug dumps, queue
   the block swaps.
 - ``forward`` of each supported attention implementation (post): buffer window queries, select,
@@ -34,8 +37,20 @@ from vllm.v1.attention.backend import AttentionType
 from vllm.v1.cudagraph_dispatcher import CudagraphDispatcher
 from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
-from vllm_snapkv.adapter.attention import check_attention_layers, layout_for, loaded_impls
+from vllm_snapkv.adapter.attention import (
+    check_attention_layers,
+    layout_for,
+    loaded_impls,
+    scoring_options,
+)
+from vllm_snapkv.adapter.groups import CompressedGroups
 from vllm_snapkv.adapter.layouts import PagedKVLayout, PagedTokens
+from vllm_snapkv.adapter.physical import (
+    PHYSICAL_PATCHES,
+    make_lengths_physical,
+    steps_use_mixed_lengths,
+    swap_block_lists,
+)
 from vllm_snapkv.adapter.scheduler import DIRECTIVES_ATTR
 from vllm_snapkv.config import SnapKVConfig, config_from_additional
 from vllm_snapkv.plan import CompressionPlan, StepDirectives, WindowCapture
@@ -55,9 +70,10 @@ class _Job:
     chunk_len: int
     capture: WindowCapture | None = None
     plan: CompressionPlan | None = None
-    #: With a plan: the prompt (+ re-prefilled outputs) as stored now, and the slots it moves to.
-    source: PagedTokens | None = None
-    target_slots: torch.Tensor | None = None
+    #: With a plan, per compressed group: the prompt (+ re-prefilled outputs) as stored now, and
+    #: the slots it moves to.
+    sources: dict[int, PagedTokens] = field(default_factory=dict)
+    target_slots: dict[int, torch.Tensor] = field(default_factory=dict)
     layers_done: set[int] = field(default_factory=set)
     kept: dict[int, torch.Tensor] = field(default_factory=dict)
 
@@ -79,24 +95,21 @@ class WorkerCompression:
     """Per-model-runner SnapKV state. Invariant: after ``execute_model`` of a step, every plan of
     that step has been applied by every attention layer of this worker, or the step failed."""
 
-    def __init__(
-        self,
-        config: SnapKVConfig,
-        num_layers: int,
-        block_size: int,
-        dump_suffix: str = "",
-    ):
+    def __init__(self, config: SnapKVConfig, groups: CompressedGroups, dump_suffix: str = ""):
         self.config = config
-        self.num_layers = num_layers
-        self.block_size = block_size  # the scheduler's (manager) block size
+        self.groups = groups
+        # A pipeline stage's KV cache config names only the layers it runs: each stage compacts
+        # its own layers, and checks it compacted all of them.
+        self.num_layers = groups.num_layers
+        self.block_size = groups.block_size  # the scheduler's (manager) block size
         #: Appended to dump names so ranks holding other heads or layers do not collide.
         self.dump_suffix = dump_suffix
         self.directives = StepDirectives()
         self.jobs: list[_Job] = []
         #: request -> layer -> window queries buffered from earlier chunks.
         self.window_queries: dict[str, dict[int, list[torch.Tensor]]] = {}
-        #: request -> target blocks that replace its block list at the next step.
-        self.pending_swaps: dict[str, tuple[int, ...]] = {}
+        #: request -> group -> target blocks that replace its block list at the next step.
+        self.pending_swaps: dict[str, dict[int, tuple[int, ...]]] = {}
         #: Attention layer name -> its cache layout, from the implementation vLLM runs there.
         self.layouts: dict[str, PagedKVLayout] = {}
         #: Attention backend name per layer, checked at KV-cache initialisation.
@@ -105,9 +118,9 @@ class WorkerCompression:
         self.compaction_seconds = 0.0
 
     def check_layers(self, runner: GPUModelRunner) -> None:
-        """Refuse (at engine start) any attention layer SnapKV cannot compact."""
+        """Refuse (at engine start) any layer of a compressed group SnapKV cannot compact."""
         forward_context = runner.compilation_config.static_forward_context
-        names = runner.kv_cache_config.kv_cache_groups[0].layer_names
+        names = self.groups.group_of_layer
         backends = check_attention_layers({name: forward_context[name] for name in names})
         self.backend_names = {backend.name for backend in backends.values()}
 
@@ -125,7 +138,7 @@ class WorkerCompression:
         for new_request in scheduler_output.scheduled_new_reqs:
             self.forget(new_request.req_id)
         for request_id, targets in self.pending_swaps.items():
-            _swap_block_list(runner, request_id, list(targets))
+            swap_block_lists(runner, request_id, targets)
         self.pending_swaps.clear()
         self.directives = getattr(scheduler_output, DIRECTIVES_ATTR, None) or StepDirectives()
         for request_id in self.directives.released:
@@ -138,13 +151,11 @@ class WorkerCompression:
         _ACTIVE_STEP = None
         self.jobs = []
         directives = self.directives
-        if not directives.has_work():
-            return
         batch = runner.input_batch
-        num_reqs = batch.num_reqs
-        request_ids = batch.req_ids[:num_reqs]
-        if directives.evicted:
-            _make_lengths_physical(runner, scheduler_output, request_ids, directives.evicted)
+        request_ids = batch.req_ids[: batch.num_reqs]
+        make_lengths_physical(runner, scheduler_output, request_ids, directives.evicted, self.groups)
+        if not (directives.plans or directives.captures):
+            return
         query_start = runner.query_start_loc.np
         for row, request_id in enumerate(request_ids):
             plan = directives.plans.get(request_id)
@@ -161,15 +172,14 @@ class WorkerCompression:
             )
             if plan is not None:
                 # Built once per step, not per layer: one host-to-device copy each.
-                job.source = PagedTokens.of(
-                    runner.requests[request_id].block_ids[0],
-                    self.block_size,
-                    plan.prefill_len,
-                    runner.device,
-                )
-                job.target_slots = PagedTokens.of(
-                    plan.target_block_ids, self.block_size, plan.num_kept, runner.device
-                ).slots()
+                block_ids = runner.requests[request_id].block_ids
+                for group_id, targets in plan.target_block_ids.items():
+                    job.sources[group_id] = PagedTokens.of(
+                        block_ids[group_id], self.block_size, plan.prefill_len, runner.device
+                    )
+                    job.target_slots[group_id] = PagedTokens.of(
+                        targets, self.block_size, plan.num_kept, runner.device
+                    ).slots()
             self.jobs.append(job)
         if self.jobs:
             _ACTIVE_STEP = self
@@ -181,6 +191,9 @@ class WorkerCompression:
         query: torch.Tensor,
         kv_cache: torch.Tensor,
     ) -> None:
+        group_id = self.groups.group_of_layer.get(layer.layer_name)
+        if group_id is None:
+            return  # a sliding-window layer of a hybrid model: vLLM manages it unchanged
         layer_index = extract_layer_index(layer.layer_name)
         queries = query.view(-1, impl.num_heads, impl.head_size)
         for job in self.jobs:
@@ -193,7 +206,9 @@ class WorkerCompression:
                 continue
             window_queries = torch.cat([*buffered, rows]) if buffered else rows
             started = time.perf_counter()
-            job.kept[layer_index] = self._compact(impl, layer, job, window_queries, kv_cache)
+            job.kept[layer_index] = self._compact(
+                impl, layer, job, window_queries, kv_cache, group_id
+            )
             self.compaction_seconds += time.perf_counter() - started
             job.layers_done.add(layer_index)
 
@@ -203,8 +218,11 @@ class WorkerCompression:
             layout = self.layouts[layer.layer_name] = layout_for(impl, layer)
         return layout
 
-    def _compact(self, impl, layer, job: _Job, window_queries, kv_cache) -> torch.Tensor:
+    def _compact(
+        self, impl, layer, job: _Job, window_queries, kv_cache, group_id: int
+    ) -> torch.Tensor:
         plan = job.plan
+        source = job.sources[group_id]
         if window_queries.shape[0] != plan.window_size:
             raise RuntimeError(
                 f"SnapKV: request {job.request_id} has {window_queries.shape[0]} window queries "
@@ -213,14 +231,15 @@ class WorkerCompression:
         layout = self._layout(impl, layer)
         # Copies of the source tokens are read before any write: targets may be reused sources
         # (in-place compaction).
-        keys = layout.read_keys(kv_cache, job.source)
+        keys = layout.read_keys(kv_cache, source)
         kept = select_kept_positions(
             window_queries,
-            keys[: plan.prompt_len, :, : impl.head_size],
+            layout.scoring_keys(keys[: plan.prompt_len, :, : impl.head_size]),
             plan.budget,
             impl.scale,
             self.config.kernel_size,
             self.config.pooling,
+            **scoring_options(impl),
         )
         num_heads = keys.shape[1]
         outputs = torch.arange(plan.prompt_len, plan.prefill_len, device=keys.device)
@@ -228,8 +247,8 @@ class WorkerCompression:
         per_slot = torch.cat([kept, outputs.expand(num_heads, -1)], dim=1).T
         heads = torch.arange(num_heads, device=keys.device)
         kept_keys = keys[per_slot, heads]
-        kept_values = layout.gather_values(kv_cache, job.source, per_slot)
-        layout.write(kv_cache, kept_keys, kept_values, job.target_slots)
+        kept_values = layout.gather_values(kv_cache, source, per_slot)
+        layout.write(kv_cache, kept_keys, kept_values, job.target_slots[group_id])
         return kept
 
     def after_execute_model(self) -> None:
@@ -263,43 +282,6 @@ class WorkerCompression:
         )
 
 
-def _swap_block_list(runner: GPUModelRunner, request_id: str, targets: list[int]) -> None:
-    """Make ``targets`` the request's whole block list, in its state and its block-table row."""
-    request_state = runner.requests.get(request_id)
-    if request_state is None:
-        return
-    request_state.block_ids[0][:] = targets
-    row = runner.input_batch.req_id_to_index.get(request_id)
-    if row is None:
-        return  # not in the persistent batch: re-added from request_state.block_ids later
-    table = runner.input_batch.block_table[0]
-    old_len = int(table.num_blocks_per_row[row])
-    table.add_row(targets, row)
-    table.block_table.np[row, len(targets) : max(old_len, len(targets))] = 0
-
-
-def _make_lengths_physical(
-    runner: GPUModelRunner,
-    scheduler_output: Any,
-    request_ids: list[str],
-    evicted: dict[str, int],
-) -> None:
-    """KV lengths and slots of compressed requests become physical; RoPE positions stay."""
-    num_reqs = len(request_ids)
-    per_row = torch.tensor([evicted.get(r, 0) for r in request_ids], dtype=torch.int32)
-    if not per_row.any():
-        return
-    num_tokens = scheduler_output.total_num_scheduled_tokens
-    runner.optimistic_seq_lens_cpu[:num_reqs] -= per_row
-    per_row = per_row.to(runner.seq_lens.device)
-    runner.seq_lens[:num_reqs] -= per_row
-    row_of_token = runner.req_indices.gpu[:num_tokens]
-    physical = runner.positions[:num_tokens] - per_row.to(torch.int64)[row_of_token]
-    runner.input_batch.block_table.compute_slot_mapping(
-        num_reqs, runner.query_start_loc.gpu[: num_reqs + 1], physical
-    )
-
-
 def _state(runner: GPUModelRunner) -> WorkerCompression | None:
     state = runner.__dict__.get("_snapkv")
     if state is None and "_snapkv" not in runner.__dict__:
@@ -312,13 +294,9 @@ def _create_state(runner: GPUModelRunner) -> WorkerCompression | None:
     config = config_from_additional(runner.vllm_config.additional_config)
     if config is None:
         return None
-    groups = runner.kv_cache_config.kv_cache_groups
     return WorkerCompression(
         config,
-        # A pipeline stage's KV cache config names only the layers it runs: each stage compacts
-        # its own layers, and checks it compacted all of them.
-        num_layers=len(groups[0].layer_names),
-        block_size=groups[0].kv_cache_spec.block_size,
+        CompressedGroups.of(runner.kv_cache_config),
         dump_suffix=_rank_suffix(runner.parallel_config),
     )
 
@@ -414,9 +392,10 @@ def _patch_attention_forward(original):
 def _patch_cudagraph_dispatch(original):
     @functools.wraps(original)
     def dispatch(self: CudagraphDispatcher, *args: Any, **kwargs: Any):
-        if _ACTIVE_STEP is not None:
+        if _ACTIVE_STEP is not None or steps_use_mixed_lengths():
             # A full graph would replay this step's attention without running the capture and
-            # compaction; piecewise graphs run attention eagerly (it is a splitting op).
+            # compaction, or with one seq_lens buffer for groups that read different lengths;
+            # piecewise graphs run attention eagerly (it is a splitting op).
             kwargs["invalid_modes"] = {*(kwargs.get("invalid_modes") or ()), CUDAGraphMode.FULL}
         return original(self, *args, **kwargs)
 
@@ -445,5 +424,6 @@ WORKER_PATCHES = (
     (GPUModelRunner, "_prepare_inputs", _patch_prepare_inputs),
     (GPUModelRunner, "execute_model", _patch_execute_model),
     (CudagraphDispatcher, "dispatch", _patch_cudagraph_dispatch),
+    *PHYSICAL_PATCHES,
     *((impl, "forward", _patch_attention_forward) for _, impl in loaded_impls()),
 )

@@ -8,6 +8,11 @@
 
 Both implement :class:`PagedKVLayout`. Which one a layer uses is decided from the attention
 implementation vLLM instantiated for it (``vllm_snapkv.adapter.attention``), never guessed.
+
+fp8 caches (``--kv-cache-dtype fp8|fp8_e4m3|fp8_e5m2``, one scale per layer and tensor) hold
+bytes: layouts read and write those bytes unchanged, so kept entries stay bit-identical to what
+vLLM stored (re-quantising would not: vLLM's CPU quantiser maps -0.0 to +0.0 and truncates), and
+only the scores see dequantised keys (:meth:`PagedKVLayout.scoring_keys`).
 """
 
 from __future__ import annotations
@@ -16,6 +21,40 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import torch
+from vllm.v1.kv_cache_interface import is_quantized_kv_cache
+
+#: Float8 format of each per-tensor-scaled fp8 ``--kv-cache-dtype``, as vLLM names them (``fp8``
+#: is e4m3). A layout may store another format for a name (see ``layouts.standard``).
+FP8_FORMATS: dict[str, torch.dtype] = {
+    "fp8": torch.float8_e4m3fn,
+    "fp8_e4m3": torch.float8_e4m3fn,
+    "fp8_e5m2": torch.float8_e5m2,
+}
+
+
+def fp8_format(kv_cache_dtype: str) -> torch.dtype | None:
+    """The float8 format ``kv_cache_dtype`` names; None for a cache that is not quantised.
+
+    Other quantised caches (per-token-head scales, nvfp4, ...) keep scales or packing that a copy
+    of the K/V bytes alone would not move: they are refused rather than compacted wrong.
+    """
+    if not is_quantized_kv_cache(kv_cache_dtype):
+        return None
+    if kv_cache_dtype not in FP8_FORMATS:
+        raise NotImplementedError(
+            f"vllm-snapkv cannot compact a {kv_cache_dtype!r} KV cache; quantised caches "
+            f"supported: {', '.join(FP8_FORMATS)}"
+        )
+    return FP8_FORMATS[kv_cache_dtype]
+
+
+def dequantised(stored: torch.Tensor, fmt: torch.dtype | None, scale: float) -> torch.Tensor:
+    """What attention computes with for ``stored`` cache elements: fp8 bytes read as ``fmt``
+    times the tensor's ``scale``, in float32; elements of a non-quantised cache (``fmt`` None)
+    as they are."""
+    if fmt is None:
+        return stored
+    return stored.view(fmt).float() * scale
 
 
 @dataclass(frozen=True)
@@ -45,13 +84,20 @@ class PagedTokens:
 class PagedKVLayout(Protocol):
     """Read one request's K/V out of a layer's paged cache and write compacted rows back.
 
-    Keys and values are ``[tokens, kv_heads, dim]`` in the cache's dtype. ``dim`` is the width
-    the layout stores (it may exceed the model's head size when a backend pads); callers score
-    with the first ``head_size`` dims and write back what they read.
+    Keys and values are ``[tokens, kv_heads, dim]`` as the cache stores them: in the cache's
+    dtype, which for an fp8 cache means its raw bytes (uint8). ``dim`` is the width the layout
+    stores (it may exceed the model's head size when a backend pads); callers score
+    ``scoring_keys`` of the first ``head_size`` dims and write back rows of what they read.
     """
 
     def read_keys(self, kv_cache: torch.Tensor, tokens: PagedTokens) -> torch.Tensor:
         """K of every token of ``tokens`` as ``[num_tokens, H, dim]`` (may be a view of a copy)."""
+        ...
+
+    def scoring_keys(self, keys: torch.Tensor) -> torch.Tensor:
+        """``keys`` (rows of :meth:`read_keys`) as the values attention sees, for scoring:
+        dequantised to float32 with the layer's K scale for an fp8 cache; ``keys`` itself
+        otherwise (the scorer computes in float32 whatever the dtype)."""
         ...
 
     def gather_values(
@@ -63,5 +109,6 @@ class PagedKVLayout(Protocol):
     def write(
         self, kv_cache: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, slots: torch.Tensor
     ) -> None:
-        """Store row i of ``keys``/``values`` (``[N, H, dim]``) at slot ``slots[i]``, every head."""
+        """Store row i of ``keys``/``values`` (``[N, H, dim]``, rows of what :meth:`read_keys` and
+        :meth:`gather_values` returned) at slot ``slots[i]``, every head, unchanged."""
         ...

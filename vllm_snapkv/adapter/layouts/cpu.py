@@ -3,8 +3,15 @@
 Layer cache: ``[num_blocks, num_kv_heads, block_size, 2 * head_size]``. Per (block, head) the first
 ``block_size * head_size`` elements hold K and the rest V, packed by the attention ISA that
 ``cpu_attn_reshape_and_cache`` writes with (``layer.isa``). Reads unpack with the formulas below
-(round-trip tested against the real op in tests/test_layout_cpu.py); writes always go through
-vLLM's own op, so they stay correct by construction.
+(round-trip tested against the real op in tests/test_layout_cpu.py).
+
+fp8 caches are uint8 tensors, one byte per element in the same packed positions (``vec``, or
+``amx`` with a bf16 model on an AMX CPU; vLLM needs AVX-512 or AMX for them), quantised by the op
+as ``value / scale`` to e4m3 (``fp8``, ``fp8_e4m3``) or e5m2. Writes of a non-quantised cache go
+through vLLM's own op, so they stay correct by construction. That op only quantises from floats,
+and re-quantising dequantised bytes is not the identity (it stores -0.0 as +0.0, and it truncates,
+so ``q * scale / scale`` just below ``q`` lands one code lower: measured on vLLM 0.32), so fp8
+rows are written by :func:`write_packed`, the unpack's exact inverse.
 """
 
 from __future__ import annotations
@@ -12,14 +19,15 @@ from __future__ import annotations
 import torch
 from vllm import _custom_ops as ops
 
-from vllm_snapkv.adapter.layouts import PagedTokens
+from vllm_snapkv.adapter.layouts import PagedTokens, dequantised, fp8_format
 
 #: ISAs whose packing :func:`read_kv` knows. Others fail at the first compaction.
 SUPPORTED_ISAS = ("vec", "vec16", "amx")
 
 
 def _unpack(blocks: torch.Tensor, isa: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """``[n, H, BS, 2D]`` packed blocks -> K and V as ``[n, H, BS, D]``."""
+    """``[n, H, BS, 2D]`` packed blocks -> K and V as ``[n, H, BS, D]``. Element positions, not
+    element sizes: fp8 bytes sit where bf16 elements would."""
     num_blocks, num_heads, block_size, double_dim = blocks.shape
     dim = double_dim // 2
     flat = blocks.reshape(num_blocks, num_heads, 2 * block_size * dim)
@@ -119,23 +127,61 @@ def write_kv(
     )
 
 
+def _packed_offsets(
+    isa: str, block_size: int, dim: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where K and V element ``(t, d)`` lie in a (block, head)'s ``2 * block_size * dim``
+    elements, each ``[block_size, dim]``: the unpack applied to the positions themselves, so a
+    write through these offsets is its exact inverse."""
+    positions = torch.arange(2 * block_size * dim, device=device)
+    keys, values = _unpack(positions.view(1, 1, block_size, 2 * dim), isa)
+    return keys[0, 0], values[0, 0]
+
+
+def write_packed(
+    kv_cache: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    isa: str,
+) -> None:
+    """Store ``[N, H, D]`` K/V rows, already in the cache's dtype, unchanged at
+    ``slot_mapping``, in ``isa``'s packing (pure torch; for fp8 caches, whose op would
+    re-quantise)."""
+    if keys.dtype != kv_cache.dtype or values.dtype != kv_cache.dtype:
+        raise ValueError(
+            f"K/V rows of dtype {keys.dtype}/{values.dtype} for a {kv_cache.dtype} cache: write "
+            "back what was read"
+        )
+    num_blocks, num_heads, block_size, double_dim = kv_cache.shape
+    key_offsets, value_offsets = _packed_offsets(isa, block_size, double_dim // 2, kv_cache.device)
+    flat = kv_cache.view(num_blocks, num_heads, -1)
+    # [N, 1, 1] x [1, H, 1] x [N, 1, D] -> [N, H, D], the rows' shape.
+    blocks = (slot_mapping // block_size)[:, None, None]
+    heads = torch.arange(num_heads, device=kv_cache.device)[None, :, None]
+    offsets = slot_mapping % block_size
+    flat[blocks, heads, key_offsets[offsets][:, None]] = keys
+    flat[blocks, heads, value_offsets[offsets][:, None]] = values
+
+
 class CpuPackedLayout:
     """:class:`~vllm_snapkv.adapter.layouts.PagedKVLayout` of one CPU attention layer: its ISA
-    packing and the scales/dtype its cache-write op needs. CPU kernel blocks are the scheduler's
-    blocks, so block ids index the cache directly."""
+    packing, its cache dtype and (for fp8) the K scale scores dequantise with. CPU kernel blocks
+    are the scheduler's blocks, so block ids index the cache directly."""
 
     name = "cpu"
 
-    def __init__(
-        self, isa: str, k_scale: float = 1.0, v_scale: float = 1.0, kv_cache_dtype: str = "auto"
-    ):
+    def __init__(self, isa: str, kv_cache_dtype: str = "auto", k_scale: float = 1.0):
         if isa not in SUPPORTED_ISAS:
             _unpack(torch.zeros(1, 1, 16, 32), isa)  # raises, naming the ISA
-        self.isa, self.k_scale, self.v_scale = isa, k_scale, v_scale
-        self.kv_cache_dtype = kv_cache_dtype
+        self.isa, self.k_scale = isa, k_scale
+        self.fp8_format = fp8_format(kv_cache_dtype)
 
     def read_keys(self, kv_cache: torch.Tensor, tokens: PagedTokens) -> torch.Tensor:
         return read_keys(kv_cache, tokens.block_ids, tokens.num_tokens, self.isa)
+
+    def scoring_keys(self, keys: torch.Tensor) -> torch.Tensor:
+        return dequantised(keys, self.fp8_format, self.k_scale)
 
     def gather_values(
         self, kv_cache: torch.Tensor, tokens: PagedTokens, positions: torch.Tensor
@@ -145,13 +191,7 @@ class CpuPackedLayout:
     def write(
         self, kv_cache: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, slots: torch.Tensor
     ) -> None:
-        write_kv(
-            kv_cache,
-            keys.contiguous(),
-            values.contiguous(),
-            slots,
-            self.isa,
-            k_scale=self.k_scale,
-            v_scale=self.v_scale,
-            kv_cache_dtype=self.kv_cache_dtype,
-        )
+        if self.fp8_format is not None:
+            write_packed(kv_cache, keys, values, slots, self.isa)
+        else:
+            write_kv(kv_cache, keys.contiguous(), values.contiguous(), slots, self.isa)

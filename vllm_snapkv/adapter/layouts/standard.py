@@ -11,19 +11,44 @@ through the view into the shared storage.
 The kernel block size of the cache may be smaller than the scheduler's (vLLM splits a manager
 block into kernel blocks of consecutive tokens); slots are the same numbers in both, so a slot
 ``s`` lives at kernel block ``s // N``, offset ``s % N`` with ``N = kv_cache.shape[2]``.
+
+An fp8 cache is a uint8 view (vLLM allocates ``STR_DTYPE_TO_TORCH_DTYPE[fp8*] = uint8``); the
+backends reinterpret its bytes as a float8 type (:func:`stored_fp8_format`) holding
+``value / scale``. Rows move as bytes, so compaction never re-quantises.
 """
 
 from __future__ import annotations
 
 import torch
+from vllm.platforms import current_platform
 
-from vllm_snapkv.adapter.layouts import PagedTokens
+from vllm_snapkv.adapter.layouts import PagedTokens, dequantised, fp8_format
+
+
+def stored_fp8_format(backend: str, kv_cache_dtype: str) -> torch.dtype | None:
+    """The float8 format of the bytes ``backend`` (vLLM's name) stores for ``kv_cache_dtype``;
+    None for a cache that is not quantised.
+
+    FlashInfer stores the format named (``get_dtype_for_flashinfer``: e4m3fn or e5m2, which
+    ``reshape_and_cache_flash`` quantises to). FlashAttention (fp8/fp8_e4m3 only) and Triton view
+    the cache as ``current_platform.fp8_dtype()`` for every fp8 name, and Triton's write kernel
+    casts to that view, so a Triton ``fp8_e5m2`` cache holds e4m3 bytes.
+    """
+    named = fp8_format(kv_cache_dtype)
+    if named is None or backend == "FLASHINFER":
+        return named
+    return current_platform.fp8_dtype()
 
 
 class StandardLayout:
-    """:class:`~vllm_snapkv.adapter.layouts.PagedKVLayout` of the standard layout."""
+    """:class:`~vllm_snapkv.adapter.layouts.PagedKVLayout` of the standard layout. ``fp8_format``:
+    the float8 type an fp8 cache's bytes encode (None: not quantised); ``k_scale``: the layer's
+    per-tensor K scale, which scores dequantise with."""
 
     name = "standard"
+
+    def __init__(self, fp8_format: torch.dtype | None = None, k_scale: float = 1.0):
+        self.fp8_format, self.k_scale = fp8_format, k_scale
 
     @staticmethod
     def _locate(kv_cache: torch.Tensor, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -40,6 +65,9 @@ class StandardLayout:
         # Advanced indices around a slice: the indexed dim comes first -> [N, H, half].
         return kv_cache[blocks, :, offsets, : self._half(kv_cache)]
 
+    def scoring_keys(self, keys: torch.Tensor) -> torch.Tensor:
+        return dequantised(keys, self.fp8_format, self.k_scale)
+
     def gather_values(
         self, kv_cache: torch.Tensor, tokens: PagedTokens, positions: torch.Tensor
     ) -> torch.Tensor:
@@ -55,5 +83,11 @@ class StandardLayout:
                 f"K/V rows of width {keys.shape[-1]}+{values.shape[-1]} do not fill a cache "
                 f"entry of width {kv_cache.shape[-1]}"
             )
+        if keys.dtype != kv_cache.dtype or values.dtype != kv_cache.dtype:
+            # A cast would re-quantise (or garble the bytes of) an fp8 cache.
+            raise ValueError(
+                f"K/V rows of dtype {keys.dtype}/{values.dtype} for a {kv_cache.dtype} cache: "
+                "write back what was read"
+            )
         blocks, offsets = self._locate(kv_cache, slots)
-        kv_cache[blocks, :, offsets] = torch.cat([keys, values], dim=-1).to(kv_cache.dtype)
+        kv_cache[blocks, :, offsets] = torch.cat([keys, values], dim=-1)
