@@ -15,8 +15,9 @@ from vllm_snapkv.selection import (
 )
 
 
-def reference_window_scores(q_win, keys, scale):
-    """Rules 2-4: per query head, window query i sees the prefix and window keys up to itself."""
+def reference_window_scores(q_win, keys, scale, sinks=None, soft_cap=None):
+    """Rules 2-4: per query head, window query i sees the prefix and window keys up to itself.
+    A sink adds one logit to each row's softmax (gpt-oss); soft-capping bounds the logits."""
     num_window, num_q_heads, _ = q_win.shape
     prompt_len, num_kv_heads, _ = keys.shape
     group = num_q_heads // num_kv_heads
@@ -27,17 +28,21 @@ def reference_window_scores(q_win, keys, scale):
         for i in range(num_window):
             visible = prefix + i + 1
             logits = (k[:visible] @ q_win[i, head].double()) * scale
+            if soft_cap:
+                logits = soft_cap * torch.tanh(logits / soft_cap)
+            if sinks is not None:
+                logits = torch.cat([logits, sinks[head : head + 1].double()])
             totals[head] += torch.softmax(logits, dim=0)[:prefix]
     return totals
 
 
-def reference_selection(q_win, keys, budget, scale, kernel_size, pooling):
+def reference_selection(q_win, keys, budget, scale, kernel_size, pooling, sinks=None, soft_cap=None):
     """Rules 5-7 on top of the reference scores, with explicit loops."""
     num_window, num_q_heads, _ = q_win.shape
     prompt_len, num_kv_heads, _ = keys.shape
     group = num_q_heads // num_kv_heads
     prefix = prompt_len - num_window
-    totals = reference_window_scores(q_win, keys, scale)
+    totals = reference_window_scores(q_win, keys, scale, sinks, soft_cap)
     pooled = torch.zeros_like(totals)
     half = kernel_size // 2
     for head in range(num_q_heads):
@@ -136,3 +141,17 @@ def test_top_positions_breaks_ties_towards_earlier_positions():
     assert top_positions(scores, 2).tolist() == [[1, 2], [0, 2]]
     assert top_positions(scores, 4).tolist() == [[1, 2, 3, 5], [0, 2, 3, 4]]
     assert top_positions(scores, 6).tolist() == [list(range(6))] * 2
+
+
+def test_sinks_and_soft_cap_normalise_as_the_layer_does():
+    q_win, keys = make_inputs(5, window=4, q_heads=4, kv_heads=2, length=40)
+    q_win = q_win * 3  # peaked logits, so the cap bites
+    sinks = torch.tensor([4.0, -1.0, 2.5, 0.0])
+    got = window_attention_scores(q_win, keys, 0.25, sinks=sinks, soft_cap=5.0)
+    expected = reference_window_scores(q_win, keys, 0.25, sinks, 5.0)
+    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-6)
+    # Each sink takes its share: with a large sink a head's total mass over the prefix drops.
+    plain = window_attention_scores(q_win, keys, 0.25)
+    assert (got.sum(-1) < plain.sum(-1)).all()
+    kept = select_kept_positions(q_win, keys, 20, 0.25, 3, "max", sinks=sinks, soft_cap=5.0)
+    assert torch.equal(kept, reference_selection(q_win, keys, 20, 0.25, 3, "max", sinks, 5.0))

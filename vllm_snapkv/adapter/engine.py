@@ -138,7 +138,9 @@ def check_and_adjust(vllm_config: VllmConfig) -> SnapKVConfig | None:
     reasons = unsupported_features(vllm_config)
     if reasons:
         raise ValueError(
-            "kv_compression=snapkv cannot be used with: " + "; ".join(reasons) + "."
+            "kv_compression=snapkv cannot be used with: " + "; ".join(reasons) + ". Turn "
+            "compression off for this setup (leave out --kv-compression, or set kv_compression "
+            "to 'none')."
         )
     serve_metrics_from_this_process(vllm_config.model_config.served_model_name)
     if vllm_config.scheduler_config.async_scheduling:
