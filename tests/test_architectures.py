@@ -54,16 +54,16 @@ MIN_OVERLAP = {"float32": 1.0, "bfloat16": 0.9}
 
 
 def tiny_llm(model_dir: str, dtype: str, **kwargs):
-    return make_llm(
-        model_dir,
+    options = dict(
         dtype=dtype,
         enforce_eager=True,
         block_size=None if dtype == "bfloat16" else 32,
         max_model_len=2048,
         max_num_batched_tokens=CHUNK,
         kv_cache_memory_bytes=64 * 1024 * 1024,
-        **kwargs,
     )
+    options.update(kwargs)
+    return make_llm(model_dir, **options)
 
 
 def run_counting_blocks(llm, request_id: str, prompt_ids: list[int], params: SamplingParams):
@@ -214,3 +214,40 @@ def test_fp8_kv_cache_scores_dequantised_keys_and_copies_stored_bytes(monkeypatc
     finally:
         close_llm(llm)
     assert len(checked) == 6, checked
+
+
+@pytest.fixture(scope="module")
+def gpt_oss_llm():
+    """Tiny gpt-oss (sliding-window + full groups, sinks), SnapKV on, budget 64."""
+    llm = tiny_llm(
+        build_tiny_model("gpt_oss"),
+        "float32",
+        additional_config={"kv_compression": {"budget": 64, "window_size": WINDOW}},
+    )
+    yield llm
+    close_llm(llm)
+
+
+def test_hybrid_shared_prefix_stays_correct_and_hits_where_vllm_retains_it(gpt_oss_llm):
+    """A compressed request's hit is capped before its window and looked up again at the cap
+    (not truncated: the sliding-window group's hit holds only the window before its own end).
+    vLLM retains sliding-window prefix blocks only at sparse boundaries, so a capped hit exists
+    only where that group kept the window before the cap (here: the same prompt again)."""
+    from vllm_snapkv.plan import prefix_hit_limit
+
+    llm = gpt_oss_llm
+    tokenizer = llm.get_tokenizer()
+    shared = prompt_of_length(tokenizer, 400, 8642)[:-12]
+    first = shared + tokenizer(" What is the pass key? The pass key is").input_ids
+    second = shared + tokenizer(" Tell me the pass key again. The pass key is").input_ids
+    params = SamplingParams(temperature=0, max_tokens=16)
+    llm.reset_prefix_cache()
+    (second_alone,) = llm.generate(as_prompt(second), params)
+    llm.reset_prefix_cache()
+    (first_out,) = llm.generate(as_prompt(first), params)
+    (second_out,) = llm.generate(as_prompt(second), params)
+    assert second_out.outputs[0].token_ids == second_alone.outputs[0].token_ids
+    (repeat,) = llm.generate(as_prompt(first), params)
+    block_size = scheduler_of(llm)._snapkv.block_size
+    assert repeat.num_cached_tokens == prefix_hit_limit(len(first), WINDOW, block_size)
+    assert repeat.outputs[0].token_ids == first_out.outputs[0].token_ids
