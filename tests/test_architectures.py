@@ -46,11 +46,13 @@ COMPRESSED_FAMILIES = {
     "gpt_oss": ("float32", 96),
     "qwen3_next": ("bfloat16", 200),
 }
-#: Kept positions shared with the reference, per layer and KV head. Float32 engines select
-#: exactly what the reference selects. The bf16 engine (Qwen3-Next) is compared with a float32
-#: reference: its hidden states pass through bf16 Gated DeltaNet layers first and q/k are rounded,
-#: which moves near-ties at the budget's edge (lowest overlap measured here: 0.93).
-MIN_OVERLAP = {"float32": 1.0, "bfloat16": 0.9}
+#: Kept positions shared with the transformers reference, per layer and KV head. Float32 engines
+#: select exactly what it selects. The bf16 engine (Qwen3-Next) is compared with a float32
+#: reference whose hidden states never went through bf16 (vLLM's CPU Gated DeltaNet kernel needs
+#: bf16); the deeper the layer the more they drift (0.79 measured at its second full-attention
+#: layer). Its exactness is checked against the dense reference on the engine's own q/k instead
+#: (``spy_on_compactions``, every family).
+MIN_OVERLAP = {"float32": 1.0, "bfloat16": 0.75}
 
 
 def tiny_llm(model_dir: str, dtype: str, **kwargs):
@@ -87,9 +89,12 @@ def run_counting_blocks(llm, request_id: str, prompt_ids: list[int], params: Sam
 
 
 @pytest.mark.parametrize("family", COMPRESSED_FAMILIES)
-def test_family_compresses_its_full_attention_groups_as_the_reference(family, tmp_path):
+def test_family_compresses_its_full_attention_groups_as_the_reference(
+    family, tmp_path, monkeypatch
+):
     dtype, budget = COMPRESSED_FAMILIES[family]
     model_dir = build_tiny_model(family)
+    compacted = spy_on_compactions(monkeypatch)
     config = {"budget": budget, "window_size": WINDOW, "dump_selections_to": str(tmp_path)}
     llm = tiny_llm(model_dir, dtype, additional_config={"kv_compression": config})
     try:
@@ -125,6 +130,7 @@ def test_family_compresses_its_full_attention_groups_as_the_reference(family, tm
         llm.generate(as_prompt(prompt_ids[:8]), SamplingParams(max_tokens=2))  # late free
         assert pool.get_num_free_blocks() == free_at_start, "blocks leaked"
         assert not scheduler._snapkv.evicted and not scheduler._snapkv.prefilling
+        assert sorted(compacted) == sorted(groups.group_of_layer)
     finally:
         close_llm(llm)
 
@@ -160,17 +166,17 @@ def test_alibi_layers_are_refused_whatever_the_config_says():
     assert "hybrid KV cache manager is off" in uncompressible_reason(windowed)
 
 
-def test_fp8_kv_cache_scores_dequantised_keys_and_copies_stored_bytes(monkeypatch):
-    """fp8 (e4m3, per-tensor scale) on CPU_ATTN, every layer: the selection is the dense
-    reference's on the stored keys dequantised with the layer's scale, and the kept entries are
-    the stored bytes, unchanged."""
+def spy_on_compactions(monkeypatch, extra_check=None) -> list[str]:
+    """Check every compaction against the naive dense reference of tests/test_selection.py, run on
+    the engine's own window queries and stored keys (dequantised with the layer's k scale where the
+    cache is fp8) and the layer's sinks and soft-cap. Returns the names of the layers checked;
+    ``extra_check(layout, kv_cache, job, group_id, stored_keys, stored_values, kept)`` may add
+    more."""
     import torch
 
     from test_selection import reference_selection
     from vllm_snapkv.adapter import worker as worker_module
 
-    if not (torch.cpu._is_avx512_supported() or torch.cpu._is_amx_tile_supported()):
-        pytest.skip("vLLM's CPU fp8 KV cache needs AVX-512 or AMX; this CPU has neither")
     checked: list[str] = []
     compact = worker_module.WorkerCompression._compact
 
@@ -181,26 +187,53 @@ def test_fp8_kv_cache_scores_dequantised_keys_and_copies_stored_bytes(monkeypatc
         every = torch.arange(source.num_tokens)[:, None].expand(-1, stored.shape[1])
         stored_values = layout.gather_values(kv_cache, source, every).clone()
         kept = compact(self, impl, layer, job, window_queries, kv_cache, group_id)
-        assert kv_cache.dtype == torch.uint8 and stored.dtype == torch.uint8
         plan = job.plan
-        keys = stored[: plan.prompt_len].view(torch.float8_e4m3fn).float() * layer._k_scale_float
+        keys = stored[: plan.prompt_len, :, : impl.head_size]
+        if keys.dtype == torch.uint8:  # fp8 e4m3 bytes
+            keys = keys.view(torch.float8_e4m3fn).float() * layer._k_scale_float
+        sinks = getattr(impl, "sinks", None)
         expected = reference_selection(
-            window_queries.float(), keys, plan.budget, impl.scale, 7, "max"
+            window_queries.float(), keys.float(), plan.budget, impl.scale, 7, "max",
+            None if sinks is None else sinks.float(), getattr(impl, "logits_soft_cap", None),
         )
         for head in range(kept.shape[0]):
             same = set(kept[head].tolist()) & set(expected[head].tolist())
+            # Float64 loops vs float32 matmuls: a near-tie at the budget's edge may flip.
             assert len(same) / plan.budget >= 0.99, (layer.layer_name, head)
-        heads = torch.arange(kept.shape[0])
-        targets = worker_module.PagedTokens.of(
-            plan.target_block_ids[group_id], self.block_size, plan.num_kept, "cpu"
-        )
-        assert torch.equal(layout.read_keys(kv_cache, targets), stored[kept.T, heads])
-        slots = torch.arange(kept.shape[1])[:, None].expand(-1, kept.shape[0])
-        assert torch.equal(layout.gather_values(kv_cache, targets, slots), stored_values[kept.T, heads])
+        if extra_check is not None:
+            extra_check(layout, kv_cache, job, group_id, stored, stored_values, kept)
         checked.append(layer.layer_name)
         return kept
 
     monkeypatch.setattr(worker_module.WorkerCompression, "_compact", compact_checking)
+    return checked
+
+
+def test_fp8_kv_cache_scores_dequantised_keys_and_copies_stored_bytes(monkeypatch):
+    """fp8 (e4m3, per-tensor scale) on CPU_ATTN, every layer: the selection is the dense
+    reference's on the stored keys dequantised with the layer's scale, and the kept entries are
+    the stored bytes, unchanged."""
+    import torch
+
+    from vllm_snapkv.adapter.layouts import PagedTokens
+
+    if not (torch.cpu._is_avx512_supported() or torch.cpu._is_amx_tile_supported()):
+        pytest.skip("vLLM's CPU fp8 KV cache needs AVX-512 or AMX; this CPU has neither")
+
+    def same_bytes(layout, kv_cache, job, group_id, stored_keys, stored_values, kept):
+        assert kv_cache.dtype == torch.uint8 and stored_keys.dtype == torch.uint8
+        heads = torch.arange(kept.shape[0])
+        targets = PagedTokens.of(
+            job.plan.target_block_ids[group_id], job.sources[group_id].block_size,
+            kept.shape[1], "cpu",
+        )
+        slots = torch.arange(kept.shape[1])[:, None].expand(-1, kept.shape[0])
+        assert torch.equal(layout.read_keys(kv_cache, targets), stored_keys[kept.T, heads])
+        assert torch.equal(
+            layout.gather_values(kv_cache, targets, slots), stored_values[kept.T, heads]
+        )
+
+    checked = spy_on_compactions(monkeypatch, same_bytes)
     llm = tiny_llm(
         build_tiny_model("llama"),
         "float32",
@@ -251,3 +284,37 @@ def test_hybrid_shared_prefix_stays_correct_and_hits_where_vllm_retains_it(gpt_o
     block_size = scheduler_of(llm)._snapkv.block_size
     assert repeat.num_cached_tokens == prefix_hit_limit(len(first), WINDOW, block_size)
     assert repeat.outputs[0].token_ids == first_out.outputs[0].token_ids
+
+
+def test_hybrid_preemption_after_decoding_continues_as_if_never_preempted(gpt_oss_llm):
+    """Preempted mid-decode, the request re-prefills its prompt (compressed again, in the full
+    group only) and then its outputs, and continues exactly as without the preemption."""
+    import time
+
+    llm = gpt_oss_llm
+    ids = prompt_of_length(llm.get_tokenizer(), 400, 60221, 0.5)
+    params = SamplingParams(temperature=0, max_tokens=48)
+    llm.reset_prefix_cache()
+    (expected,) = llm.generate(as_prompt(ids), params)
+
+    engine, scheduler = llm.llm_engine, scheduler_of(llm)
+    pool = scheduler.kv_cache_manager.block_pool
+    stats = scheduler._snapkv.stats
+    llm.reset_prefix_cache()
+    free_at_start = pool.get_num_free_blocks()
+    before = stats.compressed_requests
+    engine.add_request("preempt-me", as_prompt(ids), params)
+    outputs = []
+    for _ in range(22):  # two prefill chunks + 20 decode steps
+        outputs += engine.step()
+    (request,) = [r for r in scheduler.running if r.request_id.startswith("preempt-me-")]
+    assert request.num_output_tokens >= 19
+    scheduler.running.remove(request)
+    scheduler._preempt_request(request, time.monotonic())
+    while engine.has_unfinished_requests():
+        outputs += engine.step()
+    (final,) = [output for output in outputs if output.finished]
+    assert stats.compressed_requests == before + 2  # the first prefill and the re-prefill
+    assert list(final.outputs[0].token_ids) == list(expected.outputs[0].token_ids)
+    llm.generate(as_prompt(ids[:8]), SamplingParams(max_tokens=2))  # late free
+    assert pool.get_num_free_blocks() == free_at_start
