@@ -156,7 +156,7 @@ def test_full_pool_with_shared_leading_blocks_compacts_into_owned_tail_blocks(
 ):
     from vllm import SamplingParams
 
-    import vllm_snapkv.adapter.scheduler as scheduler_module
+    import vllm_snapkv.adapter.block_accounting as accounting
 
     # The same 2000-token prompt twice, once with the full cache (16 of the 17 usable blocks),
     # once compressed to 1 block: the second request hits the first one's 15 full blocks and takes
@@ -170,23 +170,25 @@ def test_full_pool_with_shared_leading_blocks_compacts_into_owned_tail_blocks(
     (expected_compressed,) = snap_llm.generate(prompt, greedy(100))
     (expected_full,) = snap_llm.generate(prompt, full_params)
 
-    calls: list[tuple[int, list, list]] = []
-    in_place_targets = scheduler_module._in_place_targets
+    calls: list[tuple[int, dict, set]] = []
+    in_place_targets = accounting._in_place_targets
 
     def spy(block_pool, sources, num_targets):
-        shared_sources = sum(block.ref_cnt != 1 for block in sources)
+        (group_sources,) = sources.values()  # one KV cache group
+        shared_sources = sum(block.ref_cnt != 1 for block in group_sources)
         targets, reused = in_place_targets(block_pool, sources, num_targets)
         calls.append((shared_sources, targets, reused))
         return targets, reused
 
-    monkeypatch.setattr(scheduler_module, "_in_place_targets", spy)
+    monkeypatch.setattr(accounting, "_in_place_targets", spy)
     with compresses_without_leaking(small_cache_llm, 1):
         got_full, got_compressed = small_cache_llm.generate(
             [prompt, prompt], [full_params, greedy(100)]
         )
     ((shared_sources, targets, reused),) = calls
     assert shared_sources == 15
-    assert targets == reused and len(targets) == 1
+    (group_targets,) = targets.values()
+    assert {block.block_id for block in group_targets} == reused and len(reused) == 1
     assert token_ids([got_compressed]) == token_ids([expected_compressed])
     assert token_ids([got_full]) == token_ids([expected_full])
 
