@@ -11,3 +11,4 @@ PY="${VLLM_SNAPKV_VENV:-.venv}/bin/python"
 "$PY" -m benchmarks.performance.throughput
 "$PY" -m benchmarks.quality.run
 "$PY" -m benchmarks.quality.run --kernel-size 11 --out benchmarks/results/quality-kernel11
+"$PY" -m benchmarks.hybrid.gemma3

@@ -13,6 +13,7 @@ ALiBi families are refused at start, naming ALiBi.
 from __future__ import annotations
 
 import pytest
+import torch
 
 from conftest import (
     as_prompt,
@@ -24,6 +25,7 @@ from conftest import (
     scheduler_of,
 )
 from model_zoo import REFUSED_FAMILIES, build_tiny_model, reference_kept_positions_for
+from test_scale_out import vllm_env  # noqa: F401 (fixture)
 from vllm import SamplingParams
 from vllm_snapkv.plan import cdiv
 
@@ -118,7 +120,12 @@ def test_family_compresses_its_full_attention_groups_as_the_reference(
         snap_steps, snap = run_counting_blocks(
             llm, "snap", prompt_ids, SamplingParams(temperature=0, max_tokens=MAX_TOKENS)
         )
-        assert scheduler._snapkv.stats.compressed_requests == 1
+        stats = scheduler._snapkv.stats
+        assert stats.compressed_requests == 1 and stats.evicted_tokens == PROMPT_LEN - budget
+        # Only the compressed groups gave blocks back.
+        assert stats.freed_blocks == len(groups.group_ids) * (
+            cdiv(PROMPT_LEN, block_size) - cdiv(budget, block_size)
+        )
         assert len(snap_steps) == len(full_steps) == MAX_TOKENS - 1
         for (computed, snap_blocks), (_, full_blocks) in zip(snap_steps, full_steps):
             physical = budget + computed - PROMPT_LEN
@@ -151,6 +158,19 @@ def test_alibi_family_is_refused_at_start_naming_alibi(family):
     assert "turn compression off" in str(error.value).lower()
 
 
+def test_sliding_window_layers_in_a_full_attention_group_are_refused():
+    """With vLLM's hybrid KV cache manager off, Gemma 3's sliding-window layers live in the one
+    full-attention group; their kernels count the window back from the physical length, so the
+    start is refused (naming the layer) rather than compressed."""
+    with pytest.raises(ValueError, match="sliding-window attention inside a full-attention"):
+        tiny_llm(
+            build_tiny_model("gemma3"),
+            "float32",
+            disable_hybrid_kv_cache_manager=True,
+            additional_config={"kv_compression": {"budget": 96, "window_size": WINDOW}},
+        )
+
+
 def test_alibi_layers_are_refused_whatever_the_config_says():
     """The exact check, per layer at worker start: any ALiBi slopes, or a sliding window living
     in a full-attention group (hybrid KV cache manager off)."""
@@ -172,8 +192,6 @@ def spy_on_compactions(monkeypatch, extra_check=None) -> list[str]:
     cache is fp8) and the layer's sinks and soft-cap. Returns the names of the layers checked;
     ``extra_check(layout, kv_cache, job, group_id, stored_keys, stored_values, kept)`` may add
     more."""
-    import torch
-
     from test_selection import reference_selection
     from vllm_snapkv.adapter import worker as worker_module
 
@@ -184,7 +202,9 @@ def spy_on_compactions(monkeypatch, extra_check=None) -> list[str]:
         layout = self._layout(impl, layer)
         source = job.sources[group_id]
         stored = layout.read_keys(kv_cache, source).clone()
-        every = torch.arange(source.num_tokens)[:, None].expand(-1, stored.shape[1])
+        every = torch.arange(source.num_tokens, device=stored.device)[:, None].expand(
+            -1, stored.shape[1]
+        )
         stored_values = layout.gather_values(kv_cache, source, every).clone()
         kept = compact(self, impl, layer, job, window_queries, kv_cache, group_id)
         plan = job.plan
@@ -192,9 +212,10 @@ def spy_on_compactions(monkeypatch, extra_check=None) -> list[str]:
         if keys.dtype == torch.uint8:  # fp8 e4m3 bytes
             keys = keys.view(torch.float8_e4m3fn).float() * layer._k_scale_float
         sinks = getattr(impl, "sinks", None)
-        expected = reference_selection(
-            window_queries.float(), keys.float(), plan.budget, impl.scale, 7, "max",
-            None if sinks is None else sinks.float(), getattr(impl, "logits_soft_cap", None),
+        expected = reference_selection(  # float64 loops on the CPU
+            window_queries.float().cpu(), keys.float().cpu(), plan.budget, impl.scale, 7, "max",
+            None if sinks is None else sinks.float().cpu(),
+            getattr(impl, "logits_soft_cap", None),
         )
         for head in range(kept.shape[0]):
             same = set(kept[head].tolist()) & set(expected[head].tolist())
@@ -209,31 +230,30 @@ def spy_on_compactions(monkeypatch, extra_check=None) -> list[str]:
     return checked
 
 
+def stored_bytes_unchanged(layout, kv_cache, job, group_id, stored_keys, stored_values, kept):
+    """``spy_on_compactions`` check for fp8 caches: the targets hold the kept entries' stored
+    bytes (keys and values), unchanged."""
+    from vllm_snapkv.adapter.layouts import PagedTokens
+
+    assert kv_cache.dtype == torch.uint8 and stored_keys.dtype == torch.uint8
+    heads = torch.arange(kept.shape[0], device=kept.device)
+    targets = PagedTokens.of(
+        job.plan.target_block_ids[group_id], job.sources[group_id].block_size, kept.shape[1],
+        kv_cache.device,
+    )
+    slots = torch.arange(kept.shape[1], device=kept.device)[:, None].expand(-1, kept.shape[0])
+    assert torch.equal(layout.read_keys(kv_cache, targets), stored_keys[kept.T, heads])
+    assert torch.equal(layout.gather_values(kv_cache, targets, slots), stored_values[kept.T, heads])
+
+
 def test_fp8_kv_cache_scores_dequantised_keys_and_copies_stored_bytes(monkeypatch):
     """fp8 (e4m3, per-tensor scale) on CPU_ATTN, every layer: the selection is the dense
     reference's on the stored keys dequantised with the layer's scale, and the kept entries are
     the stored bytes, unchanged."""
-    import torch
-
-    from vllm_snapkv.adapter.layouts import PagedTokens
-
     if not (torch.cpu._is_avx512_supported() or torch.cpu._is_amx_tile_supported()):
         pytest.skip("vLLM's CPU fp8 KV cache needs AVX-512 or AMX; this CPU has neither")
 
-    def same_bytes(layout, kv_cache, job, group_id, stored_keys, stored_values, kept):
-        assert kv_cache.dtype == torch.uint8 and stored_keys.dtype == torch.uint8
-        heads = torch.arange(kept.shape[0])
-        targets = PagedTokens.of(
-            job.plan.target_block_ids[group_id], job.sources[group_id].block_size,
-            kept.shape[1], "cpu",
-        )
-        slots = torch.arange(kept.shape[1])[:, None].expand(-1, kept.shape[0])
-        assert torch.equal(layout.read_keys(kv_cache, targets), stored_keys[kept.T, heads])
-        assert torch.equal(
-            layout.gather_values(kv_cache, targets, slots), stored_values[kept.T, heads]
-        )
-
-    checked = spy_on_compactions(monkeypatch, same_bytes)
+    checked = spy_on_compactions(monkeypatch, stored_bytes_unchanged)
     llm = tiny_llm(
         build_tiny_model("llama"),
         "float32",
@@ -249,13 +269,23 @@ def test_fp8_kv_cache_scores_dequantised_keys_and_copies_stored_bytes(monkeypatc
     assert len(checked) == 6, checked
 
 
+GPT_OSS_CONFIG = {"budget": 64, "window_size": WINDOW}
+
+
 @pytest.fixture(scope="module")
-def gpt_oss_llm():
+def gpt_oss_dumps(tmp_path_factory) -> str:
+    return str(tmp_path_factory.mktemp("gpt-oss"))
+
+
+@pytest.fixture(scope="module")
+def gpt_oss_llm(gpt_oss_dumps):
     """Tiny gpt-oss (sliding-window + full groups, sinks), SnapKV on, budget 64."""
     llm = tiny_llm(
         build_tiny_model("gpt_oss"),
         "float32",
-        additional_config={"kv_compression": {"budget": 64, "window_size": WINDOW}},
+        additional_config={
+            "kv_compression": {**GPT_OSS_CONFIG, "dump_selections_to": gpt_oss_dumps}
+        },
     )
     yield llm
     close_llm(llm)
@@ -284,6 +314,24 @@ def test_hybrid_shared_prefix_stays_correct_and_hits_where_vllm_retains_it(gpt_o
     block_size = scheduler_of(llm)._snapkv.block_size
     assert repeat.num_cached_tokens == prefix_hit_limit(len(first), WINDOW, block_size)
     assert repeat.outputs[0].token_ids == first_out.outputs[0].token_ids
+
+
+def test_hybrid_aborted_compressed_request_releases_every_block(gpt_oss_llm):
+    engine, scheduler = gpt_oss_llm.llm_engine, scheduler_of(gpt_oss_llm)
+    pool = scheduler.kv_cache_manager.block_pool
+    gpt_oss_llm.reset_prefix_cache()
+    free_at_start = pool.get_num_free_blocks()
+    prompt_ids = prompt_of_length(gpt_oss_llm.get_tokenizer(), PROMPT_LEN, 1212)
+    engine.add_request("to-abort", as_prompt(prompt_ids), SamplingParams(max_tokens=100))
+    internal = internal_id(scheduler, "to-abort")
+    while internal not in scheduler._snapkv.evicted:
+        engine.step()
+    engine.step()
+    engine.abort_request(["to-abort"])
+    engine.step()
+    assert not engine.has_unfinished_requests()
+    assert internal not in scheduler._snapkv.evicted
+    assert pool.get_num_free_blocks() == free_at_start
 
 
 def test_hybrid_preemption_after_decoding_continues_as_if_never_preempted(gpt_oss_llm):
@@ -318,3 +366,45 @@ def test_hybrid_preemption_after_decoding_continues_as_if_never_preempted(gpt_os
     assert list(final.outputs[0].token_ids) == list(expected.outputs[0].token_ids)
     llm.generate(as_prompt(ids[:8]), SamplingParams(max_tokens=2))  # late free
     assert pool.get_num_free_blocks() == free_at_start
+
+
+def test_hybrid_tensor_and_pipeline_parallel_ranks_keep_the_single_rank_selection(
+    gpt_oss_llm, gpt_oss_dumps, tmp_path, vllm_env
+):
+    """TP=2 x PP=2 on tiny gpt-oss: each rank compacts its KV head of its stage's full-attention
+    layers (stage 0: layer 1, stage 1: layers 3 and 5) and nothing of the sliding-window layers;
+    together they keep what one rank keeps, and generate the same tokens. Compiled (vLLM-CPU's PP
+    needs it), real worker processes."""
+    from test_scale_out import rank_dumps
+
+    prompt_ids = prompt_of_length(gpt_oss_llm.get_tokenizer(), PROMPT_LEN, 31337)
+    params = SamplingParams(temperature=0, max_tokens=MAX_TOKENS)
+    (expected,) = gpt_oss_llm.generate(as_prompt(prompt_ids), params)
+    (single,) = rank_dumps(gpt_oss_dumps, expected.request_id).values()
+
+    vllm_env("VLLM_CPU_OMP_THREADS_BIND", "0|1|0|1")
+    llm = tiny_llm(
+        build_tiny_model("gpt_oss"),
+        "float32",
+        enforce_eager=False,
+        tensor_parallel_size=2,
+        pipeline_parallel_size=2,
+        additional_config={"kv_compression": {**GPT_OSS_CONFIG, "dump_selections_to": str(tmp_path)}},
+    )
+    try:
+        scheduler = scheduler_of(llm)
+        pool = scheduler.kv_cache_manager.block_pool
+        free_at_start = pool.get_num_free_blocks()
+        (got,) = llm.generate(as_prompt(prompt_ids), params)
+        llm.generate(as_prompt(prompt_ids[:8]), SamplingParams(max_tokens=2))  # late free
+        assert pool.get_num_free_blocks() == free_at_start
+    finally:
+        close_llm(llm)
+    assert list(got.outputs[0].token_ids) == list(expected.outputs[0].token_ids)
+    ranks = rank_dumps(str(tmp_path), got.request_id)
+    assert sorted(ranks) == ["tp0.pp0", "tp0.pp1", "tp1.pp0", "tp1.pp1"]
+    assert set(ranks["tp0.pp0"]["layers"]) == {1} and set(ranks["tp1.pp1"]["layers"]) == {3, 5}
+    for layer, kept in single["layers"].items():
+        stage = "pp0" if layer < 3 else "pp1"
+        combined = torch.cat([ranks[f"tp{t}.{stage}"]["layers"][layer] for t in range(2)])
+        assert torch.equal(combined, kept), layer

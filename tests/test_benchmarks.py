@@ -22,6 +22,10 @@ ROOT = Path(__file__).resolve().parents[1]
         ("benchmarks.performance.decode", ["decode.csv", "table.md", "decode.png"]),
         ("benchmarks.performance.overhead", ["overhead.csv", "table.md"]),
         ("benchmarks.performance.throughput", ["throughput.csv", "table.md"]),
+        (
+            "benchmarks.hybrid.gemma3",
+            ["memory.csv", "memory.png", "quality.csv", "quality.png", "reference.csv", "table.md"],
+        ),
     ],
 )
 def test_benchmark_smoke_run_produces_its_table(module, files, tmp_path):

@@ -153,3 +153,34 @@ def test_passkeys_at_2k_answered_with_budget_512(cuda_llm):
     outputs = cuda_llm.generate(prompts, greedy(BUDGET, max_tokens=8))
     for (key, _), output in zip(PASSKEYS, outputs):
         assert str(key) in output.outputs[0].text, output.outputs[0].text
+
+
+@pytest.mark.parametrize("backend", ("FLASH_ATTN", "TRITON_ATTN"))
+def test_fp8_cache_scores_dequantised_keys_and_keeps_the_stored_bytes(backend, monkeypatch):
+    """fp8 KV cache (e4m3, the platform's fp8 for both backends) on the tiny Llama: every layer's
+    selection is the dense reference's on the dequantised stored keys, the kept K/V bytes are
+    the stored ones (tests/test_architectures.py's checks, on the GPU's standard layout)."""
+    from test_architectures import spy_on_compactions, stored_bytes_unchanged
+
+    from model_zoo import build_tiny_model
+
+    checked = spy_on_compactions(monkeypatch, stored_bytes_unchanged)
+    llm = make_llm(
+        build_tiny_model("llama"),
+        dtype="bfloat16",
+        attention_backend=backend,
+        kv_cache_dtype="fp8",
+        block_size=BLOCK_SIZE,
+        max_model_len=2048,
+        max_num_batched_tokens=CHUNK,
+        kv_cache_memory_bytes=1 << 28,
+        gpu_memory_utilization=0.5,
+        additional_config={"kv_compression": {"budget": 96, "window_size": 16}},
+    )
+    try:
+        prompt_ids = prompt_of_length(llm.get_tokenizer(), 2 * CHUNK + 10, 13579)
+        llm.generate(as_prompt(prompt_ids), greedy(max_tokens=4))
+        assert scheduler_of(llm)._snapkv.stats.compressed_requests == 1
+    finally:
+        close_llm(llm)
+    assert len(checked) == 6, checked
