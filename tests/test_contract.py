@@ -458,3 +458,11 @@ def test_scale_out_facts():
     assert "Instrumentator(" in source(metrics_router.attach_router)
     expose = source(Instrumentator.expose)
     assert "PROMETHEUS_MULTIPROC_DIR" in expose and "MultiProcessCollector" in expose
+
+
+def test_microbatching_switches_the_refusal_reads():
+    from vllm.config import ParallelConfig
+
+    fields = {field.name for field in dataclasses.fields(ParallelConfig)}
+    assert {"enable_dbo", "ubatch_size"} <= fields
+    assert "self.enable_dbo or self.ubatch_size > 1" in source(ParallelConfig.use_ubatching.fget)

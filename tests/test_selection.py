@@ -155,3 +155,36 @@ def test_sinks_and_soft_cap_normalise_as_the_layer_does():
     assert (got.sum(-1) < plain.sum(-1)).all()
     kept = select_kept_positions(q_win, keys, 20, 0.25, 3, "max", sinks=sinks, soft_cap=5.0)
     assert torch.equal(kept, reference_selection(q_win, keys, 20, 0.25, 3, "max", sinks, 5.0))
+
+
+def test_compaction_clock_sums_cpu_wall_time():
+    import time
+
+    from vllm_snapkv.timing import CompactionClock
+
+    clock = CompactionClock()
+    for _ in range(2):
+        started = clock.start(torch.device("cpu"))
+        time.sleep(0.01)
+        clock.stop(started, torch.device("cpu"))
+    clock.settle()
+    assert 0.02 <= clock.seconds < 1.0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (scripts/gpu-check)")
+def test_selection_and_its_timing_never_wait_for_the_gpu():
+    """No host sync inside a layer's selection (was: ``nonzero`` per layer); the clock reads its
+    CUDA events once, in ``settle``."""
+    from vllm_snapkv.timing import CompactionClock
+
+    q_win, keys = (t.cuda() for t in make_inputs(3, window=8, q_heads=8, kv_heads=2, length=4096))
+    clock = CompactionClock()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        started = clock.start(keys.device)
+        select_kept_positions(q_win, keys, 512, 0.125, 7, "max")
+        clock.stop(started, keys.device)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    clock.settle()
+    assert clock.seconds > 0

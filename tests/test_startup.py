@@ -44,6 +44,8 @@ def _config_with(**changes):
         parallel_config=SimpleNamespace(
             pipeline_parallel_size=changes.pop("pp", 1),
             tensor_parallel_size=changes.pop("tp", 1),
+            enable_dbo=changes.pop("enable_dbo", False),
+            ubatch_size=changes.pop("ubatch_size", 0),
         ),
         cache_config=SimpleNamespace(cache_dtype=changes.pop("kv_cache_dtype", "auto")),
         speculative_config=changes.pop("speculative_config", None),
@@ -69,6 +71,9 @@ def _config_with(**changes):
         ({"hf_config": {"model_type": "mpt", "attn_config": {"alibi": False}}}, None),
         ({"hf_config": {"model_type": "falcon", "alibi": True}}, "Falcon with alibi"),
         ({"hf_config": {"model_type": "falcon", "alibi": False}}, None),
+        ({"enable_dbo": True}, "microbatching"),
+        ({"ubatch_size": 2}, "microbatching"),
+        ({"ubatch_size": 1}, None),
         ({"kv_cache_dtype": "fp8"}, None),
         ({"kv_cache_dtype": "fp8_e5m2"}, None),
         ({"kv_cache_dtype": "bfloat16"}, None),

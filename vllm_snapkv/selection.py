@@ -87,14 +87,11 @@ def group_mean(scores: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
 
 def top_positions(scores: torch.Tensor, count: int) -> torch.Tensor:
     """Per row, the ``count`` highest-scoring positions, ascending; among equal scores the earlier
-    position wins. Max pooling creates plateaus of equal scores and topk's tie order is
-    unspecified, so the boundary value is resolved explicitly (cheaper than a stable sort)."""
-    threshold = scores.topk(count, dim=-1).values[:, -1:]
-    above = scores > threshold
-    at = scores == threshold
-    room = count - above.sum(dim=-1, keepdim=True)
-    chosen = above | (at & (at.cumsum(dim=-1) <= room))
-    return chosen.nonzero()[:, 1].view(scores.shape[0], count)
+    position wins (max pooling creates plateaus of equal scores, and topk's tie order is
+    unspecified). A stable sort keeps ties in position order and, unlike selecting by a threshold
+    and ``nonzero``, never waits for the device to know how many entries qualify."""
+    order = torch.sort(scores, dim=-1, descending=True, stable=True).indices[:, :count]
+    return order.sort(dim=-1).values
 
 
 def select_kept_positions(

@@ -72,6 +72,11 @@ def unsupported_features(vllm_config: VllmConfig) -> list[str]:
         reasons.append(
             f"kv_cache_dtype={cache_dtype!r} (supported: {', '.join(SUPPORTED_KV_CACHE_DTYPES)})"
         )
+    if getattr(parallel, "enable_dbo", False) or getattr(parallel, "ubatch_size", 0) > 1:
+        reasons.append(
+            "microbatching (--enable-dbo / --ubatch-size > 1: a step's tokens run as separate "
+            "microbatches, while window rows and compaction are planned per step)"
+        )
     num_kv_heads = model.get_total_num_kv_heads()
     if parallel.tensor_parallel_size > num_kv_heads:
         reasons.append(

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import functools
 import os
-import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -55,6 +54,7 @@ from vllm_snapkv.adapter.scheduler import DIRECTIVES_ATTR
 from vllm_snapkv.config import SnapKVConfig, config_from_additional
 from vllm_snapkv.plan import CompressionPlan, StepDirectives, WindowCapture
 from vllm_snapkv.selection import select_kept_positions
+from vllm_snapkv.timing import CompactionClock
 
 # Under the "vllm" logger tree so vLLM's handlers and VLLM_LOGGING_LEVEL apply.
 logger = init_logger(f"vllm.{__name__}")
@@ -114,8 +114,8 @@ class WorkerCompression:
         self.layouts: dict[str, PagedKVLayout] = {}
         #: Attention backend name per layer, checked at KV-cache initialisation.
         self.backend_names: set[str] = set()
-        #: Wall time spent selecting and compacting (all layers, all requests), for benchmarks.
-        self.compaction_seconds = 0.0
+        #: Device time spent selecting and compacting (all layers, all requests), for benchmarks.
+        self.clock = CompactionClock()
 
     def check_layers(self, runner: GPUModelRunner) -> None:
         """Refuse (at engine start) any layer of a compressed group SnapKV cannot compact."""
@@ -205,11 +205,11 @@ class WorkerCompression:
                 buffered.append(rows.clone())
                 continue
             window_queries = torch.cat([*buffered, rows]) if buffered else rows
-            started = time.perf_counter()
+            started = self.clock.start(kv_cache.device)
             job.kept[layer_index] = self._compact(
                 impl, layer, job, window_queries, kv_cache, group_id
             )
-            self.compaction_seconds += time.perf_counter() - started
+            self.clock.stop(started, kv_cache.device)
             job.layers_done.add(layer_index)
 
     def _layout(self, impl: Any, layer: torch.nn.Module) -> PagedKVLayout:
@@ -251,9 +251,14 @@ class WorkerCompression:
         layout.write(kv_cache, kept_keys, kept_values, job.target_slots[group_id])
         return kept
 
+    @property
+    def compaction_seconds(self) -> float:
+        return self.clock.seconds
+
     def after_execute_model(self) -> None:
         global _ACTIVE_STEP
         _ACTIVE_STEP = None
+        self.clock.settle()
         for job in self.jobs:
             if job.plan is None:
                 continue
