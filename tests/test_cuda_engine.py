@@ -106,26 +106,82 @@ def test_within_budget_equals_full_cache_and_compression_changes_output(cuda_llm
     )
 
 
-def test_one_token_final_chunk_beside_decodes_is_compacted_not_graph_replayed(cuda_llm):
-    # The completing chunk of the long prompt is 1 token, batched with decoding requests: a
-    # uniform-decode batch vLLM would replay as a full CUDA graph without the dispatch patch.
-    tokenizer = cuda_llm.get_tokenizer()
-    engine = cuda_llm.llm_engine
+#: Requests decoding while the late prompt prefills: each takes one token of every step's budget.
+NUM_DECODERS = 3
+
+
+def late_prompt_len(chunk: int = CHUNK, num_decoders: int = NUM_DECODERS) -> int:
+    """A prompt whose chunks are ``chunk - num_decoders`` twice and then exactly 1 token: its
+    completing step is num_decoders + 1 requests of 1 token each, a uniform-decode batch."""
+    return 2 * (chunk - num_decoders) + 1
+
+
+def run_one_token_final_chunk(llm, key: int, max_tokens: int = 24):
+    """Decoders first, then the late prompt. Returns the late request's output and, per step it
+    was scheduled in, ``(its tokens, the other requests' tokens)``."""
+    engine, scheduler = llm.llm_engine, scheduler_of(llm)
+    schedule = scheduler.schedule
+    steps: list[tuple[int, list[int]]] = []
+
+    def recording_schedule(*args, **kwargs):
+        output = schedule(*args, **kwargs)
+        late = [r for r in output.num_scheduled_tokens if r.startswith("late-")]
+        if late:
+            others = [n for r, n in output.num_scheduled_tokens.items() if r != late[0]]
+            steps.append((output.num_scheduled_tokens[late[0]], others))
+        return output
+
+    scheduler.schedule = recording_schedule
+    try:
+        for i in range(NUM_DECODERS):
+            engine.add_request(f"decoder-{i}", "Count from one to fifty:", greedy(max_tokens=200))
+        for _ in range(3):
+            engine.step()
+        ids = prompt_of_length(llm.get_tokenizer(), late_prompt_len(), key)
+        engine.add_request("late", as_prompt(ids), greedy(256, max_tokens=max_tokens))
+        outputs = {}
+        while engine.has_unfinished_requests():
+            for output in engine.step():
+                if output.finished:
+                    outputs[output.request_id] = output
+    finally:
+        del scheduler.schedule
+    return outputs["late"], steps
+
+
+def test_one_token_final_chunk_beside_decodes_is_compacted_not_graph_replayed(
+    cuda_llm, monkeypatch
+):
+    # The completing chunk of the long prompt is 1 token, batched with 3 decoding requests: a
+    # uniform-decode batch vLLM replays as a full CUDA graph without the dispatch patch. The CPU
+    # test of the same geometry (tests/test_gpu_path.py) checks the chunking itself.
+    from vllm.config import CUDAGraphMode
+    from vllm.v1.cudagraph_dispatcher import CudagraphDispatcher
+
+    from vllm_snapkv.adapter import worker as worker_module
+
+    dispatched: list[tuple[bool, bool, CUDAGraphMode]] = []
+    dispatch = CudagraphDispatcher.dispatch
+
+    def recording_dispatch(self, num_tokens, *args, **kwargs):
+        mode, descriptor = dispatch(self, num_tokens, *args, **kwargs)
+        active = worker_module._ACTIVE_STEP is not None
+        dispatched.append((active, bool(kwargs.get("uniform_decode")), mode))
+        return mode, descriptor
+
+    monkeypatch.setattr(CudagraphDispatcher, "dispatch", recording_dispatch)
     stats = scheduler_of(cuda_llm)._snapkv.stats
     before = stats.compressed_requests
-    for i in range(3):
-        engine.add_request(f"decoder-{i}", "Count from one to fifty:", greedy(max_tokens=200))
-    for _ in range(3):
-        engine.step()
-    engine.add_request("late", as_prompt(prompt_of_length(tokenizer, 2 * CHUNK + 1, 4242)),
-                       greedy(BUDGET, max_tokens=24))
-    outputs = {}
-    while engine.has_unfinished_requests():
-        for output in engine.step():
-            if output.finished:
-                outputs[output.request_id] = output
+    late, steps = run_one_token_final_chunk(cuda_llm, 4242)
     assert stats.compressed_requests == before + 1
-    assert "4242" in outputs["late"].outputs[0].text
+    assert steps[2] == (1, [1] * NUM_DECODERS)
+    # The compacting step was a uniform-decode batch, and it did not replay a full graph ...
+    work_steps = [(uniform, mode) for active, uniform, mode in dispatched if active]
+    assert any(uniform for uniform, _ in work_steps)
+    assert all(mode != CUDAGraphMode.FULL for _, mode in work_steps)
+    # ... while plain decode steps did (so the check above could fail).
+    assert any(mode == CUDAGraphMode.FULL for active, _, mode in dispatched if not active)
+    assert late.outputs[0].token_ids
 
 
 def test_selection_matches_the_transformers_reference(cuda_llm, model_dir):

@@ -118,3 +118,26 @@ def test_standalone_compaction_benchmark_runs_without_vllm(tmp_path):
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "| 300 | 64 |" in (tmp_path / "table.md").read_text()
+
+
+def test_cuda_graph_test_geometry_really_ends_in_a_one_token_chunk_beside_decodes():
+    """The CUDA engine test of the dispatch patch relies on its geometry: the late prompt's
+    completing chunk is 1 token, scheduled with one token of each decoding request (a
+    uniform-decode batch). Same scheduler and budget on the CPU build (tiny Llama)."""
+    from test_architectures import tiny_llm
+    from test_cuda_engine import CHUNK, NUM_DECODERS, run_one_token_final_chunk
+
+    from conftest import close_llm, scheduler_of
+    from model_zoo import build_tiny_model
+
+    llm = tiny_llm(
+        build_tiny_model("llama"), "float32", max_num_batched_tokens=CHUNK,
+        additional_config={"kv_compression": {"budget": 256}},
+    )
+    try:
+        _, steps = run_one_token_final_chunk(llm, 4242, max_tokens=4)
+        assert scheduler_of(llm)._snapkv.stats.compressed_requests == 1
+    finally:
+        close_llm(llm)
+    chunk = CHUNK - NUM_DECODERS
+    assert steps[:3] == [(chunk, [1] * NUM_DECODERS)] * 2 + [(1, [1] * NUM_DECODERS)]
