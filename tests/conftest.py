@@ -144,6 +144,34 @@ def generate_under_preemption(llm, prompts, params) -> tuple[list[list[int]], li
     return got, preempted
 
 
+def generate_preempted_after_decoding(llm, prompt_ids: list[int], params, steps: int) -> list[int]:
+    """Generate one request, preempting it by hand after ``steps`` engine steps (prefill and some
+    decoding). Its prompt is compressed twice (first prefill, re-prefill), and the pool's free
+    count returns to its start. Returns the generated token ids."""
+    import time
+
+    engine, scheduler = llm.llm_engine, scheduler_of(llm)
+    pool = scheduler.kv_cache_manager.block_pool
+    stats = scheduler._snapkv.stats
+    llm.reset_prefix_cache()
+    free_at_start = pool.get_num_free_blocks()
+    before = stats.compressed_requests
+    engine.add_request("preempt-me", as_prompt(prompt_ids), params)
+    outputs = []
+    for _ in range(steps):
+        outputs += engine.step()
+    (request,) = [r for r in scheduler.running if r.request_id.startswith("preempt-me-")]
+    assert request.num_output_tokens >= 16, "preempt it mid-decode"
+    scheduler.running.remove(request)
+    scheduler._preempt_request(request, time.monotonic())
+    while engine.has_unfinished_requests():
+        outputs += engine.step()
+    (final,) = [output for output in outputs if output.finished]
+    assert stats.compressed_requests == before + 2  # the first prefill and the re-prefill
+    assert pool.get_num_free_blocks() == free_at_start
+    return list(final.outputs[0].token_ids)
+
+
 #: Tokens before the filler in a passkey prompt (kept when trimming to a length).
 HEADER_TOKENS = 24
 

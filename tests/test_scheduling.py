@@ -10,6 +10,7 @@ import pytest
 from conftest import (
     assert_same_selection,
     close_llm,
+    generate_preempted_after_decoding,
     generate_under_preemption,
     greedy,
     as_prompt,
@@ -198,34 +199,12 @@ def test_preemption_after_decoding_continues_as_if_never_preempted(snap_llm, tok
     # first computed attending to the compressed cache; recomputing them over the full prompt
     # would change their KV and so the continuation. The plugin splits the re-prefill at the
     # prompt's end: compress exactly as the first time, then recompute the outputs over it.
-    import time
-
     ids = prompt_of_length(tokenizer, 1500, 60221, 0.5)
     params = greedy(BUDGET, max_tokens=48)
     snap_llm.reset_prefix_cache()
     (expected,) = snap_llm.generate(as_prompt(ids), params)
-
-    engine = snap_llm.llm_engine
-    scheduler = scheduler_of(snap_llm)
-    pool = scheduler.kv_cache_manager.block_pool
-    stats = scheduler._snapkv.stats
-    snap_llm.reset_prefix_cache()
-    free_at_start = pool.get_num_free_blocks()
-    before = stats.compressed_requests
-    engine.add_request("preempt-me", as_prompt(ids), params)
-    outputs = []
-    for _ in range(20):  # prefill + 19 decode steps
-        outputs += engine.step()
-    (request,) = [r for r in scheduler.running if r.request_id.startswith("preempt-me-")]
-    assert request.num_output_tokens >= 19
-    scheduler.running.remove(request)
-    scheduler._preempt_request(request, time.monotonic())
-    while engine.has_unfinished_requests():
-        outputs += engine.step()
-    (final,) = [output for output in outputs if output.finished]
-    assert stats.compressed_requests == before + 2  # the first prefill and the re-prefill
-    assert list(final.outputs[0].token_ids) == list(expected.outputs[0].token_ids)
-    assert pool.get_num_free_blocks() == free_at_start
+    got = generate_preempted_after_decoding(snap_llm, ids, params, steps=20)
+    assert got == list(expected.outputs[0].token_ids)
 
 
 def test_seeded_requests_keep_one_re_prefill_chunk_on_cpu():

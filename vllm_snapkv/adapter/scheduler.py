@@ -1,6 +1,7 @@
 """Engine-core side: decide compressions, swap block lists, keep block accounting physical.
 
-Patched (vLLM 0.32, v1 engine; contract tests in tests/test_contract.py):
+Patched (vLLM 0.32/0.33, v1 engine; contract tests in tests/test_contract.py and
+tests/test_contract_sources.py):
 - ``Scheduler.__init__``: validate the KV cache layout, attach :class:`SchedulerCompression`.
 - ``Scheduler._update_after_schedule``: plan compressions of requests whose prefill completes in
   this step, allocate targets, release sources, attach :class:`StepDirectives` to the output.
@@ -25,7 +26,6 @@ from vllm.v1.request import Request
 
 from vllm_snapkv.adapter.block_accounting import compress_completing, share_evicted_counts
 from vllm_snapkv.adapter.groups import CompressedGroups
-
 from vllm_snapkv.config import (
     KVCompressionConfigError,
     SnapKVConfig,
