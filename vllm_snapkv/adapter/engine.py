@@ -77,6 +77,14 @@ def unsupported_features(vllm_config: VllmConfig) -> list[str]:
             "microbatching (--enable-dbo / --ubatch-size > 1: a step's tokens run as separate "
             "microbatches, while window rows and compaction are planned per step)"
         )
+    if (
+        getattr(parallel, "decode_context_parallel_size", 1) > 1
+        or getattr(parallel, "prefill_context_parallel_size", 1) > 1
+    ):
+        reasons.append(
+            "context parallelism (a request's KV is interleaved across ranks by token position, "
+            "while compaction keeps per-head positions on every rank)"
+        )
     num_kv_heads = model.get_total_num_kv_heads()
     if parallel.tensor_parallel_size > num_kv_heads:
         reasons.append(
