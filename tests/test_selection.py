@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import math
+import random
 
 import pytest
 import torch
 
 from vllm_snapkv.selection import (
+    ChunkedWindowScores,
+    chunk_positions,
+    group_mean,
+    merge_top,
     pool_scores,
     select_kept_positions,
+    select_kept_positions_chunked,
     top_positions,
     window_attention_scores,
 )
@@ -172,6 +178,18 @@ def test_compaction_clock_sums_cpu_wall_time():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (scripts/gpu-check)")
+def test_chunked_selection_on_cuda_equals_the_dense_one():
+    for seed in range(0, 120, 11):
+        case = random_case(seed)
+        chunk_size, block_size = case.pop("chunk_size"), case.pop("block_size")
+        case = {name: value.cuda() if isinstance(value, torch.Tensor) else value
+                for name, value in case.items()}
+        got, _ = chunked(**case, chunk_size=chunk_size, block_size=block_size)
+        assert got.is_cuda
+        assert torch.equal(got, select_kept_positions(**case)), seed
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (scripts/gpu-check)")
 def test_selection_and_its_timing_never_wait_for_the_gpu():
     """No host sync inside a layer's selection (was: ``nonzero`` per layer); the clock reads its
     CUDA events once, in ``settle``."""
@@ -183,8 +201,159 @@ def test_selection_and_its_timing_never_wait_for_the_gpu():
     try:
         started = clock.start(keys.device)
         select_kept_positions(q_win, keys, 512, 0.125, 7, "max")
+        # The worker's path: spans read through a callback, merged into a running top.
+        select_kept_positions_chunked(q_win, lambda s, e: keys[s:e], 4096, 512, 0.125, 7, "max",
+                                      chunk_size=1000, block_size=16)
         clock.stop(started, keys.device)
     finally:
         torch.cuda.set_sync_debug_mode("default")
     clock.settle()
     assert clock.seconds > 0
+
+
+# --- The chunked selection the worker runs (bounded memory) against the dense functions above,
+# --- which are today's definition.
+
+
+def chunked(window_queries, keys, budget, scale, kernel_size=7, pooling="max", sinks=None,
+            soft_cap=None, chunk_size=16, block_size=1):
+    reads = []
+
+    def read(start, end):
+        reads.append((start, end))
+        return keys[start:end]
+
+    kept = select_kept_positions_chunked(
+        window_queries, read, keys.shape[0], budget, scale, kernel_size, pooling, sinks, soft_cap,
+        chunk_size=chunk_size, block_size=block_size,
+    )
+    return kept, reads
+
+
+def dense_scores(q_win, keys, scale, kernel_size, pooling, sinks=None, soft_cap=None):
+    scores = window_attention_scores(q_win, keys, scale, sinks, soft_cap)
+    return group_mean(pool_scores(scores, kernel_size, pooling), keys.shape[1])
+
+
+def random_case(seed):
+    """A random shape and setting: chunk boundaries anywhere (inside the window, inside the
+    pooling halo, spans shorter than the halo), GQA or not, sinks, soft-cap, half inputs."""
+    rng = random.Random(seed)
+    q_heads, kv_heads = rng.choice([(4, 4), (6, 2), (9, 3), (8, 1), (2, 1)])
+    window = rng.choice([1, 2, 5, 8, 13])
+    length = rng.randint(window + 3, 420)
+    budget = rng.randint(window + 1, length - 1)
+    gen = torch.Generator().manual_seed(seed)
+    dtype = rng.choice([torch.float32, torch.float16, torch.bfloat16])
+    q = (torch.randn(window, q_heads, 16, generator=gen) * rng.choice([1.0, 2.0, 4.0])).to(dtype)
+    k = (torch.randn(length, kv_heads, 16, generator=gen) * 2).to(dtype)
+    return dict(
+        window_queries=q,
+        keys=k,
+        budget=budget,
+        scale=rng.choice([0.25, 1 / math.sqrt(16), 0.5]),
+        kernel_size=rng.choice([1, 3, 7]),
+        pooling=rng.choice(["max", "avg"]),
+        sinks=(torch.randn(q_heads, generator=gen) * 3).to(dtype) if rng.random() < 0.3 else None,
+        soft_cap=rng.choice([None, None, 5.0, 30.0]),
+        chunk_size=rng.choice([1, 2, 3, 5, 7, 16, 31, 64, 100, 1000]),
+        block_size=rng.choice([1, 2, 4, 16]),
+    )
+
+
+@pytest.mark.parametrize("seed", range(120))
+def test_chunked_selection_equals_the_dense_one(seed):
+    case = random_case(seed)
+    chunk_size, block_size = case.pop("chunk_size"), case.pop("block_size")
+    want = select_kept_positions(**case)
+    got, reads = chunked(**case, chunk_size=chunk_size, block_size=block_size)
+    assert torch.equal(got, want)
+    # Whole spans from block boundaries, each read once per pass: nothing else is read.
+    span = chunk_positions(chunk_size, block_size)
+    length, prefix = case["keys"].shape[0], case["keys"].shape[0] - case["window_queries"].shape[0]
+    assert reads == [(a, min(a + span, length)) for a in range(0, length, span)] + [
+        (a, min(a + span, prefix)) for a in range(0, prefix, span)
+    ]
+
+
+@pytest.mark.parametrize("pooling", ["max", "avg"])
+def test_chunked_selection_equals_the_dense_one_at_real_span_sizes(pooling):
+    """Spans of thousands of positions in 16-token blocks (the worker's geometry), a prompt
+    that is no multiple of them, GQA 4:1, window 32, budget 1024, bf16."""
+    gen = torch.Generator().manual_seed(11)
+    q_win = torch.randn(32, 8, 64, generator=gen).bfloat16()
+    keys = (torch.randn(12_345, 2, 64, generator=gen) * 1.5).bfloat16()
+    want = select_kept_positions(q_win, keys, 1024, 0.125, 7, pooling)
+    for chunk_size in (4096, 3000):
+        got, reads = chunked(q_win, keys, 1024, 0.125, 7, pooling, chunk_size=chunk_size,
+                             block_size=16)
+        assert torch.equal(got, want)
+        assert max(end - start for start, end in reads) == chunk_positions(chunk_size, 16)
+
+
+@pytest.mark.parametrize("seed", range(0, 120, 7))
+def test_chunked_scores_equal_the_dense_scores(seed):
+    case = random_case(seed)
+    q_win, keys = case["window_queries"], case["keys"]
+    scorer = ChunkedWindowScores(
+        q_win, lambda s, e: keys[s:e], keys.shape[0], case["scale"], case["kernel_size"],
+        case["pooling"], case["sinks"], case["soft_cap"], case["chunk_size"], case["block_size"],
+    )
+    ranges = list(scorer)
+    ends = [start + scores.shape[1] for start, scores in ranges]
+    assert [start for start, _ in ranges] == [0] + ends[:-1]  # consecutive, the prefix once
+    assert ends[-1] == keys.shape[0] - q_win.shape[0]
+    got = torch.cat([scores for _, scores in ranges], dim=1)
+    want = dense_scores(q_win, keys, case["scale"], case["kernel_size"], case["pooling"],
+                        case["sinks"], case["soft_cap"])
+    assert got.dtype == torch.float32
+    # Equal to float32 rounding: logits here reach ~50, where one rounding step of a logit
+    # (4e-6) is the relative change of its exponential; the matmuls differ in shape.
+    torch.testing.assert_close(got, want, rtol=5e-5, atol=1e-9)
+
+
+@pytest.mark.parametrize("pooling", ["max", "avg"])
+@pytest.mark.parametrize("kernel_size", [1, 3, 7])
+@pytest.mark.parametrize("chunk_size", [1, 4, 9, 24])
+def test_ties_across_chunk_boundaries_go_to_the_earlier_position(pooling, kernel_size, chunk_size):
+    """Plateaus of exactly equal scores (zero keys: every logit exactly 0) that span chunk
+    boundaries, with the budget ending inside them: the chunked merge must keep the same
+    earliest positions as the dense stable sort."""
+    q_win, keys = make_inputs(9, window=4, q_heads=6, kv_heads=2, length=120)
+    direction = q_win.mean(dim=(0, 1))
+    # Weak everywhere (distinct scores), a plateau of zero keys across several chunks, and a few
+    # strong positions (each a plateau of k equal pooled maxima under max pooling).
+    keys = -direction.abs().sum() * 0.1 * (1 + torch.rand(120, 2, 1, generator=torch.Generator()
+                                                           .manual_seed(1))) * direction / 4
+    keys[20:70] = 0.0
+    keys[[5, 90, 100]] = 3 * direction
+    for budget in (4 + 3, 4 + 10, 4 + 30, 4 + 60):
+        want = select_kept_positions(q_win, keys, budget, 0.5, kernel_size, pooling)
+        got, _ = chunked(q_win, keys, budget, 0.5, kernel_size, pooling, chunk_size=chunk_size)
+        assert torch.equal(got, want), budget
+    # The plateau is really tied and really cut by the budget.
+    scores = dense_scores(q_win, keys, 0.5, kernel_size, pooling)
+    assert (scores[:, 30:60] == scores[:, 30:31]).all()
+
+
+def test_merge_top_equals_top_positions_with_many_ties():
+    gen = torch.Generator().manual_seed(3)
+    scores = torch.randint(0, 4, (3, 200), generator=gen).float()  # four values: ties galore
+    for count in (1, 7, 50, 199):
+        for step in (1, 3, 16, 64, 200):
+            top_scores = top = None
+            for start in range(0, 200, step):
+                top_scores, top = merge_top(top_scores, top, scores[:, start : start + step],
+                                            start, count)
+            assert torch.equal(top.sort(dim=-1).values, top_positions(scores, count))
+
+
+def test_chunked_rejects_what_the_dense_rejects():
+    q, k = make_inputs(6, 4, 2, 2, 10)
+    for budget in (10, 12, 4):
+        with pytest.raises(ValueError, match="budget"):
+            chunked(q, k, budget, 1.0)
+    with pytest.raises(ValueError, match="odd"):
+        chunked(make_inputs(6, 4, 2, 2, 40)[0], make_inputs(6, 4, 2, 2, 40)[1], 20, 1.0, 4)
+    with pytest.raises(ValueError, match="read_keys"):
+        select_kept_positions_chunked(q, lambda s, e: k[s : e + 1], 10, 8, 1.0)

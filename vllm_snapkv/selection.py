@@ -2,17 +2,71 @@
 
 Implements rules 2-7 of shared/docs/snapkv-algorithm.md for one attention layer of one request:
 window-attention scores -> 1-D pooling -> mean over each GQA group -> top positions per KV head,
-plus the observation window, in ascending order.
+plus the observation window, in ascending order. Two implementations of the same selection:
+
+- :func:`select_kept_positions_chunked`, what the worker runs, holds nothing proportional to the
+  prompt length ``L``. Keys come through a callback, one span of ``P`` positions at a time
+  (:data:`SCORE_CHUNK_TOKENS`, rounded to the cache's blocks), scored with an exact two-pass
+  softmax. Pass 1: per KV head, query head of its group and window query, the running max and
+  sum of ``exp(logit - max)`` over all ``L`` keys (sink term included, soft-cap applied, causal
+  inside the window). Pass 2: each span's logits again, normalised with those, summed over the
+  window queries; pooled with the ``k // 2`` window sums on either side carried between spans
+  (each position's sum is computed once, so pooling equals the unchunked pooling); averaged per
+  GQA group; merged into a running top-``(C - W)`` per KV head by a stable sort of the running
+  top followed by the span (among equal scores the earlier position wins, as in
+  :func:`top_positions`).
+- :func:`select_kept_positions` is the dense definition: all ``L`` keys at once, ``[H_q, W, L]``
+  logits and probabilities materialised (and, through matmul broadcasting, the keys in float32
+  once per query head). It is the reference the chunked path is tested against
+  (tests/test_selection.py, tests/test_compaction_memory.py).
+
+Both compute in float32. The chunked softmax sums its denominator span by span (across spans in
+float64) and its matmuls have other shapes, so scores agree to float32 rounding of the logits
+(relative differences ~1e-6, up to ~1e-5 where logits reach ~50), not bit for bit: the
+selections can differ only where two positions' scores are that close at the budget's edge, the
+latitude any change of matmul kernel (CPU vs GPU, another cuBLAS algorithm) already has. Exact
+ties (max-pooling plateaus, equal keys) are broken identically.
+
+Temporary memory of compacting one request in one layer (:func:`compaction_workspace_bytes`),
+independent of ``L``. With ``P`` the span (:data:`SCORE_CHUNK_TOKENS` rounded down to a multiple
+of the block size, at least one block), ``h = k // 2``, ``H_q``/``H_kv`` query and KV heads,
+``W`` the window, ``D`` the head size, ``D_s``/``e`` the stored K row width and element bytes of
+the cache, ``C`` the budget and ``N = C + outputs`` the rows written::
+
+    selection = 4·P·H_q·W             logits of one span (normalised in place)
+              + 8·P·H_kv·D            its keys in float32 (x2: fp8 dequantisation holds two)
+              + 2·e·P·H_kv·D_s        the stored rows read (x2: gather, then reorder: CPU amx)
+              + 12·(P + 2h)·H_q       window sums (with the carried halo) and pooled scores
+              + 48·H_kv·(C + P)       running top merged with a span (scores, positions, sort)
+              + 4·H_q·W·(D + 2)       scaled window queries, running max and sum
+    write     = 4·e·N·H_kv·D_s + 64·N·H_kv    kept K and V, their concatenation, indices
+    bound     = max(selection, write)
+
+For Llama-3.1-8B (32/8 heads, head 128, bf16 cache, block 16, W 32, k 7, P 8192) the bound is
+135-136 MiB for C = 1024-4096 (the selection term; write is 34 MiB at C = 4096); measured on the
+standard layout, 83-91 MiB from 8K to 128K tokens, where the dense path held 209 MiB at 8K and
+about 3.2 GiB at 128K (docs/results.md, "Compaction memory"). The kept positions
+(``8·H_kv·C`` bytes per layer) are the result, not workspace.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 
 Pooling = Literal["max", "avg"]
+
+#: Key positions scored at a time by :func:`select_kept_positions_chunked` (rounded down to a
+#: multiple of the cache's block size, at least one block). The workspace grows linearly with it
+#: (the bound is ~135 MiB for Llama-3.1-8B at 8192); smaller spans mean more, smaller kernels.
+SCORE_CHUNK_TOKENS = 8192
+
+#: ``read_keys(start, end)``: keys of prompt positions ``[start, end)`` as ``[end - start, H_kv,
+#: D]``, any float dtype (scored in float32), after RoPE and dequantised as attention sees them.
+KeyReader = Callable[[int, int], torch.Tensor]
 
 
 def window_attention_scores(
@@ -123,3 +177,240 @@ def select_kept_positions(
     window = torch.arange(prompt_len - num_window, prompt_len, device=keys.device)
     # top is ascending and every window position is after the prefix: already sorted.
     return torch.cat([top, window.expand(num_kv_heads, -1)], dim=-1)
+
+
+def chunk_positions(chunk_size: int | None = None, block_size: int = 1) -> int:
+    """Positions per scored span: ``chunk_size`` (None: :data:`SCORE_CHUNK_TOKENS`, read at call
+    time) rounded down to a multiple of ``block_size``, at least one block, so spans start at
+    block boundaries."""
+    if chunk_size is None:
+        chunk_size = SCORE_CHUNK_TOKENS
+    if chunk_size < 1 or block_size < 1:
+        raise ValueError(f"chunk_size ({chunk_size}) and block_size ({block_size}) must be >= 1")
+    return max(1, chunk_size // block_size) * block_size
+
+
+def _spans(begin: int, end: int, step: int) -> Iterator[tuple[int, int]]:
+    for start in range(begin, end, step):
+        yield start, min(start + step, end)
+
+
+class ChunkedWindowScores:
+    """The pooled, group-averaged window scores of :func:`select_kept_positions_chunked`, one span
+    of prefix positions at a time (see the module docstring for the two passes). Nothing it holds
+    between spans depends on the prompt length: the scaled window queries and, per query head and
+    window query, the softmax max and denominator."""
+
+    def __init__(
+        self,
+        window_queries: torch.Tensor,
+        read_keys: KeyReader,
+        prompt_len: int,
+        scale: float,
+        kernel_size: int = 7,
+        pooling: Pooling = "max",
+        sinks: torch.Tensor | None = None,
+        soft_cap: float | None = None,
+        chunk_size: int | None = None,
+        block_size: int = 1,
+    ):
+        num_window = window_queries.shape[0]
+        if num_window > prompt_len:
+            raise ValueError(f"window ({num_window}) longer than the prompt ({prompt_len})")
+        if kernel_size % 2 != 1:
+            raise ValueError(f"kernel_size must be odd, got {kernel_size}")
+        if pooling not in ("max", "avg"):
+            raise ValueError(f"pooling must be 'max' or 'avg', got {pooling!r}")
+        self.window_queries, self.read_keys = window_queries, read_keys
+        self.prompt_len, self.prefix_len = prompt_len, prompt_len - num_window
+        self.scale, self.kernel_size, self.pooling = scale, kernel_size, pooling
+        self.sinks, self.soft_cap = sinks, soft_cap
+        self.step = chunk_positions(chunk_size, block_size)
+        self.queries: torch.Tensor | None = None  # [H_kv, G * W, D], scaled, float32
+        self.num_kv_heads = 0
+
+    def _logits(self, start: int, end: int) -> torch.Tensor:
+        """``[H_kv, G, W, end - start]`` float32 logits of the window against keys
+        ``[start, end)``, soft-capped, causal inside the window."""
+        keys = self.read_keys(start, end)
+        num_window, num_q_heads, head_dim = self.window_queries.shape
+        if keys.dim() != 3 or keys.shape[0] != end - start or keys.shape[2] != head_dim:
+            raise ValueError(
+                f"read_keys({start}, {end}) returned {tuple(keys.shape)}, expected "
+                f"[{end - start}, H_kv, {head_dim}]"
+            )
+        if self.queries is None:
+            num_kv_heads = keys.shape[1]
+            if num_q_heads % num_kv_heads:
+                raise ValueError(f"H_q={num_q_heads} is not a multiple of H_kv={num_kv_heads}")
+            group = num_q_heads // num_kv_heads
+            q = self.window_queries.float().permute(1, 0, 2).reshape(
+                num_kv_heads, group, num_window, head_dim
+            )
+            self.queries = (q * self.scale).reshape(num_kv_heads, group * num_window, head_dim)
+            self.num_kv_heads = num_kv_heads
+        num_kv_heads = self.num_kv_heads
+        # [H_kv, G*W, D] x [H_kv, D, n]: a plain batched matmul, K never expanded to H_q heads.
+        logits = torch.matmul(self.queries, keys.float().permute(1, 2, 0))
+        del keys
+        logits = logits.view(num_kv_heads, -1, num_window, end - start)
+        if self.soft_cap:
+            logits.div_(self.soft_cap).tanh_().mul_(self.soft_cap)
+        if end > self.prefix_len + 1:
+            # Window query i sits at position prefix + i and must not see window keys after it.
+            first = max(start, self.prefix_len)
+            causal = torch.ones(num_window, num_window, dtype=torch.bool, device=logits.device)
+            causal = causal.triu(1)[:, first - self.prefix_len : end - self.prefix_len]
+            logits[..., first - start :].masked_fill_(causal, float("-inf"))
+        return logits
+
+    def _normaliser(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pass 1: per (KV head, query head of its group, window query) the max logit over all
+        ``L`` keys and the sink, and ``sum(exp(logit - max))`` (sink included)."""
+        running_max = total = None
+        for start, end in _spans(0, self.prompt_len, self.step):
+            logits = self._logits(start, end)
+            if running_max is None:
+                shape = logits.shape[:3]
+                if self.sinks is not None:
+                    running_max = self.sinks.float().view(shape[0], shape[1], 1).expand(shape)
+                    total = torch.ones(shape, dtype=torch.float64, device=logits.device)
+                else:
+                    running_max = torch.full(
+                        shape, float("-inf"), dtype=torch.float32, device=logits.device
+                    )
+                    total = torch.zeros(shape, dtype=torch.float64, device=logits.device)
+            new_max = torch.maximum(running_max, logits.amax(dim=-1))
+            chunk_sum = logits.sub_(new_max.unsqueeze(-1)).exp_().sum(dim=-1)
+            del logits
+            # Accumulated across spans in float64: rescaling and adding span by span then costs
+            # no more than the float32 sum of one row the dense softmax does.
+            rescale = torch.exp((running_max - new_max).double())
+            total = total * rescale + chunk_sum.double()
+            running_max = new_max
+        return running_max, total.float()
+
+    def __iter__(self) -> Iterator[tuple[int, torch.Tensor]]:
+        """Pass 2: ``(start, scores)`` for consecutive ranges of the prefix ``[0, L - W)``;
+        ``scores`` is ``[H_kv, n]`` float32, the columns ``[start, start + n)`` of
+        ``group_mean(pool_scores(window_attention_scores(...)))``.
+
+        Each position's window sum is computed once: pooling a span also needs the ``k // 2``
+        sums after it, so a range is emitted one halo late, and the last ``2·(k // 2)`` sums are
+        carried to the next span. (Recomputing a halo in the next span would run another
+        matmul shape, which may round differently and split a max-pooling plateau of equal
+        scores.)"""
+        running_max, total = self._normaliser()
+        running_max, total = running_max.unsqueeze(-1), total.unsqueeze(-1)
+        halo = self.kernel_size // 2
+        carried = None  # window sums of the last 2·halo positions before the span
+        emitted = 0  # positions [0, emitted) are out
+        for start, end in _spans(0, self.prefix_len, self.step):
+            probs = self._logits(start, end).sub_(running_max).exp_().div_(total)
+            sums = probs.sum(dim=2).view(-1, end - start)  # [H_q, n]
+            del probs
+            if carried is not None:
+                sums = torch.cat([carried, sums], dim=1)
+            first = end - sums.shape[1]  # the position of sums[:, 0]
+            # Positions up to end - halo see all their neighbours (or the prefix's true end).
+            last = self.prefix_len if end == self.prefix_len else end - halo
+            if last > emitted:
+                pooled = pool_scores(sums, self.kernel_size, self.pooling)
+                pooled = pooled[:, emitted - first : last - first]
+                yield emitted, group_mean(pooled, self.num_kv_heads)
+                del pooled
+                emitted = last
+            carried = sums[:, max(0, sums.shape[1] - 2 * halo) :] if halo else None
+
+
+def merge_top(
+    top_scores: torch.Tensor | None,
+    top_positions_: torch.Tensor | None,
+    scores: torch.Tensor,
+    start: int,
+    count: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Merge the scores of positions ``start .. start + n - 1`` (``[H, n]``) into a running top
+    (``[H, <= count]`` scores and positions, ordered by score descending, then position
+    ascending; None for none yet). All running positions precede ``start``, so a stable sort of
+    the running top followed by the span keeps that order: the result is the top ``count`` of
+    everything merged so far, ties to the earlier position, exactly :func:`top_positions`."""
+    positions = torch.arange(start, start + scores.shape[1], device=scores.device)
+    positions = positions.expand(scores.shape[0], -1)
+    if top_scores is not None:
+        scores = torch.cat([top_scores, scores], dim=1)
+        positions = torch.cat([top_positions_, positions], dim=1)
+    order = torch.sort(scores, dim=-1, descending=True, stable=True)
+    indices = order.indices[:, :count]
+    return order.values[:, :count], positions.gather(1, indices)
+
+
+def select_kept_positions_chunked(
+    window_queries: torch.Tensor,
+    read_keys: KeyReader,
+    prompt_len: int,
+    budget: int,
+    scale: float,
+    kernel_size: int = 7,
+    pooling: Pooling = "max",
+    sinks: torch.Tensor | None = None,
+    soft_cap: float | None = None,
+    chunk_size: int | None = None,
+    block_size: int = 1,
+) -> torch.Tensor:
+    """:func:`select_kept_positions` in bounded memory: keys come from ``read_keys(start, end)``
+    (see :data:`KeyReader`), spans of ``chunk_positions(chunk_size, block_size)`` positions
+    starting at block boundaries, each read twice (once per pass).
+    Same result: ``LongTensor[H_kv, budget]``, rows ascending, the top ``budget - W`` prefix
+    positions per KV head (ties: the earlier position) and the window. No host synchronisation:
+    every shape is known from the arguments."""
+    num_window = window_queries.shape[0]
+    if not num_window < budget < prompt_len:
+        raise ValueError(
+            f"need window ({num_window}) < budget ({budget}) < prompt length ({prompt_len})"
+        )
+    scorer = ChunkedWindowScores(
+        window_queries, read_keys, prompt_len, scale, kernel_size, pooling, sinks, soft_cap,
+        chunk_size, block_size,
+    )
+    top_scores = top = None
+    for start, scores in scorer:
+        top_scores, top = merge_top(top_scores, top, scores, start, budget - num_window)
+    top = top.sort(dim=-1).values
+    window = torch.arange(prompt_len - num_window, prompt_len, device=top.device)
+    return torch.cat([top, window.expand(top.shape[0], -1)], dim=-1)
+
+
+def compaction_workspace_bytes(
+    num_q_heads: int,
+    num_kv_heads: int,
+    head_size: int,
+    window: int,
+    budget: int,
+    kernel_size: int = 7,
+    block_size: int = 16,
+    cache_element_bytes: int = 2,
+    stored_width: int | None = None,
+    num_outputs: int = 0,
+    chunk_size: int | None = None,
+) -> int:
+    """Upper bound, in bytes, of the temporary memory of compacting one request in one layer
+    (selection with :func:`select_kept_positions_chunked`, then gathering and writing the kept
+    rows); the formula is in the module docstring. Independent of the prompt length.
+    ``stored_width``: a cache row's width per head for K (default ``head_size``);
+    ``num_outputs``: earlier outputs re-prefilled after a preemption, written after the
+    selection."""
+    width = head_size if stored_width is None else stored_width
+    span = chunk_positions(chunk_size, block_size)
+    halo = kernel_size // 2
+    selection = (
+        4 * span * num_q_heads * window
+        + 8 * span * num_kv_heads * head_size
+        + 2 * cache_element_bytes * span * num_kv_heads * width
+        + 12 * (span + 2 * halo) * num_q_heads
+        + 48 * num_kv_heads * (budget + span)
+        + 4 * num_q_heads * window * (head_size + 2)
+    )
+    rows = budget + num_outputs
+    write = 4 * cache_element_bytes * rows * num_kv_heads * width + 64 * rows * num_kv_heads
+    return max(selection, write)

@@ -43,7 +43,7 @@ from vllm_snapkv.adapter.attention import (
     scoring_options,
 )
 from vllm_snapkv.adapter.groups import CompressedGroups
-from vllm_snapkv.adapter.layouts import PagedKVLayout, PagedTokens
+from vllm_snapkv.adapter.layouts import PagedKVLayout, PagedTokens, read_key_span
 from vllm_snapkv.adapter.physical import (
     PHYSICAL_PATCHES,
     make_lengths_physical,
@@ -53,7 +53,7 @@ from vllm_snapkv.adapter.physical import (
 from vllm_snapkv.adapter.scheduler import DIRECTIVES_ATTR
 from vllm_snapkv.config import SnapKVConfig, config_from_additional
 from vllm_snapkv.plan import CompressionPlan, StepDirectives, WindowCapture
-from vllm_snapkv.selection import select_kept_positions
+from vllm_snapkv.selection import select_kept_positions_chunked
 from vllm_snapkv.timing import CompactionClock
 
 # Under the "vllm" logger tree so vLLM's handlers and VLLM_LOGGING_LEVEL apply.
@@ -229,24 +229,32 @@ class WorkerCompression:
                 f"at layer {layer.layer_name}, expected {plan.window_size}"
             )
         layout = self._layout(impl, layer)
-        # Copies of the source tokens are read before any write: targets may be reused sources
-        # (in-place compaction).
-        keys = layout.read_keys(kv_cache, source)
-        kept = select_kept_positions(
+        head_size = impl.head_size
+
+        def read_scoring_keys(start: int, end: int) -> torch.Tensor:
+            keys = read_key_span(layout, kv_cache, source, start, end)
+            return layout.scoring_keys(keys[:, :, :head_size])
+
+        # Bounded workspace, whatever the prompt length (selection.compaction_workspace_bytes):
+        # keys are scored a span of blocks at a time, never copied whole.
+        kept = select_kept_positions_chunked(
             window_queries,
-            layout.scoring_keys(keys[: plan.prompt_len, :, : impl.head_size]),
+            read_scoring_keys,
+            plan.prompt_len,
             plan.budget,
             impl.scale,
             self.config.kernel_size,
             self.config.pooling,
+            block_size=source.block_size,
             **scoring_options(impl),
         )
-        num_heads = keys.shape[1]
-        outputs = torch.arange(plan.prompt_len, plan.prefill_len, device=keys.device)
+        num_heads = kept.shape[0]
+        outputs = torch.arange(plan.prompt_len, plan.prefill_len, device=kept.device)
         # Slot i of head h holds position per_slot[i, h]: the selection, then earlier outputs.
         per_slot = torch.cat([kept, outputs.expand(num_heads, -1)], dim=1).T
-        heads = torch.arange(num_heads, device=keys.device)
-        kept_keys = keys[per_slot, heads]
+        # Both gathers are copies taken before the write: targets may be reused sources
+        # (in-place compaction).
+        kept_keys = layout.gather_keys(kv_cache, source, per_slot)
         kept_values = layout.gather_values(kv_cache, source, per_slot)
         layout.write(kv_cache, kept_keys, kept_values, job.target_slots[group_id])
         return kept

@@ -21,7 +21,6 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import torch
-from vllm.v1.kv_cache_interface import is_quantized_kv_cache
 
 #: Float8 format of each per-tensor-scaled fp8 ``--kv-cache-dtype``, as vLLM names them (``fp8``
 #: is e4m3). A layout may store another format for a name (see ``layouts.standard``).
@@ -38,6 +37,10 @@ def fp8_format(kv_cache_dtype: str) -> torch.dtype | None:
     Other quantised caches (per-token-head scales, nvfp4, ...) keep scales or packing that a copy
     of the K/V bytes alone would not move: they are refused rather than compacted wrong.
     """
+    # Imported here: the layouts themselves are pure torch (benchmarks/gpu/compaction.py runs
+    # them where vLLM is not installed).
+    from vllm.v1.kv_cache_interface import is_quantized_kv_cache
+
     if not is_quantized_kv_cache(kv_cache_dtype):
         return None
     if kv_cache_dtype not in FP8_FORMATS:
@@ -80,6 +83,18 @@ class PagedTokens:
             positions % self.block_size
         )
 
+    def span(self, start: int, end: int) -> tuple["PagedTokens", int]:
+        """Tokens ``[start, end)`` in whole blocks: the tokens of the blocks that hold them, from
+        the first of those blocks' start up to ``end`` (a view of ``block_ids``, no copy), and
+        where ``start`` lies in them."""
+        if not 0 <= start < end <= self.num_tokens:
+            raise ValueError(f"span [{start}, {end}) outside tokens [0, {self.num_tokens})")
+        first = start // self.block_size
+        last = -(-end // self.block_size)
+        offset = first * self.block_size
+        sub = PagedTokens(self.block_ids[first:last], self.block_size, end - offset)
+        return sub, start - offset
+
 
 class PagedKVLayout(Protocol):
     """Read one request's K/V out of a layer's paged cache and write compacted rows back.
@@ -100,15 +115,33 @@ class PagedKVLayout(Protocol):
         otherwise (the scorer computes in float32 whatever the dtype)."""
         ...
 
+    def gather_keys(
+        self, kv_cache: torch.Tensor, tokens: PagedTokens, positions: torch.Tensor
+    ) -> torch.Tensor:
+        """K at ``positions`` (``[N, H]``: row i of head h is position ``positions[i, h]``) as
+        ``[N, H, dim]``, a copy; reads nothing beyond those entries."""
+        ...
+
     def gather_values(
         self, kv_cache: torch.Tensor, tokens: PagedTokens, positions: torch.Tensor
     ) -> torch.Tensor:
-        """V at ``positions`` (``[N, H]``: row i of head h is position ``positions[i, h]``)."""
+        """V at ``positions`` (``[N, H]``: row i of head h is position ``positions[i, h]``) as
+        ``[N, H, dim]``, a copy; reads nothing beyond those entries."""
         ...
 
     def write(
         self, kv_cache: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, slots: torch.Tensor
     ) -> None:
-        """Store row i of ``keys``/``values`` (``[N, H, dim]``, rows of what :meth:`read_keys` and
-        :meth:`gather_values` returned) at slot ``slots[i]``, every head, unchanged."""
+        """Store row i of ``keys``/``values`` (``[N, H, dim]``, rows of what :meth:`read_keys`,
+        :meth:`gather_keys` and :meth:`gather_values` returned) at slot ``slots[i]``, every head,
+        unchanged."""
         ...
+
+
+def read_key_span(
+    layout: PagedKVLayout, kv_cache: torch.Tensor, tokens: PagedTokens, start: int, end: int
+) -> torch.Tensor:
+    """K of tokens ``[start, end)`` as ``[end - start, H, dim]``: ``layout.read_keys`` of the
+    blocks holding them (one copy of at most ``end - start + 2 * block_size`` rows), sliced."""
+    sub, offset = tokens.span(start, end)
+    return layout.read_keys(kv_cache, sub)[offset:]

@@ -68,37 +68,83 @@ def read_kv(
 
 
 def read_keys(kv_cache: torch.Tensor, block_ids: list[int], num_tokens: int, isa: str):
-    """K of the first ``num_tokens`` slots as ``[num_tokens, H, D]``.
+    """K of the first ``num_tokens`` slots as ``[num_tokens, H, D]``, from the K halves of the
+    blocks only.
 
     For ``vec``/``vec16`` the result is a view over ``[H, D, num_tokens]`` storage: the cache
     already holds K transposed per block, which is the layout the scoring matmul wants, so one
-    copy suffices.
+    copy suffices. For ``amx``: one gathering copy and one reordering copy.
     """
-    if isa not in ("vec", "vec16"):
-        return read_kv(kv_cache, block_ids, num_tokens, isa)[0]
     num_blocks, num_heads, block_size, double_dim = kv_cache.shape
     dim = double_dim // 2
     index = torch.as_tensor(block_ids, dtype=torch.long, device=kv_cache.device)
+    if isa == "amx":
+        keys = kv_cache.view(num_blocks, num_heads, 2, block_size * dim)[:, :, 0][index]
+        # [n, H, BS/16, D/2, 16, 2] over (t//16, d//2, t%16, d%2) -> [n * BS, H, D]
+        keys = keys.view(-1, num_heads, block_size // 16, dim // 2, 16, 2)
+        return keys.permute(0, 2, 4, 1, 3, 5).reshape(-1, num_heads, dim)[:num_tokens]
+    if isa not in ("vec", "vec16"):
+        return read_kv(kv_cache, block_ids, num_tokens, isa)[0]  # raises, naming the ISA
     # K halves only, as [H, D, blocks, BS]; one gathering copy, then a free reshape.
     keys_t = kv_cache.view(num_blocks, num_heads, 2, dim, block_size)[:, :, 0].permute(1, 2, 0, 3)
     keys_t = keys_t[:, :, index].reshape(num_heads, dim, -1)[:, :, :num_tokens]
     return keys_t.permute(2, 0, 1)
 
 
+def _entries(
+    kv_cache: torch.Tensor, blocks: torch.Tensor, offsets: torch.Tensor, isa: str, values: bool
+) -> tuple[torch.Tensor, tuple, tuple[int, ...]]:
+    """Where the K (or V) rows of entries ``(blocks[i, h], head h, offsets[i, h])`` lie in the
+    packing: a view of the cache, the index into it (the unpack's formulas, per entry; indexing
+    gives ``[N, H, *rest]``) and ``rest``, a row's dims in that order. Reading or writing through
+    it touches those entries only."""
+    num_blocks, num_heads, block_size, double_dim = kv_cache.shape
+    dim = double_dim // 2
+    heads = torch.arange(num_heads, device=kv_cache.device)
+    half = kv_cache.view(num_blocks, num_heads, 2, block_size * dim)[:, :, int(values)]
+    every = slice(None)
+    if isa in ("vec", "vec16"):
+        if values:  # row-major [BS, D]
+            view = half.view(num_blocks, num_heads, block_size, dim)
+            return view, (blocks, heads, offsets), (dim,)
+        # K transposed per block, [D, BS]
+        view = half.view(num_blocks, num_heads, dim, block_size)
+        return view, (blocks, heads, every, offsets), (dim,)
+    if isa == "amx":
+        if values:  # [D/16][BS/2][16][2] over (d//16, t//2, d%16, t%2)
+            view = half.view(num_blocks, num_heads, dim // 16, block_size // 2, 16, 2)
+            index = (blocks, heads, every, offsets // 2, every, offsets % 2)
+            return view, index, (dim // 16, 16)
+        # K: [BS/16][D/2][16][2] over (t//16, d//2, t%16, d%2)
+        view = half.view(num_blocks, num_heads, block_size // 16, dim // 2, 16, 2)
+        return view, (blocks, heads, offsets // 16, every, offsets % 16), (dim // 2, 2)
+    _unpack(kv_cache[:1], isa)  # raises, naming the ISA
+    raise AssertionError("unreachable")
+
+
+def _gather(
+    kv_cache: torch.Tensor, block_ids, positions: torch.Tensor, isa: str, values: bool
+) -> torch.Tensor:
+    index = torch.as_tensor(block_ids, dtype=torch.long, device=kv_cache.device)
+    blocks, offsets = index[positions // kv_cache.shape[2]], positions % kv_cache.shape[2]
+    view, entries, _ = _entries(kv_cache, blocks, offsets, isa, values)
+    return view[entries].reshape(*positions.shape, kv_cache.shape[-1] // 2)
+
+
+def gather_keys(
+    kv_cache: torch.Tensor, block_ids, positions: torch.Tensor, isa: str
+) -> torch.Tensor:
+    """K at ``positions`` (``[N, H]``: row i of head h is position ``positions[i, h]``) as
+    ``[N, H, D]``, read in place (only those entries)."""
+    return _gather(kv_cache, block_ids, positions, isa, values=False)
+
+
 def gather_values(
-    kv_cache: torch.Tensor, block_ids: list[int], positions: torch.Tensor, isa: str
+    kv_cache: torch.Tensor, block_ids, positions: torch.Tensor, isa: str
 ) -> torch.Tensor:
     """V at ``positions`` (``[N, H]``: row i of head h is position ``positions[i, h]``) as
-    ``[N, H, D]``, read in place where the layout allows (``vec``/``vec16``: V is row-major)."""
-    num_heads = kv_cache.shape[1]
-    heads = torch.arange(num_heads, device=kv_cache.device)
-    if isa not in ("vec", "vec16"):
-        values = read_kv(kv_cache, block_ids, int(positions.max()) + 1, isa)[1]
-        return values[positions, heads]
-    num_blocks, _, block_size, double_dim = kv_cache.shape
-    values = kv_cache.view(num_blocks, num_heads, 2, block_size, double_dim // 2)[:, :, 1]
-    blocks = torch.as_tensor(block_ids, dtype=torch.long, device=kv_cache.device)
-    return values[blocks[positions // block_size], heads, positions % block_size]
+    ``[N, H, D]``, read in place (only those entries)."""
+    return _gather(kv_cache, block_ids, positions, isa, values=True)
 
 
 def write_kv(
@@ -127,17 +173,6 @@ def write_kv(
     )
 
 
-def _packed_offsets(
-    isa: str, block_size: int, dim: int, device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Where K and V element ``(t, d)`` lie in a (block, head)'s ``2 * block_size * dim``
-    elements, each ``[block_size, dim]``: the unpack applied to the positions themselves, so a
-    write through these offsets is its exact inverse."""
-    positions = torch.arange(2 * block_size * dim, device=device)
-    keys, values = _unpack(positions.view(1, 1, block_size, 2 * dim), isa)
-    return keys[0, 0], values[0, 0]
-
-
 def write_packed(
     kv_cache: torch.Tensor,
     keys: torch.Tensor,
@@ -147,21 +182,17 @@ def write_packed(
 ) -> None:
     """Store ``[N, H, D]`` K/V rows, already in the cache's dtype, unchanged at
     ``slot_mapping``, in ``isa``'s packing (pure torch; for fp8 caches, whose op would
-    re-quantise)."""
+    re-quantise): the gathers' indexing, assigned to."""
     if keys.dtype != kv_cache.dtype or values.dtype != kv_cache.dtype:
         raise ValueError(
             f"K/V rows of dtype {keys.dtype}/{values.dtype} for a {kv_cache.dtype} cache: write "
             "back what was read"
         )
-    num_blocks, num_heads, block_size, double_dim = kv_cache.shape
-    key_offsets, value_offsets = _packed_offsets(isa, block_size, double_dim // 2, kv_cache.device)
-    flat = kv_cache.view(num_blocks, num_heads, -1)
-    # [N, 1, 1] x [1, H, 1] x [N, 1, D] -> [N, H, D], the rows' shape.
-    blocks = (slot_mapping // block_size)[:, None, None]
-    heads = torch.arange(num_heads, device=kv_cache.device)[None, :, None]
-    offsets = slot_mapping % block_size
-    flat[blocks, heads, key_offsets[offsets][:, None]] = keys
-    flat[blocks, heads, value_offsets[offsets][:, None]] = values
+    block_size = kv_cache.shape[2]
+    blocks, offsets = (slot_mapping // block_size)[:, None], (slot_mapping % block_size)[:, None]
+    for rows, is_values in ((keys, False), (values, True)):
+        view, entries, rest = _entries(kv_cache, blocks, offsets, isa, is_values)
+        view[entries] = rows.reshape(*rows.shape[:2], *rest)
 
 
 class CpuPackedLayout:
@@ -182,6 +213,11 @@ class CpuPackedLayout:
 
     def scoring_keys(self, keys: torch.Tensor) -> torch.Tensor:
         return dequantised(keys, self.fp8_format, self.k_scale)
+
+    def gather_keys(
+        self, kv_cache: torch.Tensor, tokens: PagedTokens, positions: torch.Tensor
+    ) -> torch.Tensor:
+        return gather_keys(kv_cache, tokens.block_ids, positions, self.isa)
 
     def gather_values(
         self, kv_cache: torch.Tensor, tokens: PagedTokens, positions: torch.Tensor

@@ -20,7 +20,6 @@ backends reinterpret its bytes as a float8 type (:func:`stored_fp8_format`) hold
 from __future__ import annotations
 
 import torch
-from vllm.platforms import current_platform
 
 from vllm_snapkv.adapter.layouts import PagedTokens, dequantised, fp8_format
 
@@ -37,6 +36,8 @@ def stored_fp8_format(backend: str, kv_cache_dtype: str) -> torch.dtype | None:
     named = fp8_format(kv_cache_dtype)
     if named is None or backend == "FLASHINFER":
         return named
+    from vllm.platforms import current_platform  # here: the layout itself is pure torch
+
     return current_platform.fp8_dtype()
 
 
@@ -68,12 +69,21 @@ class StandardLayout:
     def scoring_keys(self, keys: torch.Tensor) -> torch.Tensor:
         return dequantised(keys, self.fp8_format, self.k_scale)
 
+    def _gather(self, kv_cache, tokens: PagedTokens, positions: torch.Tensor, values: bool):
+        blocks, offsets = self._locate(kv_cache, tokens.slots(positions))
+        heads = torch.arange(kv_cache.shape[1], device=kv_cache.device)
+        half = self._half(kv_cache)
+        return kv_cache[blocks, heads, offsets, slice(half, None) if values else slice(half)]
+
+    def gather_keys(
+        self, kv_cache: torch.Tensor, tokens: PagedTokens, positions: torch.Tensor
+    ) -> torch.Tensor:
+        return self._gather(kv_cache, tokens, positions, values=False)
+
     def gather_values(
         self, kv_cache: torch.Tensor, tokens: PagedTokens, positions: torch.Tensor
     ) -> torch.Tensor:
-        blocks, offsets = self._locate(kv_cache, tokens.slots(positions))
-        heads = torch.arange(kv_cache.shape[1], device=kv_cache.device)
-        return kv_cache[blocks, heads, offsets, self._half(kv_cache) :]
+        return self._gather(kv_cache, tokens, positions, values=True)
 
     def write(
         self, kv_cache: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, slots: torch.Tensor
