@@ -228,3 +228,34 @@ def test_compaction_workspace_is_bounded_whatever_the_prompt_length():
         lambda: select_kept_positions(queries, keys, plan.budget, 0.125, 7, "max")
     )
     assert dense > 4 * bound, (dense, bound)
+
+
+def test_profiling_run_holds_the_workspace_bound_on_cuda(monkeypatch):
+    """vLLM sizes the KV cache from the profiling run's peak: on CUDA it includes the bound."""
+    from vllm_snapkv.adapter import workspace
+    from vllm_snapkv.config import parse_config
+
+    config = parse_config({"budget": 2048})
+    model = SimpleNamespace(
+        dtype=torch.bfloat16,
+        get_num_attention_heads=lambda parallel: 32 // parallel.tensor_parallel_size,
+        get_num_kv_heads=lambda parallel: 8 // parallel.tensor_parallel_size,
+        get_head_size=lambda: 128,
+    )
+    vllm_config = SimpleNamespace(
+        model_config=model,
+        parallel_config=SimpleNamespace(tensor_parallel_size=2),
+        cache_config=SimpleNamespace(cache_dtype="auto", block_size=16),
+        additional_config={"kv_compression": {"budget": 2048}},
+    )
+    expected = compaction_workspace_bytes(16, 4, 128, 32, 2048, 7, 16, 2)
+    assert workspace.compaction_workspace_of(vllm_config, config) == expected
+    allocations = []
+    monkeypatch.setattr(
+        workspace.torch, "empty", lambda size, dtype, device: allocations.append((size, device))
+    )
+    profile_run = workspace._patch_profile_run(lambda self, *a, **k: "profiled")
+    on_cuda = SimpleNamespace(vllm_config=vllm_config, device=torch.device("cuda", 0))
+    on_cpu = SimpleNamespace(vllm_config=vllm_config, device=torch.device("cpu"))
+    assert profile_run(on_cuda) == "profiled" and profile_run(on_cpu) == "profiled"
+    assert allocations == [(expected, torch.device("cuda", 0))]

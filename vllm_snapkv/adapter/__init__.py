@@ -38,6 +38,7 @@ def all_patches():
     from vllm_snapkv.adapter.scheduler import SCHEDULER_PATCHES
     from vllm_snapkv.adapter.serving import SERVING_PATCHES
     from vllm_snapkv.adapter.worker import WORKER_PATCHES
+    from vllm_snapkv.adapter.workspace import WORKSPACE_PATCHES
 
     return (
         SERVING_PATCHES
@@ -45,6 +46,7 @@ def all_patches():
         + SCHEDULER_PATCHES
         + BLOCK_ACCOUNTING_PATCHES
         + WORKER_PATCHES
+        + WORKSPACE_PATCHES
     )
 
 

@@ -1,0 +1,65 @@
+"""Account the compaction workspace in vLLM's memory profiling (CUDA).
+
+Compacting one request in one layer needs temporary memory bounded by
+``selection.compaction_workspace_bytes`` (prompt-length independent; ~136 MiB for a
+Llama-3.1-8B shape at budget 4096). vLLM sizes the KV cache from the peak memory of its profiling
+run; a workspace it never saw could push a compaction step past ``gpu_memory_utilization``. So the
+profiling run allocates the bound once, and the KV cache is sized with it left free.
+
+Patched (vLLM 0.32/0.33):
+- ``GPUModelRunner.profile_run`` (post): allocate and free the workspace bound on CUDA devices
+  (the CPU build sizes its KV cache from ``kv_cache_memory_bytes`` or a memory fraction, not a
+  profiled peak).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import torch
+from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+from vllm_snapkv.config import SnapKVConfig, config_from_additional
+from vllm_snapkv.selection import compaction_workspace_bytes
+
+#: Block size vLLM's CUDA backends default to when the cache config names none yet.
+DEFAULT_CUDA_BLOCK_SIZE = 16
+
+
+def compaction_workspace_of(vllm_config: Any, config: SnapKVConfig) -> int:
+    """The workspace bound for this model on this rank (its query and KV heads)."""
+    model, parallel, cache = (
+        vllm_config.model_config, vllm_config.parallel_config, vllm_config.cache_config
+    )
+    element_bytes = 1 if cache.cache_dtype.startswith("fp8") else model.dtype.itemsize
+    return compaction_workspace_bytes(
+        model.get_num_attention_heads(parallel),
+        model.get_num_kv_heads(parallel),
+        model.get_head_size(),
+        config.window_size,
+        config.budget,
+        config.kernel_size,
+        cache.block_size or DEFAULT_CUDA_BLOCK_SIZE,
+        element_bytes,
+    )
+
+
+def _patch_profile_run(original):
+    @functools.wraps(original)
+    def profile_run(self: GPUModelRunner, *args: Any, **kwargs: Any):
+        result = original(self, *args, **kwargs)
+        config = config_from_additional(self.vllm_config.additional_config)
+        if config is not None and self.device.type == "cuda":
+            workspace = torch.empty(
+                compaction_workspace_of(self.vllm_config, config),
+                dtype=torch.uint8,
+                device=self.device,
+            )
+            del workspace  # the profiler's peak now includes it
+        return result
+
+    return profile_run
+
+
+WORKSPACE_PATCHES = ((GPUModelRunner, "profile_run", _patch_profile_run),)
