@@ -139,6 +139,11 @@ def test_family_compresses_its_full_attention_groups_as_the_reference(
         assert pool.get_num_free_blocks() == free_at_start, "blocks leaked"
         assert not scheduler._snapkv.evicted and not scheduler._snapkv.prefilling
         assert sorted(compacted) == sorted(groups.group_of_layer)
+        # Per-step, process-wide worker state ends with its step (other engines share the
+        # process).
+        from vllm_snapkv.adapter import physical, worker
+
+        assert physical._LOGICAL_LENGTHS is None and worker._ACTIVE_STEP is None
     finally:
         close_llm(llm)
 

@@ -54,13 +54,20 @@ class LogicalLengths:
 
 
 #: Set by :func:`make_lengths_physical` for the step being prepared (hybrid models with
-#: compressed requests in the step); None otherwise. Metadata is built in the runner's thread.
+#: compressed requests in the step) and cleared when the step ends (:func:`end_step`); None
+#: otherwise. Metadata is built in the runner's thread. Process-wide, so it must never outlive
+#: its step: another engine in the same process would read it.
 _LOGICAL_LENGTHS: LogicalLengths | None = None
 
 
 def steps_use_mixed_lengths() -> bool:
     """This step's groups read different KV lengths (a hybrid model with compressed requests)."""
     return _LOGICAL_LENGTHS is not None
+
+
+def end_step() -> None:
+    global _LOGICAL_LENGTHS
+    _LOGICAL_LENGTHS = None
 
 
 def make_lengths_physical(

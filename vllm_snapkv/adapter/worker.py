@@ -46,6 +46,7 @@ from vllm_snapkv.adapter.groups import CompressedGroups
 from vllm_snapkv.adapter.layouts import PagedKVLayout, PagedTokens, read_key_span
 from vllm_snapkv.adapter.physical import (
     PHYSICAL_PATCHES,
+    end_step,
     make_lengths_physical,
     steps_use_mixed_lengths,
     swap_block_lists,
@@ -266,6 +267,7 @@ class WorkerCompression:
     def after_execute_model(self) -> None:
         global _ACTIVE_STEP
         _ACTIVE_STEP = None
+        end_step()
         self.clock.settle()
         for job in self.jobs:
             if job.plan is None:
@@ -353,7 +355,15 @@ def _patch_prepare_inputs(original):
 def _patch_execute_model(original):
     @functools.wraps(original)
     def execute_model(self: GPUModelRunner, *args: Any, **kwargs: Any):
-        result = original(self, *args, **kwargs)
+        global _ACTIVE_STEP
+        try:
+            result = original(self, *args, **kwargs)
+        except BaseException:
+            # The step's per-process state must not outlive it (another engine may share the
+            # process); the failure itself goes on to vLLM.
+            _ACTIVE_STEP = None
+            end_step()
+            raise
         state = self.__dict__.get("_snapkv")
         if state is not None:
             state.after_execute_model()
