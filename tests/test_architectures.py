@@ -214,7 +214,7 @@ def spy_on_compactions(monkeypatch, extra_check=None) -> list[str]:
         stored_values = layout.gather_values(kv_cache, source, every).clone()
         kept = compact(self, impl, layer, job, window_queries, kv_cache, group_id)
         plan = job.plan
-        keys = stored[: plan.prompt_len, :, : impl.head_size]
+        keys = stored[: plan.num_scored, :, : impl.head_size]
         if keys.dtype == torch.uint8:  # fp8 e4m3 bytes
             keys = keys.view(torch.float8_e4m3fn).float() * layer._k_scale_float
         sinks = getattr(impl, "sinks", None)

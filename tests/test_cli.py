@@ -28,6 +28,7 @@ def test_flags_have_their_own_help_group():
         "--snapkv-window-size",
         "--snapkv-kernel-size",
         "--snapkv-pooling",
+        "--snapkv-decode-interval",
         "--snapkv-dump-selections-to",
     }
     assert all(action.help for action in group._group_actions)
@@ -43,18 +44,20 @@ def test_readme_help_command_lists_every_flag_of_the_group():
                             timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     for flag in ("--kv-compression", "--snapkv-budget", "--snapkv-window-size",
-                 "--snapkv-kernel-size", "--snapkv-pooling", "--snapkv-dump-selections-to"):
+                 "--snapkv-kernel-size", "--snapkv-pooling", "--snapkv-decode-interval",
+                 "--snapkv-dump-selections-to"):
         assert flag in result.stdout, flag
 
 
 def test_flags_map_into_additional_config():
     args = engine_args(
         "--kv-compression", "snapkv", "--snapkv-budget", "512", "--snapkv-window-size", "16",
-        "--snapkv-kernel-size", "5", "--snapkv-pooling", "avg",
+        "--snapkv-kernel-size", "5", "--snapkv-pooling", "avg", "--snapkv-decode-interval", "256",
     )
     assert args.additional_config == {
         "kv_compression": {
-            "method": "snapkv", "budget": 512, "window_size": 16, "kernel_size": 5, "pooling": "avg"
+            "method": "snapkv", "budget": 512, "window_size": 16, "kernel_size": 5, "pooling": "avg",
+            "decode_interval": 256,
         }
     }
 
@@ -79,6 +82,7 @@ def test_flags_override_additional_config_keys():
         (("--kv-compression", "snapkv", "--snapkv-budget", "16"), "--snapkv-budget: must be greater"),
         (("--kv-compression", "snapkv", "--snapkv-kernel-size", "2"), "--snapkv-kernel-size: must be an odd"),
         (("--kv-compression", "snapkv", "--snapkv-window-size", "0"), "--snapkv-window-size: Input should be"),
+        (("--kv-compression", "snapkv", "--snapkv-decode-interval", "8"), "--snapkv-decode-interval: must be 0 .off. or at least window_size"),
         (("--snapkv-budget", "256",), "--snapkv-budget need --kv-compression snapkv"),
     ],
 )

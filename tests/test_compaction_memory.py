@@ -259,3 +259,39 @@ def test_profiling_run_holds_the_workspace_bound_on_cuda(monkeypatch):
     on_cpu = SimpleNamespace(vllm_config=vllm_config, device=torch.device("cpu"))
     assert profile_run(on_cuda) == "profiled" and profile_run(on_cpu) == "profiled"
     assert allocations == [(expected, torch.device("cuda", 0))]
+
+
+def test_profiling_run_adds_the_decode_window_buffer_bound_when_decode_compression_is_on(
+    monkeypatch,
+):
+    """Decode compressions buffer the last window's queries of every request near its decode
+    point: max_num_seqs x layers x window x query heads x head size, reserved with the rest."""
+    from vllm_snapkv.adapter import workspace
+    from vllm_snapkv.config import parse_config
+
+    model = SimpleNamespace(
+        dtype=torch.bfloat16,
+        get_num_attention_heads=lambda parallel: 32,
+        get_num_kv_heads=lambda parallel: 8,
+        get_head_size=lambda: 128,
+        get_num_layers=lambda parallel: 32 // parallel.pipeline_parallel_size,
+    )
+    settings = {"budget": 2048, "decode_interval": 512}
+    vllm_config = SimpleNamespace(
+        model_config=model,
+        parallel_config=SimpleNamespace(tensor_parallel_size=1, pipeline_parallel_size=2),
+        cache_config=SimpleNamespace(cache_dtype="auto", block_size=16),
+        scheduler_config=SimpleNamespace(max_num_seqs=256),
+        additional_config={"kv_compression": settings},
+    )
+    buffer = 256 * 16 * 32 * 32 * 128 * 2  # seqs x layers (of this stage) x W x heads x d x bf16
+    assert workspace.decode_window_buffer_of(vllm_config, parse_config(settings)) == buffer
+    assert workspace.decode_window_buffer_of(vllm_config, parse_config({"budget": 2048})) == 0
+    allocations = []
+    monkeypatch.setattr(
+        workspace.torch, "empty", lambda size, dtype, device: allocations.append(size)
+    )
+    profile_run = workspace._patch_profile_run(lambda self, *a, **k: None)
+    profile_run(SimpleNamespace(vllm_config=vllm_config, device=torch.device("cuda", 0)))
+    compaction = workspace.compaction_workspace_of(vllm_config, parse_config(settings))
+    assert allocations == [compaction + buffer]

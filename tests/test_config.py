@@ -17,6 +17,7 @@ def test_defaults_are_the_longbench_setting():
     config = parse_config({})
     assert (config.method, config.budget, config.window_size) == ("snapkv", 1024, 32)
     assert (config.kernel_size, config.pooling, config.dump_selections_to) == (7, "max", None)
+    assert config.decode_interval == 0  # decode compression off: prompt-only SnapKV
 
 
 @pytest.mark.parametrize(
@@ -30,6 +31,10 @@ def test_defaults_are_the_longbench_setting():
         ({"pooling": "min"}, "pooling", "'max' or 'avg'"),
         ({"method": "h2o"}, "method", "'snapkv' or 'none'"),
         ({"budget": "lots"}, "budget", "valid integer"),
+        ({"decode_interval": -1}, "decode_interval", "greater than or equal to 0"),
+        ({"decode_interval": 31}, "decode_interval", "0 (off) or at least window_size (32)"),
+        ({"decode_interval": 8, "window_size": 16, "budget": 64}, "decode_interval",
+         "at least window_size (16)"),
         ({"windowsize": 8}, "windowsize", "unknown key; allowed keys: method, window_size, budget"),
     ],
 )
@@ -39,6 +44,11 @@ def test_invalid_values_name_field_and_allowed_range(raw, field, allowed):
     message = str(error.value)
     assert f"kv_compression.{field}: " in message
     assert allowed in message
+
+
+def test_decode_interval_of_a_window_or_more_is_accepted():
+    assert parse_config({"decode_interval": 32}).decode_interval == 32
+    assert parse_config({"decode_interval": 4096, "budget": 256}).decode_interval == 4096
 
 
 def test_error_shows_the_rejected_value():

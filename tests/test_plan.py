@@ -43,13 +43,14 @@ def test_prefix_hits_stop_before_the_window_on_a_block_boundary():
 
 def test_plan_arithmetic_for_a_resumed_request():
     plan = CompressionPlan(
-        prompt_len=1500,
+        num_scored=1500,
         budget=256,
         window_size=32,
+        window_end=1500,
         num_output_tokens=40,
         target_block_ids={0: (7, 9, 4), 5: (2, 8, 11)},
     )
-    assert plan.prefill_len == 1540
+    assert plan.num_sources == 1540
     assert plan.num_kept == 296
     assert plan.num_evicted == 1244
     assert all(cdiv(plan.num_kept, 128) == len(t) for t in plan.target_block_ids.values())
@@ -58,7 +59,10 @@ def test_plan_arithmetic_for_a_resumed_request():
 def test_directives_survive_pickling():
     # vLLM ships SchedulerOutput to worker processes with pickle.
     directives = StepDirectives(
-        plans={"a": CompressionPlan(900, 256, 32, 0, {0: (3, 4), 2: (5, 6)}, frozenset({4}))},
+        plans={
+            "a": CompressionPlan(900, 256, 32, 900, 0, {0: (3, 4), 2: (5, 6)}, frozenset({4})),
+            "e": CompressionPlan(384, 256, 32, 1100, 0, {0: (8, 1)}, phase="decode", index=2),
+        },
         captures={"b": WindowCapture(700, 32)},
         released={"c"},
         evicted={"d": 1000},

@@ -37,6 +37,13 @@ class SnapKVConfig(BaseModel):
     )
     kernel_size: int = Field(7, ge=1, description="Odd width of the 1-D pooling over positions.")
     pooling: Literal["max", "avg"] = Field("max", description="Pooling of the window scores.")
+    decode_interval: int = Field(
+        0,
+        ge=0,
+        description="Compress while decoding too: when a request's stored KV entries per KV head "
+        "reach budget + N, compress them back to budget (the last window_size tokens' queries "
+        "score them). 0 turns it off; otherwise N >= window_size.",
+    )
     dump_selections_to: str | None = Field(
         None,
         description="Debug: a directory; each compressed request writes <request id>.pt there.",
@@ -49,6 +56,17 @@ class SnapKVConfig(BaseModel):
         if window_size is not None and budget <= window_size:
             raise ValueError(f"must be greater than window_size ({window_size})")
         return budget
+
+    @field_validator("decode_interval")
+    @classmethod
+    def _interval_holds_a_window(cls, interval: int, info: ValidationInfo) -> int:
+        # A decode compression's observation window must be tokens generated since the previous
+        # compression: their queries are captured while they are computed, and the prompt's
+        # window queries exist only in the step that compresses the prompt.
+        window_size = info.data.get("window_size")
+        if interval and window_size is not None and interval < window_size:
+            raise ValueError(f"must be 0 (off) or at least window_size ({window_size})")
+        return interval
 
     @field_validator("kernel_size")
     @classmethod

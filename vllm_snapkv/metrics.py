@@ -41,6 +41,10 @@ class CompressionStats:
     evicted_tokens: int = 0
     freed_blocks: int = 0
     skipped_no_free_blocks: int = 0
+    #: Compressions while decoding (``decode_interval``), and what they evicted and freed.
+    decode_compressions: int = 0
+    decode_evicted_tokens: int = 0
+    decode_freed_blocks: int = 0
     #: Non-cumulative counts per RATIO_BUCKETS bound, plus one for +Inf.
     ratio_bucket_counts: list[int] = field(default_factory=lambda: [0] * (len(RATIO_BUCKETS) + 1))
     ratio_sum: float = 0.0
@@ -58,15 +62,37 @@ class CompressionStats:
         self.ratio_bucket_counts[index] += 1
         return ratio
 
+    def record_decode_compression(self, evicted: int, freed_blocks: int) -> None:
+        self.decode_compressions += 1
+        self.decode_evicted_tokens += evicted
+        self.decode_freed_blocks += freed_blocks
+
 
 #: Metric suffix -> (help text, CompressionStats attribute), for every counter.
 COUNTERS = {
-    "compressed_requests": ("Requests whose KV cache SnapKV compressed.", "compressed_requests"),
+    "compressed_requests": (
+        "Requests whose prompt KV cache SnapKV compressed.", "compressed_requests"
+    ),
     "evicted_tokens": ("Prompt KV entries evicted per KV head by SnapKV.", "evicted_tokens"),
-    "freed_blocks": ("KV cache blocks SnapKV returned to the block pool.", "freed_blocks"),
+    "freed_blocks": (
+        "KV cache blocks SnapKV returned to the block pool at prompt compressions.",
+        "freed_blocks",
+    ),
     "skipped_compressions": (
-        "Compressions skipped: no block to compact into (request kept its full cache).",
+        "Compressions skipped (prompt or decode): no block to compact into.",
         "skipped_no_free_blocks",
+    ),
+    "decode_compressions": (
+        "Compressions of a request's KV cache while it decodes (--snapkv-decode-interval).",
+        "decode_compressions",
+    ),
+    "decode_evicted_tokens": (
+        "KV entries evicted per KV head by compressions while decoding.",
+        "decode_evicted_tokens",
+    ),
+    "decode_freed_blocks": (
+        "KV cache blocks returned to the block pool by compressions while decoding.",
+        "decode_freed_blocks",
     ),
 }
 RATIO_METRIC = "vllm:snapkv_compression_ratio"

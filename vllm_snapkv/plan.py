@@ -29,44 +29,61 @@ def prefix_hit_limit(prompt_len: int, window_size: int, block_size: int) -> int:
     return max(prompt_len - window_size, 0) // block_size * block_size
 
 
+def decode_threshold(budget: int, decode_interval: int, block_size: int) -> int:
+    """Stored entries per KV head at which a decode compression brings them back to ``budget``:
+    ``budget + decode_interval``, or the first entry of a new block when that many would still
+    fit the budget's blocks (rule 1: a compression frees at least one block)."""
+    return max(budget + decode_interval, cdiv(budget, block_size) * block_size + 1)
+
+
 @dataclass(frozen=True)
 class WindowCapture:
-    """Buffer the queries of window positions ``[prompt_len - window_size, prompt_len)`` that
-    fall inside this step's chunk; the prefill completes in a later step."""
+    """Buffer the queries of window positions ``[window_end - window_size, window_end)`` that
+    fall inside this step's chunk; the compression they score happens in a later step."""
 
-    prompt_len: int
+    window_end: int
     window_size: int
 
 
 @dataclass(frozen=True)
 class CompressionPlan:
-    """The request's prefill completes in this step: compact its KV into ``target_block_ids``.
+    """A compression happens in this step: compact the request's KV into ``target_block_ids``.
 
-    Every attention layer of a compressed KV cache group selects ``budget`` prompt positions per
-    KV head (the last ``window_size`` always) and writes them, ascending, into slots
-    ``0 .. budget-1`` of its group's targets, followed by the ``num_output_tokens`` positions
-    after the prompt. Those exist only when a preempted request re-prefills its earlier outputs;
-    keeping them verbatim makes the compressed cache the same as before the preemption. From the
-    next step on, the request's block list in each compressed group is that group's targets (+
-    blocks allocated later) and ``num_evicted`` tokens are not held there. Groups left alone
-    (sliding-window, recurrent state) keep their blocks.
+    ``phase`` ``"prompt"``: the prefill completes now; the scored entries are the prompt.
+    ``"decode"``: the request's stored entries reached the decode threshold; the scored entries
+    are everything it stores now (earlier kept entries and tokens generated since).
+
+    Every attention layer of a compressed KV cache group scores the first ``num_scored`` stored
+    entries (physical order) with the queries of logical positions ``[window_end -
+    window_size, window_end)``, keeps ``budget`` of them per KV head (the last ``window_size``
+    always) and writes them, in stored order, into slots ``0 .. budget-1`` of its group's
+    targets, followed by the ``num_output_tokens`` entries after them. Those exist only when a
+    preempted request re-prefills past its prompt; keeping them verbatim makes the compressed
+    cache the same as before the preemption. From the next step on, the request's block list in
+    each compressed group is that group's targets (+ blocks allocated later) and
+    ``num_evicted`` more tokens are not held there. Groups left alone (sliding-window,
+    recurrent state) keep their blocks.
 
     ``target_block_ids`` maps each compressed group id to its targets (``cdiv(num_kept,
     block_size)`` blocks). ``reused_block_ids`` are targets that were the request's own source
     blocks (compaction in place, when the pool had too few free blocks); the worker reads all
-    sources before writing.
+    sources before writing. ``index`` counts the request's compressions (0: its prompt).
     """
 
-    prompt_len: int
+    num_scored: int
     budget: int
     window_size: int
+    window_end: int
     num_output_tokens: int
     target_block_ids: dict[int, tuple[int, ...]]
     reused_block_ids: frozenset[int] = frozenset()
+    phase: str = "prompt"
+    index: int = 0
 
     @property
-    def prefill_len(self) -> int:
-        return self.prompt_len + self.num_output_tokens
+    def num_sources(self) -> int:
+        """Stored entries the compaction reads (scored ones and the verbatim tail)."""
+        return self.num_scored + self.num_output_tokens
 
     @property
     def num_kept(self) -> int:
@@ -74,19 +91,19 @@ class CompressionPlan:
 
     @property
     def num_evicted(self) -> int:
-        return self.prompt_len - self.budget
+        return self.num_scored - self.budget
 
 
 @dataclass
 class StepDirectives:
     """Attached to vLLM's ``SchedulerOutput`` as ``snapkv_directives``."""
 
-    #: Requests whose prefill completes now and are compressed now.
+    #: Requests compressed in this step (prompt or decode compressions).
     plans: dict[str, CompressionPlan] = field(default_factory=dict)
-    #: Requests in chunked prefill whose chunk holds part of the observation window.
+    #: Requests whose chunk holds part of the observation window of a later compression.
     captures: dict[str, WindowCapture] = field(default_factory=dict)
-    #: Requests whose prefill completed without compression (e.g. no free target blocks):
-    #: drop their buffered window queries.
+    #: Requests whose planned compression did not happen (e.g. no free target blocks): drop
+    #: their buffered window queries.
     released: set[str] = field(default_factory=set)
     #: Scheduled requests already compressed in an earlier step -> tokens evicted. Their
     #: physical KV length is the logical one minus this.

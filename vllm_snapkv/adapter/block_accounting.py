@@ -17,6 +17,7 @@ Patched (vLLM 0.32; contract tests in tests/test_contract.py):
 from __future__ import annotations
 
 import functools
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from vllm.logger import init_logger
@@ -54,11 +55,13 @@ def _evicted(owner: Any, request_id: str) -> int:
 def compress_completing(
     coordinator: KVCacheCoordinator,
     state: "SchedulerCompression",
-    completing: list[tuple[Request, int, int]],
+    compressing: list[tuple[Request, CompressionPlan]],
     directives: StepDirectives,
 ) -> list[float]:
-    """Copy-on-compress into fresh blocks, in every compressed group; in place only when the
-    pool is short. Returns the compression ratios recorded.
+    """Give each of this step's compressions its targets in every compressed group (fresh
+    blocks; the request's own blocks only when the pool is short), release its sources and
+    record it. ``compressing`` holds plans without targets. Returns the prompt compression
+    ratios recorded.
 
     Every target of the step is allocated before any source is released, so a fresh target can
     never be a block another request of this step still reads from. Fresh targets leave the
@@ -67,29 +70,20 @@ def compress_completing(
     managers = {g: coordinator.single_type_managers[g] for g in state.groups.group_ids}
     block_pool = coordinator.block_pool
     allocations: list[tuple[Request, CompressionPlan, dict[int, list]]] = []
-    for request, budget, num_output_tokens in completing:
+    for request, plan in compressing:
         request_id = request.request_id
         sources = {g: manager.req_to_blocks[request_id] for g, manager in managers.items()}
-        num_targets = cdiv(budget + num_output_tokens, state.block_size)
+        num_targets = cdiv(plan.num_kept, state.block_size)
         if block_pool.get_num_free_blocks() >= num_targets * len(managers):
             targets = {g: block_pool.get_new_blocks(num_targets) for g in managers}
             reused: set[int] = set()
         else:
             targets, reused = _in_place_targets(block_pool, sources, num_targets)
         if targets is None:
-            # The window queries exist only during this step: compressing later is impossible.
-            state.stats.skipped_no_free_blocks += 1
-            directives.released.add(request_id)
-            logger.warning(
-                "SnapKV: request %s keeps its full KV cache: no free blocks to compact it into",
-                request_id,
-            )
+            _skip(state, request_id, plan, directives)
             continue
-        plan = CompressionPlan(
-            prompt_len=request.num_prompt_tokens,
-            budget=budget,
-            window_size=state.config.window_size,
-            num_output_tokens=num_output_tokens,
+        plan = replace(
+            plan,
             target_block_ids={g: tuple(b.block_id for b in blocks) for g, blocks in targets.items()},
             reused_block_ids=frozenset(reused),
         )
@@ -106,13 +100,39 @@ def compress_completing(
             block_pool.free_blocks(reversed(released))
             num_freed += len(sources) - len(targets[group_id])
         directives.plans[request_id] = plan
-        state.evicted[request_id] = plan.num_evicted
+        state.evicted[request_id] = state.evicted.get(request_id, 0) + plan.num_evicted
+        state.num_compressions[request_id] = plan.index + 1
+        state.decode_points.pop(request_id, None)  # the next one counts from the new length
+        if plan.phase == "decode":
+            state.stats.record_decode_compression(plan.num_evicted, num_freed)
+            continue
         new_ratios.append(
             state.stats.record_compression(
-                plan.prompt_len, plan.budget, plan.num_evicted, num_freed
+                plan.num_scored, plan.budget, plan.num_evicted, num_freed
             )
         )
     return new_ratios
+
+
+def _skip(
+    state: "SchedulerCompression", request_id: str, plan: CompressionPlan, directives: StepDirectives
+) -> None:
+    """No blocks to compact into. The window queries exist only during this step: a skipped
+    prompt compression leaves the request its full cache for good (no decode compressions
+    either, which would count from a prompt never compressed); a skipped decode compression is
+    tried again one interval later."""
+    state.stats.skipped_no_free_blocks += 1
+    directives.released.add(request_id)
+    if plan.phase == "decode":
+        state.decode_points[request_id] = plan.window_end + state.config.decode_interval
+    else:
+        state.decode_points[request_id] = None
+    logger.warning(
+        "SnapKV: request %s keeps its KV cache uncompressed at position %d: no free blocks to "
+        "compact it into",
+        request_id,
+        plan.window_end,
+    )
 
 
 def _in_place_targets(block_pool: Any, sources: dict[int, list], num_targets: int):

@@ -3,11 +3,12 @@
 Patched (vLLM 0.32/0.33, v1 engine; contract tests in tests/test_contract.py and
 tests/test_contract_sources.py):
 - ``Scheduler.__init__``: validate the KV cache layout, attach :class:`SchedulerCompression`.
-- ``Scheduler._update_after_schedule``: plan compressions of requests whose prefill completes in
-  this step, allocate targets, release sources, attach :class:`StepDirectives` to the output.
+- ``Scheduler._update_after_schedule``: plan this step's compressions (prompts whose prefill
+  completes, decoding requests whose stored entries reach the decode threshold) and window
+  captures, allocate targets, release sources, attach :class:`StepDirectives` to the output.
 - ``Scheduler._get_local_prefix_cache_hit``: keep the observation window out of prefix-cache hits.
-- ``Scheduler._reserve_prefill_lookahead`` (post): end a preempted request's re-prefill chunk at
-  its prompt, so its earlier outputs are recomputed over the compressed cache.
+- ``Scheduler._reserve_prefill_lookahead`` (post): end a preempted request's re-prefill chunks at
+  its compression points, so its earlier outputs are recomputed over the compressed cache.
 - ``Scheduler._preempt_request`` / ``_free_request``: forget per-request state.
 Block accounting of compressed groups (targets, block swap, physical counts): ``block_accounting``.
 """
@@ -33,7 +34,14 @@ from vllm_snapkv.config import (
     request_budget,
 )
 from vllm_snapkv.metrics import CompressionStats, StatsPublisher, publishers_from_environment
-from vllm_snapkv.plan import StepDirectives, WindowCapture, frees_blocks, prefix_hit_limit
+from vllm_snapkv.plan import (
+    CompressionPlan,
+    StepDirectives,
+    WindowCapture,
+    decode_threshold,
+    frees_blocks,
+    prefix_hit_limit,
+)
 
 # Under the "vllm" logger tree so vLLM's handlers and VLLM_LOGGING_LEVEL apply.
 logger = init_logger(f"vllm.{__name__}")
@@ -55,6 +63,15 @@ class SchedulerCompression:
     prefilling: set[str] = field(default_factory=set)
     #: Shared with the KV cache coordinator (same dict object).
     evicted: dict[str, int] = field(default_factory=dict)
+    #: Decode compressions (``decode_interval`` > 0): request -> logical position at whose step
+    #: the next one happens (its window is the ``window_size`` positions before), or None when
+    #: the request never compresses while decoding. Computed on first use after each
+    #: compression (:meth:`decode_point`).
+    decode_points: dict[str, int | None] = field(default_factory=dict)
+    #: request -> first window position whose queries were captured for its next decode point.
+    window_captured_from: dict[str, int] = field(default_factory=dict)
+    #: request -> compressions so far (the next plan's ``index``).
+    num_compressions: dict[str, int] = field(default_factory=dict)
     stats: CompressionStats = field(default_factory=CompressionStats)
     publishers: list[StatsPublisher] = field(default_factory=list)
 
@@ -87,9 +104,38 @@ class SchedulerCompression:
             return None
         return budget
 
+    def decode_point(self, request: Request) -> int | None:
+        """Logical position whose step compresses the request while it decodes: its stored
+        entries then reach :func:`decode_threshold`. None when decode compression is off, the
+        request opted out, or its prompt compression was skipped."""
+        request_id = request.request_id
+        if request_id not in self.decode_points:
+            budget = self.budget_for(request) if self.config.decode_interval else None
+            self.decode_points[request_id] = None if budget is None else (
+                self.evicted.get(request_id, 0)
+                + decode_threshold(budget, self.config.decode_interval, self.block_size)
+            )
+        return self.decode_points[request_id]
+
+    def prefix_hit_limit(self, request: Request) -> int | None:
+        """Most prompt tokens a prefix-cache hit may cover (queries are not cached, so this
+        request must compute every window position of its next compression), or None."""
+        window = self.config.window_size
+        if self.compression_budget(request) is not None:
+            return prefix_hit_limit(request.num_prompt_tokens, window, self.block_size)
+        point = self.decode_point(request)
+        if point is not None and point - window < request.num_prompt_tokens:
+            return prefix_hit_limit(point, window, self.block_size)
+        return None
+
     def forget(self, request_id: str) -> None:
+        """Drop the request's state (finished, aborted, or preempted: a preempted request is
+        recomputed from scratch and compresses again at the same points)."""
         self.prefilling.discard(request_id)
         self.evicted.pop(request_id, None)
+        self.decode_points.pop(request_id, None)
+        self.window_captured_from.pop(request_id, None)
+        self.num_compressions.pop(request_id, None)
 
 
 def _state(scheduler: Scheduler) -> SchedulerCompression | None:
@@ -118,11 +164,12 @@ def _patch_init(original):
         state.publish_stats()  # counters exist (at 0) from the start, as Prometheus expects
         logger.info(
             "SnapKV KV-cache compression on: budget=%d, window_size=%d, kernel_size=%d, "
-            "pooling=%s, block_size=%d, compressed KV cache groups %s of %d",
+            "pooling=%s, decode_interval=%d, block_size=%d, compressed KV cache groups %s of %d",
             config.budget,
             config.window_size,
             config.kernel_size,
             config.pooling,
+            config.decode_interval,
             state.block_size,
             list(state.groups.group_ids),
             len(self.kv_cache_config.kv_cache_groups),
@@ -137,38 +184,108 @@ def _plan_step(scheduler: Scheduler, state: SchedulerCompression, output: Schedu
     state.prefilling.update(new_request.req_id for new_request in output.scheduled_new_reqs)
     state.prefilling.update(output.scheduled_cached_reqs.resumed_req_ids)
 
-    window = state.config.window_size
-    completing: list[tuple[Request, int, int]] = []
+    compressing: list[tuple[Request, CompressionPlan]] = []
     for request_id, num_scheduled in output.num_scheduled_tokens.items():
-        if request_id in state.evicted:
-            directives.evicted[request_id] = state.evicted[request_id]
-            continue
-        if request_id not in state.prefilling:
-            continue
         request = scheduler.requests[request_id]
-        prompt_end = request.num_prompt_tokens
         chunk_start = request.num_computed_tokens
         chunk_end = chunk_start + num_scheduled
-        completes = chunk_end >= prompt_end
-        holds_window = chunk_start < prompt_end and chunk_end > prompt_end - window
-        if not (completes or holds_window):
-            continue
-        budget = state.compression_budget(request)
-        if completes:
-            state.prefilling.discard(request_id)
-            if budget is not None:
-                # 0 unless a resumed request's chunk ran past its prompt (the split at the
-                # prompt's end did not apply): those outputs are kept verbatim.
-                completing.append((request, budget, chunk_end - prompt_end))
-        elif budget is not None:
-            directives.captures[request_id] = WindowCapture(prompt_end, window)
+        if request_id in state.evicted:
+            directives.evicted[request_id] = state.evicted[request_id]
+        if request_id in state.prefilling:
+            awaiting_prompt, plan = _plan_prompt(state, request, chunk_start, chunk_end, directives)
+            if plan is not None:
+                compressing.append((request, plan))
+            if awaiting_prompt:
+                continue
+        plan = _plan_decode(state, request, chunk_start, chunk_end, directives)
+        if plan is not None:
+            compressing.append((request, plan))
 
-    if completing:
+    if compressing:
         new_ratios = compress_completing(
-            scheduler.kv_cache_manager.coordinator, state, completing, directives
+            scheduler.kv_cache_manager.coordinator, state, compressing, directives
         )
         state.publish_stats(new_ratios)
     return directives
+
+
+def _plan_prompt(
+    state: SchedulerCompression,
+    request: Request,
+    chunk_start: int,
+    chunk_end: int,
+    directives: StepDirectives,
+) -> tuple[bool, CompressionPlan | None]:
+    """A prefilling request's prompt compression: ``(the prompt compresses (now or later), the
+    plan when it compresses now)``; captures the window of a chunk that does not complete it."""
+    request_id = request.request_id
+    window = state.config.window_size
+    prompt_end = request.num_prompt_tokens
+    completes = chunk_end >= prompt_end
+    if completes:
+        state.prefilling.discard(request_id)
+    budget = state.compression_budget(request)
+    if budget is None:
+        return False, None
+    if not completes:
+        if chunk_end > prompt_end - window:
+            directives.captures[request_id] = WindowCapture(prompt_end, window)
+        return True, None
+    # num_output_tokens is 0 unless a resumed request's chunk ran past its prompt (the split
+    # at the prompt's end did not apply): those outputs are kept verbatim.
+    return True, CompressionPlan(
+        num_scored=prompt_end,
+        budget=budget,
+        window_size=window,
+        window_end=prompt_end,
+        num_output_tokens=chunk_end - prompt_end,
+        target_block_ids={},
+        phase="prompt",
+        index=state.num_compressions.get(request_id, 0),
+    )
+
+
+def _plan_decode(
+    state: SchedulerCompression,
+    request: Request,
+    chunk_start: int,
+    chunk_end: int,
+    directives: StepDirectives,
+) -> CompressionPlan | None:
+    """A decode compression when this step's chunk reaches the request's decode point; window
+    captures in the steps before it."""
+    point = state.decode_point(request)
+    if point is None or chunk_end <= point - state.config.window_size:
+        return None
+    request_id = request.request_id
+    window = state.config.window_size
+    window_start = point - window
+    if chunk_end < point:
+        state.window_captured_from.setdefault(request_id, max(chunk_start, window_start))
+        directives.captures[request_id] = WindowCapture(point, window)
+        return None
+    observed = chunk_start <= chunk_end - window or (
+        chunk_end == point and state.window_captured_from.get(request_id) == window_start
+    )
+    state.window_captured_from.pop(request_id, None)
+    if not observed:
+        # The chunk ran past the point (a re-prefill the scheduler could not split there) and
+        # the window's queries were not all seen: compress once a whole window has been.
+        state.decode_points[request_id] = chunk_end + window
+        directives.released.add(request_id)
+        return None
+    budget = state.budget_for(request)
+    evicted = state.evicted.get(request_id, 0)
+    return CompressionPlan(
+        num_scored=chunk_end - evicted,
+        budget=budget,
+        window_size=window,
+        window_end=chunk_end,
+        num_output_tokens=0,
+        target_block_ids={},
+        phase="decode",
+        index=state.num_compressions.get(request_id, 0),
+    )
 
 
 def _patch_update_after_schedule(original):
@@ -187,10 +304,10 @@ def _patch_prefix_cache_hit(original):
     def _get_local_prefix_cache_hit(self: Scheduler, request: Request, *args: Any, **kwargs: Any):
         blocks, num_hit_tokens, *rest = original(self, request, *args, **kwargs)
         state = _state(self)
-        if state is None or num_hit_tokens == 0 or state.compression_budget(request) is None:
+        if state is None or num_hit_tokens == 0:
             return (blocks, num_hit_tokens, *rest)
-        limit = prefix_hit_limit(request.num_prompt_tokens, state.config.window_size, state.block_size)
-        if num_hit_tokens > limit:
+        limit = state.prefix_hit_limit(request)
+        if limit is not None and num_hit_tokens > limit:
             # Looked up again rather than truncated: a sliding-window group's hit holds only the
             # window before its end (null blocks earlier), not the window before ``limit``.
             blocks, num_hit_tokens, shared_prefix_boundary = _cache_hit_within(
@@ -212,11 +329,12 @@ def _cache_hit_within(kv_cache_manager: Any, request: Request, max_tokens: int):
     return kv_cache_manager.create_kv_cache_blocks(computed), num_hit_tokens, boundary
 
 
-def _patch_split_at_prompt_end(original):
+def _patch_split_at_compression_points(original):
     """A preempted request recomputes its prompt and its earlier outputs. Those outputs were first
-    computed attending to the compressed cache, so the re-prefill chunk must end at the prompt:
-    the prompt is compressed exactly as the first time, and the outputs are recomputed over the
-    compressed cache in the next steps (as a short prefill with physical slots)."""
+    computed attending to the compressed cache, so the re-prefill chunks must end where the
+    request compressed: at the prompt's end (the prompt is compressed exactly as the first time,
+    and the outputs are recomputed over the compressed cache in the next steps, as a short
+    prefill with physical slots), and at each decode point."""
 
     @functools.wraps(original)
     def _reserve_prefill_lookahead(
@@ -224,18 +342,25 @@ def _patch_split_at_prompt_end(original):
     ) -> int:
         num_new_tokens = original(self, request, num_computed_tokens, num_new_tokens)
         state = _state(self)
-        prompt_len = request.num_prompt_tokens
-        if (
-            state is not None
-            and num_computed_tokens < prompt_len < num_computed_tokens + num_new_tokens
-            and request.request_id not in state.evicted
-            and not _split_crashes_vllm(request)
-            and state.compression_budget(request) is not None
-        ):
-            return prompt_len - num_computed_tokens
+        if state is None or num_new_tokens <= 1 or _split_crashes_vllm(request):
+            return num_new_tokens
+        point = _next_compression_point(state, request, num_computed_tokens)
+        if point is not None and num_computed_tokens < point < num_computed_tokens + num_new_tokens:
+            return point - num_computed_tokens
         return num_new_tokens
 
     return _reserve_prefill_lookahead
+
+
+def _next_compression_point(
+    state: SchedulerCompression, request: Request, num_computed_tokens: int
+) -> int | None:
+    """Logical position at whose step the request compresses next, or None."""
+    prompt_len = request.num_prompt_tokens
+    if num_computed_tokens < prompt_len and request.request_id not in state.evicted:
+        if state.compression_budget(request) is not None:
+            return prompt_len
+    return state.decode_point(request)
 
 
 def _split_crashes_vllm(request: Request) -> bool:
@@ -265,7 +390,7 @@ SCHEDULER_PATCHES = (
     (Scheduler, "__init__", _patch_init),
     (Scheduler, "_update_after_schedule", _patch_update_after_schedule),
     (Scheduler, "_get_local_prefix_cache_hit", _patch_prefix_cache_hit),
-    (Scheduler, "_reserve_prefill_lookahead", _patch_split_at_prompt_end),
+    (Scheduler, "_reserve_prefill_lookahead", _patch_split_at_compression_points),
     (Scheduler, "_preempt_request", _patch_forget),
     (Scheduler, "_free_request", _patch_forget),
 )

@@ -43,6 +43,7 @@ FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
     "window_size": ("--snapkv-window-size", {"type": int, "metavar": "N"}),
     "kernel_size": ("--snapkv-kernel-size", {"type": int, "metavar": "N"}),
     "pooling": ("--snapkv-pooling", {"choices": ["max", "avg"]}),
+    "decode_interval": ("--snapkv-decode-interval", {"type": int, "metavar": "N"}),
     "dump_selections_to": ("--snapkv-dump-selections-to", {"metavar": "DIR"}),
 }
 #: vLLM's ``--help=KEYWORD`` prints a whole group when its title equals the keyword (case
@@ -64,9 +65,10 @@ def add_snapkv_arguments(parser: argparse.ArgumentParser) -> None:
         return
     group = parser.add_argument_group(
         GROUP_TITLE,
-        description="KV-cache compression by vllm-snapkv. Compress each long prompt's KV cache at the end of its prefill: every KV "
-        "head keeps its top positions for the observation window, the rest of its blocks go "
-        "back to the pool. Same settings as additional_config['kv_compression'].",
+        description="KV-cache compression by vllm-snapkv. Compress each long prompt's KV cache at the "
+        "end of its prefill (and, with --snapkv-decode-interval, again while it generates): "
+        "every KV head keeps its top positions for the observation window, the rest of its "
+        "blocks go back to the pool. Same settings as additional_config['kv_compression'].",
     )
     for field, (flag, options) in FLAGS.items():
         info = SnapKVConfig.model_fields[field]

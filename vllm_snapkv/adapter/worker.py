@@ -15,7 +15,8 @@ Patched (vLLM 0.32; contract tests in tests/test_contract.py):
   one ``seq_lens`` buffer for all groups).
 - ``GPUModelRunner.execute_model`` (post): check every layer compacted, write debug dumps, queue
   the block swaps.
-- ``forward`` of each supported attention implementation (post): buffer window queries, select,
+- ``forward`` of each supported attention implementation (post): buffer window queries (of
+  prompts in chunked prefill, and of the tokens before each decode compression), select,
   compact.
 ``CPUModelRunner`` inherits the runner methods, so patching ``GPUModelRunner`` covers it.
 """
@@ -71,8 +72,9 @@ class _Job:
     chunk_len: int
     capture: WindowCapture | None = None
     plan: CompressionPlan | None = None
-    #: With a plan, per compressed group: the prompt (+ re-prefilled outputs) as stored now, and
-    #: the slots it moves to.
+    #: With a plan, per compressed group: the entries it reads as stored now (the prompt, or
+    #: everything stored at a decode compression; + re-prefilled outputs), and the slots the
+    #: kept ones move to.
     sources: dict[int, PagedTokens] = field(default_factory=dict)
     target_slots: dict[int, torch.Tensor] = field(default_factory=dict)
     layers_done: set[int] = field(default_factory=set)
@@ -81,8 +83,8 @@ class _Job:
     def window_rows(self) -> slice:
         """Rows of this chunk that hold observation-window tokens (possibly none)."""
         spec = self.plan or self.capture
-        first = max(self.chunk_start, spec.prompt_len - spec.window_size)
-        last = max(min(self.chunk_start + self.chunk_len, spec.prompt_len), first)
+        first = max(self.chunk_start, spec.window_end - spec.window_size)
+        last = max(min(self.chunk_start + self.chunk_len, spec.window_end), first)
         offset = self.first_row - self.chunk_start
         return slice(first + offset, last + offset)
 
@@ -176,7 +178,7 @@ class WorkerCompression:
                 block_ids = runner.requests[request_id].block_ids
                 for group_id, targets in plan.target_block_ids.items():
                     job.sources[group_id] = PagedTokens.of(
-                        block_ids[group_id], self.block_size, plan.prefill_len, runner.device
+                        block_ids[group_id], self.block_size, plan.num_sources, runner.device
                     )
                     job.target_slots[group_id] = PagedTokens.of(
                         targets, self.block_size, plan.num_kept, runner.device
@@ -241,7 +243,7 @@ class WorkerCompression:
         kept = select_kept_positions_chunked(
             window_queries,
             read_scoring_keys,
-            plan.prompt_len,
+            plan.num_scored,
             plan.budget,
             impl.scale,
             self.config.kernel_size,
@@ -250,8 +252,8 @@ class WorkerCompression:
             **scoring_options(impl),
         )
         num_heads = kept.shape[0]
-        outputs = torch.arange(plan.prompt_len, plan.prefill_len, device=kept.device)
-        # Slot i of head h holds position per_slot[i, h]: the selection, then earlier outputs.
+        outputs = torch.arange(plan.num_scored, plan.num_sources, device=kept.device)
+        # Slot i of head h holds stored entry per_slot[i, h]: the selection, then earlier outputs.
         per_slot = torch.cat([kept, outputs.expand(num_heads, -1)], dim=1).T
         # Both gathers are copies taken before the write: targets may be reused sources
         # (in-place compaction).
@@ -284,13 +286,23 @@ class WorkerCompression:
         self.jobs = []
 
     def _dump(self, job: _Job) -> None:
+        """``<dir>/<request id>.pt`` for a prompt compression (kept prompt positions);
+        ``<dir>/decode/<request id>.<index>.pt`` for a decode compression (kept *stored entry*
+        indices: entry ``i`` is the ``i``-th entry the request held before it)."""
+        plan = job.plan
         directory = self.config.dump_selections_to
-        os.makedirs(directory, exist_ok=True)
         name = job.request_id + self.dump_suffix
+        if plan.phase == "decode":
+            directory = os.path.join(directory, "decode")
+            name += f".{plan.index}"
+        os.makedirs(directory, exist_ok=True)
         torch.save(
             {
-                "prompt_len": job.plan.prompt_len,
-                "budget": job.plan.budget,
+                "phase": plan.phase,
+                "index": plan.index,
+                "prompt_len" if plan.phase == "prompt" else "num_scored": plan.num_scored,
+                "window_end": plan.window_end,
+                "budget": plan.budget,
                 "layers": {index: job.kept[index].cpu() for index in sorted(job.kept)},
             },
             os.path.join(directory, f"{name}.pt"),

@@ -4,10 +4,12 @@ Compacting one request in one layer needs temporary memory bounded by
 ``selection.compaction_workspace_bytes`` (prompt-length independent; ~136 MiB for a
 Llama-3.1-8B shape at budget 4096). vLLM sizes the KV cache from the peak memory of its profiling
 run; a workspace it never saw could push a compaction step past ``gpu_memory_utilization``. So the
-profiling run allocates the bound once, and the KV cache is sized with it left free.
+profiling run allocates the bound once, and the KV cache is sized with it left free. With decode
+compression on, the bound of the buffered window queries (``decode_window_buffer_of``) is added.
 
 Patched (vLLM 0.32/0.33):
-- ``GPUModelRunner.profile_run`` (post): allocate and free the workspace bound on CUDA devices
+- ``GPUModelRunner.profile_run`` (post): allocate and free the workspace (+ window buffer) bound
+  on CUDA devices
   (the CPU build sizes its KV cache from ``kv_cache_memory_bytes`` or a memory fraction, not a
   profiled peak).
 """
@@ -45,6 +47,25 @@ def compaction_workspace_of(vllm_config: Any, config: SnapKVConfig) -> int:
     )
 
 
+def decode_window_buffer_of(vllm_config: Any, config: SnapKVConfig) -> int:
+    """Bound, in bytes, of the window queries buffered for decode compressions on this rank:
+    every running request may be within ``window_size`` tokens of its next decode point, and
+    each then holds up to ``window_size`` query rows per attention layer (0 when decode
+    compression is off). ~2 GiB for a Llama-3.1-8B shape in bf16 at window 32 and 256 running
+    requests; lower ``--max-num-seqs`` lowers it."""
+    if not config.decode_interval:
+        return 0
+    model, parallel = vllm_config.model_config, vllm_config.parallel_config
+    per_request = (
+        config.window_size
+        * model.get_num_layers(parallel)
+        * model.get_num_attention_heads(parallel)
+        * model.get_head_size()
+        * model.dtype.itemsize
+    )
+    return vllm_config.scheduler_config.max_num_seqs * per_request
+
+
 def _patch_profile_run(original):
     @functools.wraps(original)
     def profile_run(self: GPUModelRunner, *args: Any, **kwargs: Any):
@@ -52,7 +73,8 @@ def _patch_profile_run(original):
         config = config_from_additional(self.vllm_config.additional_config)
         if config is not None and self.device.type == "cuda":
             workspace = torch.empty(
-                compaction_workspace_of(self.vllm_config, config),
+                compaction_workspace_of(self.vllm_config, config)
+                + decode_window_buffer_of(self.vllm_config, config),
                 dtype=torch.uint8,
                 device=self.device,
             )
