@@ -23,6 +23,11 @@ ROOT = Path(__file__).resolve().parents[1]
         ("benchmarks.performance.overhead", ["overhead.csv", "table.md"]),
         ("benchmarks.performance.throughput", ["throughput.csv", "table.md"]),
         (
+            "benchmarks.performance.long_generation",
+            ["growth.csv", "growth.png", "throughput.csv", "table.md"],
+        ),
+        ("benchmarks.quality.decode_quality", ["quality.csv", "table.md"]),
+        (
             "benchmarks.hybrid.gemma3",
             ["memory.csv", "memory.png", "quality.csv", "quality.png", "reference.csv", "table.md"],
         ),

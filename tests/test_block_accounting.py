@@ -51,3 +51,79 @@ def test_no_targets_when_even_in_place_does_not_fit():
     targets, reused = _in_place_targets(pool, sources, num_targets=2)
     assert targets is None and reused == set()
     assert pool.evicted == set() and pool.get_num_free_blocks() == 1  # nothing touched
+
+
+class FreeingPool(Pool):
+    def free_blocks(self, blocks) -> None:
+        for block in blocks:
+            block.ref_cnt -= 1
+            self.free.append(block)
+
+
+def decode_state(evicted: int):
+    from types import SimpleNamespace
+
+    from vllm_snapkv.config import parse_config
+    from vllm_snapkv.metrics import CompressionStats
+
+    return SimpleNamespace(
+        config=parse_config({"budget": 256, "decode_interval": 128}),
+        groups=SimpleNamespace(group_ids=(0,)),
+        block_size=128,
+        stats=CompressionStats(),
+        evicted={"r": evicted},
+        num_compressions={"r": 1},
+        decode_points={"r": 1000},
+    )
+
+
+def decode_plan():
+    from vllm_snapkv.plan import CompressionPlan
+
+    return CompressionPlan(
+        num_scored=384, budget=256, window_size=32, window_end=1000, num_output_tokens=0,
+        target_block_ids={}, phase="decode", index=1,
+    )
+
+
+def test_decode_compression_in_place_when_the_pool_is_empty():
+    """A decode compression with no free block compacts into the request's own tail blocks:
+    evicted grows by 128, one block goes back, counted in the decode series."""
+    from types import SimpleNamespace
+
+    from vllm_snapkv.adapter.block_accounting import compress_completing
+    from vllm_snapkv.plan import StepDirectives
+
+    pool = FreeingPool(num_free=0)
+    manager = SimpleNamespace(req_to_blocks={"r": [Block(1), Block(2), Block(3)]})
+    coordinator = SimpleNamespace(single_type_managers=[manager], block_pool=pool)
+    state, directives = decode_state(evicted=616), StepDirectives()
+    compress_completing(coordinator, state, [(SimpleNamespace(request_id="r"), decode_plan())],
+                        directives)
+    plan = directives.plans["r"]
+    assert plan.target_block_ids == {0: (2, 3)} and plan.reused_block_ids == {2, 3}
+    assert [b.block_id for b in manager.req_to_blocks["r"]] == [2, 3]
+    assert [b.block_id for b in pool.free] == [1]
+    assert state.evicted["r"] == 616 + 128 and state.num_compressions["r"] == 2
+    assert "r" not in state.decode_points  # recomputed from the new length
+    assert (state.stats.decode_compressions, state.stats.decode_freed_blocks) == (1, 1)
+    assert state.stats.compressed_requests == 0  # the prompt series counts prompts only
+
+
+def test_skipped_decode_compression_is_tried_one_interval_later():
+    from types import SimpleNamespace
+
+    from vllm_snapkv.adapter.block_accounting import compress_completing
+    from vllm_snapkv.plan import StepDirectives
+
+    pool = FreeingPool(num_free=0)
+    shared = [Block(1, ref_cnt=2), Block(2, ref_cnt=2), Block(3, ref_cnt=2)]
+    manager = SimpleNamespace(req_to_blocks={"r": list(shared)})
+    coordinator = SimpleNamespace(single_type_managers=[manager], block_pool=pool)
+    state, directives = decode_state(evicted=616), StepDirectives()
+    compress_completing(coordinator, state, [(SimpleNamespace(request_id="r"), decode_plan())],
+                        directives)
+    assert not directives.plans and directives.released == {"r"}  # its window is dropped
+    assert manager.req_to_blocks["r"] == shared and state.evicted["r"] == 616
+    assert state.decode_points["r"] == 1000 + 128
+    assert state.stats.skipped_no_free_blocks == 1 and state.stats.decode_compressions == 0

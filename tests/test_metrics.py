@@ -11,6 +11,8 @@ def test_snapshots_round_trip_and_expose_labelled_series(tmp_path):
     stats = CompressionStats()
     stats.record_compression(prompt_len=2000, kept=256, evicted=1744, freed_blocks=14)
     stats.record_compression(prompt_len=600, kept=512, evicted=88, freed_blocks=1)
+    stats.record_decode_compression(evicted=512, freed_blocks=4)
+    stats.record_decode_compression(evicted=512, freed_blocks=4)
     SnapshotWriter(tmp_path, 0).publish(stats)
     SnapshotWriter(tmp_path, 1).publish(CompressionStats(skipped_no_free_blocks=2))
     assert dict(read_snapshots(tmp_path))["0"] == stats
@@ -22,6 +24,10 @@ def test_snapshots_round_trip_and_expose_labelled_series(tmp_path):
     assert 'vllm:snapkv_evicted_tokens_total{engine="0",model_name="smol"} 1832.0' in text
     assert 'vllm:snapkv_freed_blocks_total{engine="0",model_name="smol"} 15.0' in text
     assert 'vllm:snapkv_skipped_compressions_total{engine="1",model_name="smol"} 2.0' in text
+    # Decode compressions: their own series; the prompt series and the ratio do not count them.
+    assert 'vllm:snapkv_decode_compressions_total{engine="0",model_name="smol"} 2.0' in text
+    assert 'vllm:snapkv_decode_evicted_tokens_total{engine="0",model_name="smol"} 1024.0' in text
+    assert 'vllm:snapkv_decode_freed_blocks_total{engine="0",model_name="smol"} 8.0' in text
     # Ratios 7.8125 and 1.171875: cumulative buckets.
     assert 'vllm:snapkv_compression_ratio_bucket{engine="0",le="1.5",model_name="smol"} 1.0' in text
     assert 'vllm:snapkv_compression_ratio_bucket{engine="0",le="8.0",model_name="smol"} 2.0' in text

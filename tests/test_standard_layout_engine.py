@@ -36,6 +36,7 @@ pytestmark = pytest.mark.engine
 CHUNK = 256
 WINDOW = 32
 BUDGET = 128  # the server's; 8 blocks of 16
+DECODE_INTERVAL = 128  # decode compressions at 256 stored entries (16 blocks)
 
 
 def make_flex_llm(model_dir: str, dump_dir: str, num_blocks: int, max_model_len: int):
@@ -47,7 +48,9 @@ def make_flex_llm(model_dir: str, dump_dir: str, num_blocks: int, max_model_len:
             num_gpu_blocks_override=num_blocks,
             max_model_len=max_model_len,
             max_num_batched_tokens=CHUNK,
-            additional_config=snapkv_config(dump_dir, budget=BUDGET, window_size=WINDOW),
+            additional_config=snapkv_config(
+                dump_dir, budget=BUDGET, window_size=WINDOW, decode_interval=DECODE_INTERVAL
+            ),
         )
 
 
@@ -213,3 +216,51 @@ def test_preemption_recomputes_and_recompresses_transparently(flex_llm, small_fl
 
     got, _ = generate_under_preemption(small_flex_llm, prompts, params)
     assert got == expected
+
+
+def test_decode_compressions_equal_the_transformers_reference(
+    flex_llm, tokenizer, flex_dump_dir, model_dir
+):
+    """A 100-token prompt generating 300 tokens on the standard layout: compressed while
+    decoding at positions 256 and 384 (blocks of 16), each compression's kept entries and the
+    tokens equal the decode-time transformers reference; never more than 16 blocks."""
+    import glob
+    import os
+
+    import torch
+
+    from benchmarks.quality.decode_reference import DecodeSnapKVReference
+
+    prompt_ids = prompt_of_length(tokenizer, 100, 57721)
+    params = SamplingParams(temperature=0.0, max_tokens=300, ignore_eos=True)
+    scheduler = scheduler_of(flex_llm)
+    manager = scheduler.kv_cache_manager.coordinator.single_type_managers[0]
+    pool = scheduler.kv_cache_manager.block_pool
+    flex_llm.reset_prefix_cache()
+    free_at_start = pool.get_num_free_blocks()
+    engine = flex_llm.llm_engine
+    engine.add_request("decode", as_prompt(prompt_ids), params)
+    request_id = internal_id(scheduler, "decode")
+    held, tokens = [], None
+    while engine.has_unfinished_requests():
+        for output in engine.step():
+            if output.finished:
+                tokens = list(output.outputs[0].token_ids)
+        if request_id in manager.req_to_blocks:
+            held.append(len(manager.req_to_blocks[request_id]))
+    assert max(held) == cdiv(BUDGET + DECODE_INTERVAL, BLOCK_SIZE)
+    assert pool.get_num_free_blocks() == free_at_start
+
+    reference = DecodeSnapKVReference(
+        model_dir, BUDGET, WINDOW, DECODE_INTERVAL, 7, BLOCK_SIZE
+    ).run(prompt_ids, 300)
+    assert [c.window_end for c in reference.compressions] == [256, 384]
+    assert tokens == reference.tokens
+    for index, expected in enumerate(reference.compressions):
+        (path,) = glob.glob(os.path.join(flex_dump_dir, "decode", f"{request_id}.{index}.pt"))
+        dump = torch.load(path)
+        assert dump["window_end"] == expected.window_end
+        for layer, kept in dump["layers"].items():
+            for head in range(3):
+                same = set(kept[head].tolist()) & set(expected.kept_entries[layer][head].tolist())
+                assert len(same) / BUDGET >= 0.99, (index, layer, head)

@@ -28,11 +28,13 @@ import torch.nn.functional as F
 @dataclass
 class Compression:
     """One compression: ``window_end`` is the logical position after its window's last token;
-    ``kept[layer]`` the logical positions kept per KV head, ``[H_kv, budget]``, ascending."""
+    ``kept[layer]`` the logical positions kept per KV head, ``[H_kv, budget]``, ascending;
+    ``kept_entries[layer]`` the same as indices of the entries the cache held before it."""
 
     phase: str
     window_end: int
     kept: dict[int, torch.Tensor]
+    kept_entries: dict[int, torch.Tensor]
 
 
 @dataclass
@@ -41,8 +43,10 @@ class DecodeRun:
     compressions: list[Compression] = field(default_factory=list)
     #: Per step, the number of entries per KV head the cache held after it.
     cache_lengths: list[int] = field(default_factory=list)
-    #: Teacher forcing: log p(forced token | everything before) for each forced token.
+    #: Teacher forcing: log p(forced token | everything before) for each forced token, and the
+    #: greedy pick at each step.
     forced_log_probs: list[float] = field(default_factory=list)
+    argmax: list[int] = field(default_factory=list)
 
 
 def snapkv_kept(q_win: torch.Tensor, keys: torch.Tensor, budget: int, kernel_size: int) -> torch.Tensor:
@@ -116,8 +120,8 @@ class DecodeSnapKVReference:
 
     def _compress(self, cache, windows: list[torch.Tensor], logical: list[torch.Tensor]):
         """Compress every layer of ``cache`` to ``budget`` entries; returns the kept logical
-        positions per layer (``logical`` is updated in place)."""
-        kept_positions = {}
+        positions and entry indices per layer (``logical`` is updated in place)."""
+        kept_positions, kept_entries = {}, {}
         for layer, q_win in enumerate(windows):
             cached = cache.layers[layer]
             kept = snapkv_kept(q_win, cached.keys[0], self.budget, self.kernel_size)
@@ -126,7 +130,8 @@ class DecodeSnapKVReference:
             cached.values = cached.values.gather(2, index).contiguous()
             logical[layer] = logical[layer].gather(1, kept)
             kept_positions[layer] = logical[layer].clone()
-        return kept_positions
+            kept_entries[layer] = kept
+        return kept_positions, kept_entries
 
     def run(
         self,
@@ -149,11 +154,12 @@ class DecodeSnapKVReference:
         run = DecodeRun(tokens=[])
         if length > self.budget and self._frees_a_block(length):
             kept = self._compress(cache, windows, logical)
-            run.compressions.append(Compression("prompt", length, kept))
+            run.compressions.append(Compression("prompt", length, *kept))
         position = length
         for step in range(max_new_tokens):
             log_probs = logits.log_softmax(-1)
-            token = forced[step] if forced is not None else int(logits.argmax())
+            run.argmax.append(int(logits.argmax()))
+            token = forced[step] if forced is not None else run.argmax[-1]
             if forced is not None:
                 run.forced_log_probs.append(float(log_probs[token]))
             run.tokens.append(token)
@@ -169,6 +175,6 @@ class DecodeSnapKVReference:
             stored = cache.layers[0].keys.shape[2]
             if self.threshold is not None and stored >= self.threshold:
                 kept = self._compress(cache, windows, logical)
-                run.compressions.append(Compression("decode", position, kept))
+                run.compressions.append(Compression("decode", position, *kept))
             run.cache_lengths.append(cache.layers[0].keys.shape[2])
         return run
