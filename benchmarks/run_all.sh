@@ -12,3 +12,5 @@ PY="${VLLM_SNAPKV_VENV:-.venv}/bin/python"
 "$PY" -m benchmarks.quality.run
 "$PY" -m benchmarks.quality.run --kernel-size 11 --out benchmarks/results/quality-kernel11
 "$PY" -m benchmarks.hybrid.gemma3
+"$PY" -m benchmarks.performance.long_generation
+"$PY" -m benchmarks.quality.decode_quality

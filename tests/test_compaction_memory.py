@@ -148,7 +148,7 @@ def test_worker_compaction_is_the_dense_selection_moved_in_place(
     block_ids = (torch.randperm(num_blocks + 3, generator=gen) + 1)[:num_blocks].tolist()
     source = PagedTokens.of(block_ids, block_size, prompt_len + outputs, "cpu")
     targets = tuple(block_ids[: -(-(budget + outputs) // block_size)])  # in place
-    plan = CompressionPlan(prompt_len, budget, window, outputs, {0: targets})
+    plan = CompressionPlan(prompt_len, budget, window, prompt_len, outputs, {0: targets})
     stored_keys, stored_values = stored_keys_and_values(layout, cache, source)
     scoring = layout.scoring_keys(stored_keys[:prompt_len]).float()
     window_queries = (torch.randn(window, q_heads, head_size, generator=gen) * 3).to(dtype)
@@ -194,7 +194,9 @@ def paged_request(prompt_len, seed=0):
     block_ids = (torch.randperm(num_blocks, generator=gen) + 1).tolist()
     source = PagedTokens.of(block_ids, bs, prompt_len, "cpu")
     targets = tuple(block_ids[: -(-SHAPE["budget"] // bs)])
-    plan = CompressionPlan(prompt_len, SHAPE["budget"], SHAPE["window"], 0, {0: targets})
+    plan = CompressionPlan(
+        prompt_len, SHAPE["budget"], SHAPE["window"], prompt_len, 0, {0: targets}
+    )
     window_queries = torch.randn(SHAPE["window"], SHAPE["q_heads"], head_size, generator=gen)
     return cache, source, plan, window_queries.to(torch.bfloat16)
 

@@ -264,3 +264,33 @@ def test_generated_prefix_is_shared_through_the_prefix_cache(decode_llm, tokeniz
     (cold,) = decode_llm.generate(as_prompt(follow_up), long_generation(300))
     assert cold.num_cached_tokens == 0
     assert list(hit.outputs[0].token_ids) == list(cold.outputs[0].token_ids)
+
+
+def test_request_aborted_while_its_window_is_captured_leaves_nothing_behind(
+    decode_llm, tokenizer
+):
+    """Aborted between its capture steps and its decode point: its blocks go back, and the
+    scheduler's and the worker's per-request state (buffered window queries) is gone."""
+    from benchmarks.common import worker_state_of
+
+    scheduler = scheduler_of(decode_llm)
+    pool, state = scheduler.kv_cache_manager.block_pool, scheduler._snapkv
+    worker = worker_state_of(decode_llm)
+    decode_llm.reset_prefix_cache()
+    free_at_start = pool.get_num_free_blocks()
+    engine = decode_llm.llm_engine
+    engine.add_request("abort-me", as_prompt(prompt_of_length(tokenizer, 100, 8080)),
+                       long_generation(400))
+    request_id = internal_id(scheduler, "abort-me")
+    while scheduler.requests[request_id].num_computed_tokens < THRESHOLD - 10:
+        engine.step()
+    assert state.window_captured_from[request_id] == THRESHOLD - WINDOW
+    assert len(worker.window_queries[request_id][0]) == WINDOW - 10  # one row per step so far
+    engine.abort_request(["abort-me"])
+    engine.step()
+    assert not engine.has_unfinished_requests()
+    # Workers learn of finished requests with the next step that runs the model.
+    decode_llm.generate(as_prompt(prompt_of_length(tokenizer, 40, 1)), long_generation(2))
+    assert pool.get_num_free_blocks() == free_at_start
+    assert request_id not in state.decode_points and request_id not in state.window_captured_from
+    assert request_id not in worker.window_queries

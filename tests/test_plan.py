@@ -85,7 +85,7 @@ def test_decode_points_capture_the_window_then_compress_or_move():
     that runs past the point without the whole window in view moves the point a window on."""
     from types import SimpleNamespace
 
-    from vllm_snapkv.adapter.scheduler import SchedulerCompression, _plan_decode
+    from vllm_snapkv.adapter.planning import SchedulerCompression, _plan_decode
     from vllm_snapkv.config import parse_config
 
     state = SchedulerCompression(

@@ -29,7 +29,7 @@ from vllm_snapkv.adapter.groups import CompressedGroups
 from vllm_snapkv.plan import CompressionPlan, StepDirectives, cdiv
 
 if TYPE_CHECKING:
-    from vllm_snapkv.adapter.scheduler import SchedulerCompression
+    from vllm_snapkv.adapter.planning import SchedulerCompression
 
 logger = init_logger(f"vllm.{__name__}")
 

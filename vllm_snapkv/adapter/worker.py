@@ -17,15 +17,13 @@ Patched (vLLM 0.32; contract tests in tests/test_contract.py):
   the block swaps.
 - ``forward`` of each supported attention implementation (post): buffer window queries (of
   prompts in chunked prefill, and of the tokens before each decode compression), select,
-  compact.
+  compact (``compaction.compact_layer``).
 ``CPUModelRunner`` inherits the runner methods, so patching ``GPUModelRunner`` covers it.
 """
 
 from __future__ import annotations
 
 import functools
-import os
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -37,14 +35,10 @@ from vllm.v1.attention.backend import AttentionType
 from vllm.v1.cudagraph_dispatcher import CudagraphDispatcher
 from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
-from vllm_snapkv.adapter.attention import (
-    check_attention_layers,
-    layout_for,
-    loaded_impls,
-    scoring_options,
-)
+from vllm_snapkv.adapter.attention import check_attention_layers, layout_for, loaded_impls
+from vllm_snapkv.adapter.compaction import CompactionJob, compact_layer, write_selection_dump
 from vllm_snapkv.adapter.groups import CompressedGroups
-from vllm_snapkv.adapter.layouts import PagedKVLayout, PagedTokens, read_key_span
+from vllm_snapkv.adapter.layouts import PagedKVLayout, PagedTokens
 from vllm_snapkv.adapter.physical import (
     PHYSICAL_PATCHES,
     end_step,
@@ -54,39 +48,11 @@ from vllm_snapkv.adapter.physical import (
 )
 from vllm_snapkv.adapter.scheduler import DIRECTIVES_ATTR
 from vllm_snapkv.config import SnapKVConfig, config_from_additional
-from vllm_snapkv.plan import CompressionPlan, StepDirectives, WindowCapture
-from vllm_snapkv.selection import select_kept_positions_chunked
+from vllm_snapkv.plan import StepDirectives
 from vllm_snapkv.timing import CompactionClock
 
 # Under the "vllm" logger tree so vLLM's handlers and VLLM_LOGGING_LEVEL apply.
 logger = init_logger(f"vllm.{__name__}")
-
-
-@dataclass
-class _Job:
-    """One request's SnapKV work in this step: rows of the flattened batch and what to do."""
-
-    request_id: str
-    first_row: int  # row of the chunk's first token in the flattened batch
-    chunk_start: int  # logical position of that token
-    chunk_len: int
-    capture: WindowCapture | None = None
-    plan: CompressionPlan | None = None
-    #: With a plan, per compressed group: the entries it reads as stored now (the prompt, or
-    #: everything stored at a decode compression; + re-prefilled outputs), and the slots the
-    #: kept ones move to.
-    sources: dict[int, PagedTokens] = field(default_factory=dict)
-    target_slots: dict[int, torch.Tensor] = field(default_factory=dict)
-    layers_done: set[int] = field(default_factory=set)
-    kept: dict[int, torch.Tensor] = field(default_factory=dict)
-
-    def window_rows(self) -> slice:
-        """Rows of this chunk that hold observation-window tokens (possibly none)."""
-        spec = self.plan or self.capture
-        first = max(self.chunk_start, spec.window_end - spec.window_size)
-        last = max(min(self.chunk_start + self.chunk_len, spec.window_end), first)
-        offset = self.first_row - self.chunk_start
-        return slice(first + offset, last + offset)
 
 
 #: The worker state whose step has SnapKV work in the attention layers; None otherwise. The
@@ -108,7 +74,7 @@ class WorkerCompression:
         #: Appended to dump names so ranks holding other heads or layers do not collide.
         self.dump_suffix = dump_suffix
         self.directives = StepDirectives()
-        self.jobs: list[_Job] = []
+        self.jobs: list[CompactionJob] = []
         #: request -> layer -> window queries buffered from earlier chunks.
         self.window_queries: dict[str, dict[int, list[torch.Tensor]]] = {}
         #: request -> group -> target blocks that replace its block list at the next step.
@@ -165,7 +131,7 @@ class WorkerCompression:
             capture = directives.captures.get(request_id)
             if plan is None and capture is None:
                 continue
-            job = _Job(
+            job = CompactionJob(
                 request_id=request_id,
                 first_row=int(query_start[row]),
                 chunk_start=int(batch.num_computed_tokens_cpu[row]),
@@ -222,45 +188,12 @@ class WorkerCompression:
         return layout
 
     def _compact(
-        self, impl, layer, job: _Job, window_queries, kv_cache, group_id: int
+        self, impl, layer, job: CompactionJob, window_queries, kv_cache, group_id: int
     ) -> torch.Tensor:
-        plan = job.plan
-        source = job.sources[group_id]
-        if window_queries.shape[0] != plan.window_size:
-            raise RuntimeError(
-                f"SnapKV: request {job.request_id} has {window_queries.shape[0]} window queries "
-                f"at layer {layer.layer_name}, expected {plan.window_size}"
-            )
-        layout = self._layout(impl, layer)
-        head_size = impl.head_size
-
-        def read_scoring_keys(start: int, end: int) -> torch.Tensor:
-            keys = read_key_span(layout, kv_cache, source, start, end)
-            return layout.scoring_keys(keys[:, :, :head_size])
-
-        # Bounded workspace, whatever the prompt length (selection.compaction_workspace_bytes):
-        # keys are scored a span of blocks at a time, never copied whole.
-        kept = select_kept_positions_chunked(
-            window_queries,
-            read_scoring_keys,
-            plan.num_scored,
-            plan.budget,
-            impl.scale,
-            self.config.kernel_size,
-            self.config.pooling,
-            block_size=source.block_size,
-            **scoring_options(impl),
+        return compact_layer(
+            self._layout(impl, layer), impl, layer, job, window_queries, kv_cache, group_id,
+            self.config.kernel_size, self.config.pooling,
         )
-        num_heads = kept.shape[0]
-        outputs = torch.arange(plan.num_scored, plan.num_sources, device=kept.device)
-        # Slot i of head h holds stored entry per_slot[i, h]: the selection, then earlier outputs.
-        per_slot = torch.cat([kept, outputs.expand(num_heads, -1)], dim=1).T
-        # Both gathers are copies taken before the write: targets may be reused sources
-        # (in-place compaction).
-        kept_keys = layout.gather_keys(kv_cache, source, per_slot)
-        kept_values = layout.gather_values(kv_cache, source, per_slot)
-        layout.write(kv_cache, kept_keys, kept_values, job.target_slots[group_id])
-        return kept
 
     @property
     def compaction_seconds(self) -> float:
@@ -282,31 +215,8 @@ class WorkerCompression:
                 )
             self.pending_swaps[job.request_id] = job.plan.target_block_ids
             if self.config.dump_selections_to:
-                self._dump(job)
+                write_selection_dump(self.config.dump_selections_to, job, self.dump_suffix)
         self.jobs = []
-
-    def _dump(self, job: _Job) -> None:
-        """``<dir>/<request id>.pt`` for a prompt compression (kept prompt positions);
-        ``<dir>/decode/<request id>.<index>.pt`` for a decode compression (kept *stored entry*
-        indices: entry ``i`` is the ``i``-th entry the request held before it)."""
-        plan = job.plan
-        directory = self.config.dump_selections_to
-        name = job.request_id + self.dump_suffix
-        if plan.phase == "decode":
-            directory = os.path.join(directory, "decode")
-            name += f".{plan.index}"
-        os.makedirs(directory, exist_ok=True)
-        torch.save(
-            {
-                "phase": plan.phase,
-                "index": plan.index,
-                "prompt_len" if plan.phase == "prompt" else "num_scored": plan.num_scored,
-                "window_end": plan.window_end,
-                "budget": plan.budget,
-                "layers": {index: job.kept[index].cpu() for index in sorted(job.kept)},
-            },
-            os.path.join(directory, f"{name}.pt"),
-        )
 
 
 def _state(runner: GPUModelRunner) -> WorkerCompression | None:
