@@ -25,6 +25,10 @@ def model_dir() -> str:
     return str(build_demo_model())
 
 
+#: In-process engines made by ``make_llm`` and not closed yet.
+_open_engines: list = []
+
+
 def make_llm(model_dir: str, **kwargs):
     from vllm import LLM
 
@@ -36,11 +40,25 @@ def make_llm(model_dir: str, **kwargs):
         gpu_memory_utilization=0.3,
     )
     options.update(kwargs)
-    return LLM(model_dir, **options)
+    llm = LLM(model_dir, **options)
+    _open_engines.append(llm)
+    return llm
 
 
 def close_llm(llm) -> None:
-    llm.llm_engine.engine_core.shutdown()
+    """Shut an engine down. vLLM's in-process engine core tears down the process-wide
+    distributed state when it shuts down (``cleanup_dist_env_and_memory``), which other engines
+    still open in this process (the session's ``snap_llm``) use at every step: that teardown
+    waits for the last one."""
+    from unittest import mock
+
+    if llm in _open_engines:
+        _open_engines.remove(llm)
+    if _open_engines:
+        with mock.patch("vllm.v1.engine.core.cleanup_dist_env_and_memory", gc.collect):
+            llm.llm_engine.engine_core.shutdown()
+    else:
+        llm.llm_engine.engine_core.shutdown()
     del llm
     gc.collect()
 

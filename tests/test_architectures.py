@@ -156,6 +156,56 @@ def test_family_compresses_its_full_attention_groups_as_the_reference(
             assert overlap >= MIN_OVERLAP[dtype], (family, layer, head, overlap)
 
 
+@pytest.mark.parametrize("family", ["gemma3", "gpt_oss"])
+def test_hybrid_family_compresses_its_full_attention_groups_while_decoding(
+    family, tmp_path, monkeypatch
+):
+    """Decode compression (interval 64) on the hybrids: after the prompt, the full-attention
+    groups are compressed at positions 586, 650 and 714, never holding more than
+    ``cdiv(budget + 64, bs)`` blocks; sliding-window groups hold exactly what they hold with
+    compression off; every compaction (prompt and decode) is the dense reference's selection on
+    the engine's own queries and keys (sinks included); nothing leaks."""
+    dtype, budget = COMPRESSED_FAMILIES[family]
+    interval, max_tokens = 64, 200
+    model_dir = build_tiny_model(family)
+    compacted = spy_on_compactions(monkeypatch)
+    config = {"budget": budget, "window_size": WINDOW, "decode_interval": interval}
+    llm = tiny_llm(model_dir, dtype, additional_config={"kv_compression": config})
+    try:
+        scheduler = scheduler_of(llm)
+        groups = scheduler._snapkv.groups
+        others = [g for g in range(len(scheduler.kv_cache_config.kv_cache_groups))
+                  if g not in groups.group_ids]
+        assert others, "a hybrid model has groups left alone"
+        pool = scheduler.kv_cache_manager.block_pool
+        prompt_ids = prompt_of_length(llm.get_tokenizer(), PROMPT_LEN, 13579)
+        llm.reset_prefix_cache()
+        free_at_start = pool.get_num_free_blocks()
+        params = dict(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+        full_steps, _ = run_counting_blocks(
+            llm, "full", prompt_ids,
+            SamplingParams(**params, extra_args={"kv_compression": "none"}),
+        )
+        llm.reset_prefix_cache()
+        snap_steps, _ = run_counting_blocks(llm, "snap", prompt_ids, SamplingParams(**params))
+        stats = scheduler._snapkv.stats
+        assert stats.compressed_requests == 1 and stats.decode_compressions == 3
+        bound = cdiv(budget + interval, groups.block_size)
+        for (computed, snap_blocks), (_, full_blocks) in zip(snap_steps, full_steps):
+            assert all(snap_blocks[g] <= bound for g in groups.group_ids), (family, computed)
+            assert [snap_blocks[g] for g in others] == [full_blocks[g] for g in others], family
+        assert max(snap_steps[-1][1][g] for g in groups.group_ids) < max(
+            full_steps[-1][1][g] for g in groups.group_ids
+        )
+        llm.generate(as_prompt(prompt_ids[:8]), SamplingParams(max_tokens=2))  # late free
+        assert pool.get_num_free_blocks() == free_at_start, "blocks leaked"
+        assert not scheduler._snapkv.evicted and not scheduler._snapkv.decode_points
+        # One prompt and three decode compactions in every full-attention layer.
+        assert sorted(compacted) == sorted(4 * list(groups.group_of_layer))
+    finally:
+        close_llm(llm)
+
+
 @pytest.mark.parametrize("family", REFUSED_FAMILIES)
 def test_alibi_family_is_refused_at_start_naming_alibi(family):
     model_dir = build_tiny_model(family)

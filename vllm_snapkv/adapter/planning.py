@@ -43,7 +43,7 @@ class SchedulerCompression:
     groups: CompressedGroups
     #: Requests whose prompt is not yet computed (new or resumed): they compress when their
     #: prefill reaches the prompt's end (a preempted request's re-prefill is split there, see
-    #: ``_patch_split_at_prompt_end``).
+    #: ``scheduler._patch_split_at_compression_points``).
     prefilling: set[str] = field(default_factory=set)
     #: Shared with the KV cache coordinator (same dict object).
     evicted: dict[str, int] = field(default_factory=dict)
