@@ -19,27 +19,31 @@ import argparse
 import time
 from pathlib import Path
 
-from benchmarks.common import machine, markdown_table, progress, scheduler_of, write_csv
+from benchmarks.common import (
+    machine,
+    make_llm,
+    markdown_table,
+    progress,
+    scheduler_of,
+    write_csv,
+)
 from vllm_snapkv.plan import cdiv
 
 
 def engine(budget: int, decode_interval: int, kv_blocks: int = 80, max_model_len: int = 8192):
-    from vllm import LLM
-
+    """``benchmarks.common.make_llm`` on the demo model with decode compression configured."""
     from vllm_snapkv.demo_model import build_demo_model
 
     # SmolLM2 float32: 30 layers x 3 KV heads x 64 x (K, V) x 4 bytes x 128 tokens per block.
     block_bytes = 30 * 3 * 64 * 2 * 4 * 128
     config = {"method": "snapkv", "budget": budget, "window_size": 32,
               "decode_interval": decode_interval}
-    return LLM(
+    return make_llm(
         str(build_demo_model()),
-        dtype="float32",
+        budget,
         max_model_len=max_model_len,
         max_num_batched_tokens=2048,
-        gpu_memory_utilization=0.3,
         kv_cache_memory_bytes=kv_blocks * block_bytes,
-        seed=0,
         enforce_eager=True,
         additional_config={"kv_compression": config},
     )

@@ -92,9 +92,11 @@ class SchedulerCompression:
         """Logical position whose step compresses the request while it decodes: its stored
         entries then reach :func:`decode_threshold`. None when decode compression is off, the
         request opted out, or its prompt compression was skipped."""
+        if not self.config.decode_interval:
+            return None
         request_id = request.request_id
         if request_id not in self.decode_points:
-            budget = self.budget_for(request) if self.config.decode_interval else None
+            budget = self.budget_for(request)
             self.decode_points[request_id] = None if budget is None else (
                 self.evicted.get(request_id, 0)
                 + decode_threshold(budget, self.config.decode_interval, self.block_size)
