@@ -141,3 +141,70 @@ def test_cuda_graph_test_geometry_really_ends_in_a_one_token_chunk_beside_decode
         close_llm(llm)
     chunk = CHUNK - NUM_DECODERS
     assert steps[:3] == [(chunk, [1] * NUM_DECODERS)] * 2 + [(1, [1] * NUM_DECODERS)]
+
+
+class FakeCudaTimeline:
+    """A stand-in for CUDA events on one stream: events complete when the "device" reaches them
+    (``run_until``); ``synchronize`` (a host wait) is counted and completes the device's work up
+    to that event; ``elapsed_time`` refuses events still in flight, as CUDA does."""
+
+    def __init__(self) -> None:
+        self.recorded = 0  # events enqueued so far
+        self.completed = 0  # events the device has reached
+        self.synchronizations = 0
+        timeline = self
+
+        class Event:
+            def __init__(self, enable_timing: bool = False) -> None:
+                assert enable_timing
+                self.index: int | None = None
+
+            def record(self) -> None:
+                timeline.recorded += 1
+                self.index = timeline.recorded
+
+            def query(self) -> bool:
+                return timeline.completed >= self.index
+
+            def synchronize(self) -> None:
+                timeline.synchronizations += 1
+                timeline.completed = max(timeline.completed, self.index)
+
+            def elapsed_time(self, end: "Event") -> float:
+                assert self.query() and end.query(), "CUDA: cudaErrorNotReady"
+                return 10.0 * (end.index - self.index)  # 10 ms between consecutive events
+
+        self.Event = Event
+
+    def run_until_idle(self) -> None:
+        self.completed = self.recorded
+
+
+def test_compaction_timing_never_waits_for_the_gpu_on_a_compacting_step(monkeypatch):
+    """Issue 22 item 4: the step that compacts records events and returns; its events are read
+    by a later step once the device has passed them (no sync), and only a reader of ``seconds``
+    (a benchmark) waits."""
+    import torch
+
+    from vllm_snapkv.timing import CompactionClock
+
+    timeline = FakeCudaTimeline()
+    monkeypatch.setattr(torch.cuda, "Event", timeline.Event)
+    cuda = torch.device("cuda", 0)
+    clock = CompactionClock()
+
+    def compacting_step(layers: int) -> None:
+        for _ in range(layers):
+            clock.stop(clock.start(cuda), cuda)
+        clock.settle()  # the worker's end of step
+
+    compacting_step(3)  # the device has not reached these events yet
+    assert timeline.synchronizations == 0
+    timeline.run_until_idle()
+    compacting_step(2)  # reads step 1's pairs (done), keeps its own (in flight)
+    assert timeline.synchronizations == 0
+    compacting_step(0)
+    assert timeline.synchronizations == 0
+    assert clock.seconds == pytest.approx(5 * 0.010)  # asked: waits once for step 2's pairs
+    assert timeline.synchronizations == 1
+    assert clock.seconds == pytest.approx(5 * 0.010) and timeline.synchronizations == 1

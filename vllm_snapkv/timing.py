@@ -11,12 +11,17 @@ import torch
 class CompactionClock:
     """Time spent selecting and compacting, as the device sees it: wall time on the CPU; CUDA
     events on a GPU, where the work is asynchronous and a host timer would only time the kernel
-    launches. The events are read in :meth:`settle`, once per step: at most one host sync per
-    step with compaction work, none per layer."""
+    launches.
+
+    The events are read lazily, so timing never makes a step wait for the GPU: :meth:`settle`
+    (once per step) adds the pairs whose end event has already completed (``Event.query``, which
+    does not wait) and keeps the rest for a later step. Only reading :attr:`seconds` (a benchmark
+    asking) waits for the pairs still in flight."""
 
     def __init__(self) -> None:
-        self.seconds = 0.0
-        self._events: list[tuple[Any, Any]] = []
+        self._settled_seconds = 0.0
+        #: (start, end) CUDA event pairs not read yet, in recording order (one stream).
+        self._pending: list[tuple[Any, Any]] = []
 
     def start(self, device: torch.device) -> Any:
         if device.type != "cuda":
@@ -27,15 +32,26 @@ class CompactionClock:
 
     def stop(self, started: Any, device: torch.device) -> None:
         if device.type != "cuda":
-            self.seconds += time.perf_counter() - started
+            self._settled_seconds += time.perf_counter() - started
             return
         ended = torch.cuda.Event(enable_timing=True)
         ended.record()
-        self._events.append((started, ended))
+        self._pending.append((started, ended))
 
     def settle(self) -> None:
-        if not self._events:
-            return
-        self._events[-1][1].synchronize()
-        self.seconds += sum(start.elapsed_time(end) for start, end in self._events) / 1000
-        self._events.clear()
+        """Add the pairs the device has finished; never waits for it."""
+        done = 0
+        for started, ended in self._pending:
+            if not ended.query():
+                break  # recorded in order on one stream: the later ones are not done either
+            self._settled_seconds += started.elapsed_time(ended) / 1000
+            done += 1
+        del self._pending[:done]
+
+    @property
+    def seconds(self) -> float:
+        """Total so far; waits for the device work still being timed (only when asked)."""
+        if self._pending:
+            self._pending[-1][1].synchronize()
+            self.settle()
+        return self._settled_seconds
