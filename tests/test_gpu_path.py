@@ -6,7 +6,11 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 import pytest
+import torch
+from torch.overrides import TorchFunctionMode
 from vllm.config import CUDAGraphMode
+from vllm.v1.utils import CpuGpuBuffer
+from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
 from vllm_snapkv.adapter import worker as worker_module
 from vllm_snapkv.adapter.attention import UnsupportedAttentionBackend, check_attention_layers
@@ -184,8 +188,6 @@ def test_compaction_timing_never_waits_for_the_gpu_on_a_compacting_step(monkeypa
     """Issue 22 item 4: the step that compacts records events and returns; its events are read
     by a later step once the device has passed them (no sync), and only a reader of ``seconds``
     (a benchmark) waits."""
-    import torch
-
     from vllm_snapkv.timing import CompactionClock
 
     timeline = FakeCudaTimeline()
@@ -208,3 +210,84 @@ def test_compaction_timing_never_waits_for_the_gpu_on_a_compacting_step(monkeypa
     assert clock.seconds == pytest.approx(5 * 0.010)  # asked: waits once for step 2's pairs
     assert timeline.synchronizations == 1
     assert clock.seconds == pytest.approx(5 * 0.010) and timeline.synchronizations == 1
+
+
+class OffsetsRunner:
+    """The model-runner buffers ``make_lengths_physical`` reads and writes (CPU build shapes),
+    with the runner's own ``_make_buffer``; the slot mapping records the positions it is given."""
+
+    _make_buffer = GPUModelRunner._make_buffer
+
+    def __init__(self, max_num_reqs: int = 8, max_num_tokens: int = 32) -> None:
+        cpu = torch.device("cpu")
+        self.device, self.max_num_reqs = cpu, max_num_reqs
+        self.optimistic_seq_lens_cpu = torch.zeros(max_num_reqs, dtype=torch.int32)
+        self.seq_lens = torch.zeros(max_num_reqs, dtype=torch.int32)
+        self.positions = torch.zeros(max_num_tokens, dtype=torch.int64)
+        self.req_indices = CpuGpuBuffer(max_num_tokens, dtype=torch.int64, device=cpu)
+        self.query_start_loc = CpuGpuBuffer(max_num_reqs + 1, dtype=torch.int32, device=cpu)
+        self.slot_positions: list[list[int]] = []
+        table = SimpleNamespace(compute_slot_mapping=lambda num_reqs, query_start, positions:
+                                self.slot_positions.append(positions.tolist()))
+        self.input_batch = SimpleNamespace(block_table=[table])
+
+    def decode_step(self, seq_lens: list[int]) -> SimpleNamespace:
+        """One token per request, at logical position seq_len - 1; returns the scheduler output."""
+        num_reqs = len(seq_lens)
+        self.seq_lens[:num_reqs] = torch.tensor(seq_lens)
+        self.optimistic_seq_lens_cpu[:num_reqs] = torch.tensor(seq_lens)
+        self.positions[:num_reqs] = torch.tensor(seq_lens) - 1
+        self.req_indices.gpu[:num_reqs] = torch.arange(num_reqs)
+        self.query_start_loc.gpu[: num_reqs + 1] = torch.arange(num_reqs + 1)
+        return SimpleNamespace(total_num_scheduled_tokens=num_reqs)
+
+
+class TorchCalls(TorchFunctionMode):
+    """Every torch function and tensor method called, with its arguments."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[tuple[str, tuple, dict]] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        self.calls.append((getattr(func, "__name__", str(func)), args, kwargs))
+        return func(*args, **kwargs)
+
+
+def test_evicted_offsets_reach_the_device_from_one_persistent_buffer_without_a_sync():
+    """Issue 22 item 1: every step writes the per-row offsets into the runner's persistent host
+    buffer (pinned wherever vLLM pins) and copies it with ``non_blocking=True`` into the same
+    device buffer; no host tensor is made per step and nothing is moved with ``.to`` (from
+    pageable memory that copy waits for the device)."""
+    from vllm.utils.platform_utils import is_pin_memory_available
+
+    from vllm_snapkv.adapter.groups import CompressedGroups
+    from vllm_snapkv.adapter.physical import make_lengths_physical
+
+    groups = CompressedGroups(group_ids=(0,), block_size=16, group_of_layer={}, hybrid=False)
+    runner = OffsetsRunner()
+    request_ids = ["a", "b", "c"]
+    copies = []
+    for evicted, seq_lens in [({"a": 100, "c": 7}, [300, 50, 120]), ({"a": 100}, [301, 51, 121])]:
+        output = runner.decode_step(seq_lens)
+        with TorchCalls() as recorded:
+            make_lengths_physical(runner, output, request_ids, evicted, groups)
+        names = [name for name, _, _ in recorded.calls]
+        assert not {"tensor", "as_tensor", "to", "cuda"} & set(names), names
+        (copy,) = [(args, kwargs) for name, args, kwargs in recorded.calls if name == "copy_"]
+        (destination, source), kwargs = copy
+        assert kwargs.get("non_blocking") is True
+        copies.append((destination.untyped_storage().data_ptr(),
+                       source.untyped_storage().data_ptr()))
+        physical = [n - evicted.get(r, 0) for r, n in zip(request_ids, seq_lens)]
+        assert runner.seq_lens[:3].tolist() == physical
+        assert runner.optimistic_seq_lens_cpu[:3].tolist() == physical
+        assert runner.slot_positions[-1] == [n - 1 for n in physical]
+    assert copies[0] == copies[1]  # the same host and device storage every step
+    from vllm_snapkv.adapter.physical import evicted_offsets_buffer
+
+    buffer = evicted_offsets_buffer(runner)
+    assert copies[0] == (buffer.gpu.untyped_storage().data_ptr(),
+                         buffer.cpu.untyped_storage().data_ptr())
+    assert buffer.cpu.is_pinned() == is_pin_memory_available()

@@ -6,6 +6,16 @@ block table and slot mapping). The runner's ``seq_lens`` are made physical, whic
 compressed (full-attention) groups read; on hybrid models the groups left alone (sliding window,
 recurrent state) get the logical lengths back while their attention metadata is built.
 
+The per-row offsets reach the device the way the runner's own inputs do: written into a
+persistent host buffer (pinned where CUDA pins, vLLM's ``CpuGpuBuffer``) and copied with
+``non_blocking=True``, so a decode step never waits for the device. The host half is rewritten
+in the next step's ``_prepare_inputs``, which vLLM orders after this step's copies as it does for
+its own buffers (``synchronize_input_prep`` with async scheduling; the step's own sync without).
+
+FlashInfer plans its pages on the host from ``seq_lens_cpu_upper_bound`` (the runner's
+``optimistic_seq_lens_cpu``, made physical here) or from ``seq_lens`` (contract:
+tests/test_contract_sources.py, for every supported minor).
+
 Patched (vLLM 0.32; contract tests in tests/test_contract.py):
 - ``AttentionGroup.build_metadata`` (args): in a step with compressed requests on a hybrid model,
   the metadata of groups left alone is built from the logical lengths.
@@ -18,6 +28,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
+from vllm.v1.utils import CpuGpuBuffer
 from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 from vllm.v1.worker.utils import AttentionGroup
 
@@ -70,6 +81,21 @@ def end_step() -> None:
     _LOGICAL_LENGTHS = None
 
 
+#: Runner attribute holding its :func:`evicted_offsets_buffer` (one per model runner, like the
+#: runner's own input buffers).
+EVICTED_OFFSETS_ATTR = "_snapkv_evicted_offsets"
+
+
+def evicted_offsets_buffer(runner: GPUModelRunner) -> CpuGpuBuffer:
+    """The runner's persistent buffer of per-row evicted-token counts (``max_num_reqs`` rows),
+    made by the runner's own ``_make_buffer`` on first use."""
+    buffer = runner.__dict__.get(EVICTED_OFFSETS_ATTR)
+    if buffer is None:
+        buffer = runner._make_buffer(runner.max_num_reqs, dtype=torch.int32)
+        setattr(runner, EVICTED_OFFSETS_ATTR, buffer)
+    return buffer
+
+
 def make_lengths_physical(
     runner: GPUModelRunner,
     scheduler_output: Any,
@@ -84,8 +110,9 @@ def make_lengths_physical(
     if not evicted:
         return
     num_reqs = len(request_ids)
-    per_row = torch.tensor([evicted.get(r, 0) for r in request_ids], dtype=torch.int32)
-    if not per_row.any():
+    offsets = evicted_offsets_buffer(runner)
+    offsets.np[:num_reqs] = [evicted.get(r, 0) for r in request_ids]
+    if not offsets.np[:num_reqs].any():
         return
     if groups.hybrid:
         upper_bound = runner.optimistic_seq_lens_cpu[:num_reqs].clone()
@@ -99,11 +126,11 @@ def make_lengths_physical(
             max_seq_len=int(upper_bound.max()),
         )
     num_tokens = scheduler_output.total_num_scheduled_tokens
-    runner.optimistic_seq_lens_cpu[:num_reqs] -= per_row
-    per_row = per_row.to(runner.seq_lens.device)
+    runner.optimistic_seq_lens_cpu[:num_reqs] -= offsets.cpu[:num_reqs]
+    per_row = offsets.copy_to_gpu(num_reqs)  # non-blocking, from the persistent host buffer
     runner.seq_lens[:num_reqs] -= per_row
     row_of_token = runner.req_indices.gpu[:num_tokens]
-    physical = runner.positions[:num_tokens] - per_row.to(torch.int64)[row_of_token]
+    physical = runner.positions[:num_tokens] - per_row[row_of_token]
     query_start_loc = runner.query_start_loc.gpu[: num_reqs + 1]
     for group_id in groups.group_ids:
         runner.input_batch.block_table[group_id].compute_slot_mapping(
