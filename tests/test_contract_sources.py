@@ -217,3 +217,111 @@ def test_full_attention_managers_run_the_patched_base_methods(minor):
     )
     defined = {node.name for node in manager.body if isinstance(node, ast.FunctionDef)}
     assert not defined & {"get_num_blocks_to_allocate", "allocate_new_blocks"}, (minor, defined)
+
+
+# --- GPU path (issue 22): the evicted offsets' buffer, FlashInfer's host-side planning ----------
+
+_FLASHINFER = "vllm.v1.attention.backends.flashinfer"
+
+#: (module, function, a line of its code, why the adapter needs it), as FACTS.
+GPU_PATH_FACTS = [
+    (_RUNNER, "GPUModelRunner._make_buffer", "return CpuGpuBuffer(",
+     "the evicted offsets' buffer is made as the runner's own inputs (pinned where vLLM pins)"),
+    (_RUNNER, "GPUModelRunner.__init__", "self.max_num_reqs = scheduler_config.max_num_seqs",
+     "one evicted offset per batch row"),
+    ("vllm.v1.utils", "CpuGpuBuffer.copy_to_gpu", "non_blocking=True",
+     "the offsets reach the device without a host wait"),
+    (_RUNNER, "GPUModelRunner.execute_model", "self.synchronize_input_prep(),",
+     "the host half is rewritten only after the previous step's copies (async scheduling)"),
+    (_RUNNER, "GPUModelRunner._build_attention_metadata",
+     "seq_lens_cpu_upper_bound = self.optimistic_seq_lens_cpu[:num_reqs_padded]",
+     "the host upper bound FlashInfer plans from is the one make_lengths_physical lowers"),
+    (_RUNNER, "GPUModelRunner._build_attention_metadata",
+     "max_seq_len = self.optimistic_seq_lens_cpu.numpy()[:num_reqs].max().item()",
+     "max_seq_len is taken after the post-hook lowered the upper bound"),
+    (_FLASHINFER, "FlashInferMetadataBuilder.build",
+     "seq_lens_cpu = common_attn_metadata.seq_lens_cpu_upper_bound",
+     "FlashInfer plans its pages (paged_kv_indptr, last page lengths) from the physical bound"),
+    (_FLASHINFER, "FlashInferMetadataBuilder.build",
+     "seq_lens_cpu = common_attn_metadata.seq_lens.cpu()",
+     "or, with speculative tokens, from the physical device seq_lens"),
+]
+
+
+@pytest.mark.parametrize("minor", SUPPORTED_VLLM_MINORS)
+@pytest.mark.parametrize(
+    "module,function,line,why", GPU_PATH_FACTS, ids=[f"{f[1]}:{f[2][:30]}" for f in GPU_PATH_FACTS]
+)
+def test_gpu_path_fact_holds(minor, module, function, line, why):
+    assert line in function_source(minor, module, function), f"vLLM {minor}: {why}"
+
+
+#: What each ``CommonAttentionMetadata`` field FlashInfer's metadata builder reads is, in a
+#: compressed group. A field outside these sets fails the test below until someone decides.
+METADATA_MADE_PHYSICAL = {"seq_lens", "seq_lens_cpu_upper_bound", "max_seq_len"}
+#: Query-side fields and ``is_prefilling`` (the request's phase), equal logical and physical;
+#: the per-group block table and slots (already physical: ``swap_block_lists``, the slot
+#: mapping recomputed in the post-hook).
+METADATA_NOT_KV_LENGTHS = {
+    "block_table_tensor", "slot_mapping", "causal", "max_query_len", "num_actual_tokens",
+    "num_reqs", "query_start_loc", "query_start_loc_cpu", "is_prefilling",
+}
+#: Read only under decode context parallelism, which the plugin refuses at start.
+METADATA_OF_REFUSED_FEATURES = {"dcp_local_seq_lens"}
+#: Functions the builder hands the whole metadata to; each must read only query-side fields.
+METADATA_HELPERS = {"split_decodes_and_prefills": "vllm.v1.attention.backends.utils"}
+
+
+def metadata_reads(function: ast.FunctionDef) -> tuple[set[str], set[str]]:
+    """``(fields read from a CommonAttentionMetadata parameter, functions it is passed to)``."""
+    args = function.args.posonlyargs + function.args.args + function.args.kwonlyargs
+    params = {a.arg for a in args
+              if a.annotation is not None and "CommonAttentionMetadata" in ast.unparse(a.annotation)}
+    fields, passed_to = set(), set()
+    for node in ast.walk(function):
+        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name):
+            if node.value.id in params:
+                fields.add(node.attr)
+        if isinstance(node, ast.Call):
+            arguments = [*node.args, *(k.value for k in node.keywords)]
+            if any(isinstance(a, ast.Name) and a.id in params for a in arguments):
+                passed_to.add(ast.unparse(node.func).split(".")[-1])
+    return fields, passed_to
+
+
+def unclassified_metadata_reads(class_node: ast.ClassDef) -> set[str]:
+    known = METADATA_MADE_PHYSICAL | METADATA_NOT_KV_LENGTHS | METADATA_OF_REFUSED_FEATURES
+    unknown = set()
+    for method in class_node.body:
+        if isinstance(method, ast.FunctionDef):
+            fields, passed_to = metadata_reads(method)
+            unknown |= fields - known
+            unknown |= {f"passed to {name}()" for name in passed_to - set(METADATA_HELPERS)}
+    return unknown
+
+
+@pytest.mark.parametrize("minor", SUPPORTED_VLLM_MINORS)
+def test_flashinfer_plans_from_lengths_the_plugin_makes_physical(minor):
+    """FlashInfer plans pages on the host. Every KV-length field its metadata builder reads
+    (any method) must be one ``adapter.physical`` makes physical in compressed groups; a field
+    it starts reading (``num_computed_tokens_cpu``, a DCP-free ``seq_lens_cpu``, ...) fails here,
+    named, for the minor that reads it."""
+    builder = function_node(minor, _FLASHINFER, "FlashInferMetadataBuilder")
+    assert unclassified_metadata_reads(builder) == set(), f"vLLM {minor}"
+    for helper, module in METADATA_HELPERS.items():
+        fields, _ = metadata_reads(function_node(minor, module, helper))
+        assert fields and fields <= METADATA_NOT_KV_LENGTHS, f"vLLM {minor}: {helper} {fields}"
+
+
+def test_the_flashinfer_check_names_a_length_read_it_does_not_know():
+    source = '''
+class FlashInferMetadataBuilder:
+    def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata):
+        seq_lens_cpu = common_attn_metadata.seq_lens_cpu_upper_bound
+        computed = common_attn_metadata.num_computed_tokens_cpu
+        plan_pages(common_attn_metadata)
+'''
+    (builder,) = ast.parse(source).body
+    assert unclassified_metadata_reads(builder) == {
+        "num_computed_tokens_cpu", "passed to plan_pages()"
+    }
