@@ -297,3 +297,81 @@ def test_profiling_run_adds_the_decode_window_buffer_bound_when_decode_compressi
     profile_run(SimpleNamespace(vllm_config=vllm_config, device=torch.device("cuda", 0)))
     compaction = workspace.compaction_workspace_of(vllm_config, parse_config(settings))
     assert allocations == [compaction + buffer]
+
+
+def small_vllm_config(settings: dict) -> SimpleNamespace:
+    """A 4-layer model shape small enough to allocate its workspace bound on the CPU."""
+    model = SimpleNamespace(
+        dtype=torch.float16,
+        get_num_attention_heads=lambda parallel: 8,
+        get_num_kv_heads=lambda parallel: 2,
+        get_head_size=lambda: 64,
+        get_num_layers=lambda parallel: 4,
+    )
+    return SimpleNamespace(
+        model_config=model,
+        parallel_config=SimpleNamespace(tensor_parallel_size=1, pipeline_parallel_size=1),
+        cache_config=SimpleNamespace(cache_dtype="auto", block_size=16),
+        scheduler_config=SimpleNamespace(max_num_seqs=16),
+        additional_config={"kv_compression": settings},
+    )
+
+
+def profiled_peak(device: torch.device, monkeypatch) -> tuple[int, int, int]:
+    """``(peak while the patched profile_run ran, its forward's activations, the reserved
+    bound)``: the stand-in forward allocates activations of the bound's size and frees them, as
+    vLLM's dummy forward does before ``profile_run`` returns. The peak is the allocator's: the
+    CPU allocator's running total (``torch.profiler``) or CUDA's ``max_memory_allocated``."""
+    from vllm_snapkv.adapter import workspace
+    from vllm_snapkv.config import parse_config
+
+    settings = {"budget": 256, "window_size": 16, "decode_interval": 128}
+    vllm_config = small_vllm_config(settings)
+    config = parse_config(settings)
+    bound = (workspace.compaction_workspace_of(vllm_config, config)
+             + workspace.decode_window_buffer_of(vllm_config, config))
+    activations_bytes = bound
+
+    def dummy_forward(runner):
+        activations = torch.ones(activations_bytes, dtype=torch.uint8, device=runner.device)
+        del activations
+
+    monkeypatch.setattr(workspace, "PROFILED_DEVICE_TYPES", frozenset({device.type}))
+    profile_run = workspace._patch_profile_run(dummy_forward)
+    runner = SimpleNamespace(vllm_config=vllm_config, device=device)
+    if device.type == "cpu":
+        return peak_cpu_bytes(lambda: profile_run(runner)), activations_bytes, bound
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    profile_run(runner)
+    torch.cuda.synchronize(device)
+    return torch.cuda.max_memory_allocated(device) - before, activations_bytes, bound
+
+
+def test_profiled_peak_holds_the_workspace_and_the_forward_together(monkeypatch):
+    """Issue 22 item 3: at run time the workspace and window buffer coexist with a forward's
+    activations, so the peak vLLM sizes the KV cache from must be their sum, not the larger of
+    the two. Measured on the CPU allocator (the device gate opened for CPU): every allocation
+    during the patched profile_run, with the running total after each."""
+    peak, activations, bound = profiled_peak(torch.device("cpu"), monkeypatch)
+    assert bound > 1 << 20  # a real allocation, not noise
+    assert peak >= activations + bound, (peak, activations, bound)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (scripts/gpu-check)")
+def test_profiled_peak_holds_the_workspace_and_the_forward_together_on_cuda(monkeypatch):
+    """The same on CUDA's caching allocator, whose peak ``memory_profiling`` reads."""
+    peak, activations, bound = profiled_peak(torch.device("cuda", 0), monkeypatch)
+    assert peak >= activations + bound, (peak, activations, bound)
+
+
+def test_profile_run_outside_profiled_devices_is_vllms_own(monkeypatch):
+    from vllm_snapkv.adapter import workspace
+
+    allocations = []
+    monkeypatch.setattr(workspace.torch, "empty", lambda *a, **k: allocations.append(a))
+    profile_run = workspace._patch_profile_run(lambda self: "profiled")
+    runner = SimpleNamespace(vllm_config=small_vllm_config({"budget": 256}),
+                             device=torch.device("cpu"))
+    assert profile_run(runner) == "profiled" and allocations == []

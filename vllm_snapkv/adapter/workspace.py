@@ -3,15 +3,16 @@
 Compacting one request in one layer needs temporary memory bounded by
 ``selection.compaction_workspace_bytes`` (prompt-length independent; ~136 MiB for a
 Llama-3.1-8B shape at budget 4096). vLLM sizes the KV cache from the peak memory of its profiling
-run; a workspace it never saw could push a compaction step past ``gpu_memory_utilization``. So the
-profiling run allocates the bound once, and the KV cache is sized with it left free. With decode
-compression on, the bound of the buffered window queries (``decode_window_buffer_of``) is added.
+run; a workspace it never saw could push a compaction step past ``gpu_memory_utilization``. With
+decode compression on, the bound of the buffered window queries (``decode_window_buffer_of``) is
+added. At run time both live alongside a forward's activations (the compaction runs inside the
+attention layers), so the bound is held *across* the profiling forward: the peak vLLM sizes the
+KV cache from is then forward + workspace, not the larger of the two.
 
 Patched (vLLM 0.32/0.33):
-- ``GPUModelRunner.profile_run`` (post): allocate and free the workspace (+ window buffer) bound
-  on CUDA devices
-  (the CPU build sizes its KV cache from ``kv_cache_memory_bytes`` or a memory fraction, not a
-  profiled peak).
+- ``GPUModelRunner.profile_run`` (around): allocate the workspace (+ window buffer) bound before
+  the profiling forward and free it after, on CUDA devices (the CPU build sizes its KV cache from
+  ``kv_cache_memory_bytes`` or a memory fraction, not a profiled peak).
 """
 
 from __future__ import annotations
@@ -27,6 +28,9 @@ from vllm_snapkv.selection import compaction_workspace_bytes
 
 #: Block size vLLM's CUDA backends default to when the cache config names none yet.
 DEFAULT_CUDA_BLOCK_SIZE = 16
+
+#: Device types whose KV cache vLLM sizes from the peak memory of ``profile_run``.
+PROFILED_DEVICE_TYPES = frozenset({"cuda"})
 
 
 def compaction_workspace_of(vllm_config: Any, config: SnapKVConfig) -> int:
@@ -69,17 +73,19 @@ def decode_window_buffer_of(vllm_config: Any, config: SnapKVConfig) -> int:
 def _patch_profile_run(original):
     @functools.wraps(original)
     def profile_run(self: GPUModelRunner, *args: Any, **kwargs: Any):
-        result = original(self, *args, **kwargs)
         config = config_from_additional(self.vllm_config.additional_config)
-        if config is not None and self.device.type == "cuda":
-            workspace = torch.empty(
-                compaction_workspace_of(self.vllm_config, config)
-                + decode_window_buffer_of(self.vllm_config, config),
-                dtype=torch.uint8,
-                device=self.device,
-            )
-            del workspace  # the profiler's peak now includes it
-        return result
+        if config is None or self.device.type not in PROFILED_DEVICE_TYPES:
+            return original(self, *args, **kwargs)
+        workspace = torch.empty(
+            compaction_workspace_of(self.vllm_config, config)
+            + decode_window_buffer_of(self.vllm_config, config),
+            dtype=torch.uint8,
+            device=self.device,
+        )
+        try:
+            return original(self, *args, **kwargs)  # its peak includes the workspace
+        finally:
+            del workspace
 
     return profile_run
 
