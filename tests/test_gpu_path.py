@@ -218,17 +218,17 @@ class OffsetsRunner:
 
     _make_buffer = GPUModelRunner._make_buffer
 
-    def __init__(self, max_num_reqs: int = 8, max_num_tokens: int = 32) -> None:
-        cpu = torch.device("cpu")
-        self.device, self.max_num_reqs = cpu, max_num_reqs
+    def __init__(self, device: str = "cpu", max_num_reqs: int = 8, max_num_tokens: int = 32):
+        device = torch.device(device)
+        self.device, self.max_num_reqs = device, max_num_reqs
         self.optimistic_seq_lens_cpu = torch.zeros(max_num_reqs, dtype=torch.int32)
-        self.seq_lens = torch.zeros(max_num_reqs, dtype=torch.int32)
-        self.positions = torch.zeros(max_num_tokens, dtype=torch.int64)
-        self.req_indices = CpuGpuBuffer(max_num_tokens, dtype=torch.int64, device=cpu)
-        self.query_start_loc = CpuGpuBuffer(max_num_reqs + 1, dtype=torch.int32, device=cpu)
-        self.slot_positions: list[list[int]] = []
+        self.seq_lens = torch.zeros(max_num_reqs, dtype=torch.int32, device=device)
+        self.positions = torch.zeros(max_num_tokens, dtype=torch.int64, device=device)
+        self.req_indices = CpuGpuBuffer(max_num_tokens, dtype=torch.int64, device=device)
+        self.query_start_loc = CpuGpuBuffer(max_num_reqs + 1, dtype=torch.int32, device=device)
+        self.slot_positions: list[torch.Tensor] = []  # on the device: reading them would sync
         table = SimpleNamespace(compute_slot_mapping=lambda num_reqs, query_start, positions:
-                                self.slot_positions.append(positions.tolist()))
+                                self.slot_positions.append(positions.clone()))
         self.input_batch = SimpleNamespace(block_table=[table])
 
     def decode_step(self, seq_lens: list[int]) -> SimpleNamespace:
@@ -283,7 +283,7 @@ def test_evicted_offsets_reach_the_device_from_one_persistent_buffer_without_a_s
         physical = [n - evicted.get(r, 0) for r, n in zip(request_ids, seq_lens)]
         assert runner.seq_lens[:3].tolist() == physical
         assert runner.optimistic_seq_lens_cpu[:3].tolist() == physical
-        assert runner.slot_positions[-1] == [n - 1 for n in physical]
+        assert runner.slot_positions[-1].tolist() == [n - 1 for n in physical]
     assert copies[0] == copies[1]  # the same host and device storage every step
     from vllm_snapkv.adapter.physical import evicted_offsets_buffer
 
@@ -291,3 +291,35 @@ def test_evicted_offsets_reach_the_device_from_one_persistent_buffer_without_a_s
     assert copies[0] == (buffer.gpu.untyped_storage().data_ptr(),
                          buffer.cpu.untyped_storage().data_ptr())
     assert buffer.cpu.is_pinned() == is_pin_memory_available()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (scripts/gpu-check)")
+def test_decode_steps_with_compressed_requests_never_sync_the_host_on_cuda():
+    """A decode loop of the plugin's per-step work on a GPU (lengths and slots made physical,
+    compaction timed and settled) under ``torch.cuda.set_sync_debug_mode("error")``: any host
+    wait raises. The inputs are written outside the checked part (the runner's job)."""
+    from vllm_snapkv.adapter.groups import CompressedGroups
+    from vllm_snapkv.adapter.physical import make_lengths_physical
+    from vllm_snapkv.timing import CompactionClock
+
+    groups = CompressedGroups(group_ids=(0,), block_size=16, group_of_layer={}, hybrid=False)
+    runner = OffsetsRunner("cuda")
+    clock = CompactionClock()
+    request_ids, evicted = ["a", "b", "c"], {"a": 100, "c": 7}
+    for step in range(50):
+        seq_lens = [300 + step, 50 + step, 120 + step]
+        output = runner.decode_step(seq_lens)
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            make_lengths_physical(runner, output, request_ids, evicted, groups)
+            started = clock.start(runner.device)
+            torch.cumsum(runner.positions, 0)  # device work being timed
+            clock.stop(started, runner.device)
+            clock.settle()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        physical = [n - evicted.get(r, 0) for r, n in zip(request_ids, seq_lens)]
+        assert runner.seq_lens[:3].tolist() == physical
+        assert runner.slot_positions[-1].tolist() == [n - 1 for n in physical]
+    assert clock.seconds > 0
