@@ -323,3 +323,31 @@ def test_decode_steps_with_compressed_requests_never_sync_the_host_on_cuda():
         assert runner.seq_lens[:3].tolist() == physical
         assert runner.slot_positions[-1].tolist() == [n - 1 for n in physical]
     assert clock.seconds > 0
+
+
+def test_steps_that_may_keep_full_graphs_are_uniform_decodes_without_snapkv_jobs():
+    """The counting behind the README's figure (``benchmarks/performance/graph_steps.py``)."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parents[1]))  # the repository root: benchmarks/
+    from benchmarks.performance.graph_steps import full_graph_counts, step_geometry
+
+    from vllm_snapkv.adapter.scheduler import DIRECTIVES_ATTR
+
+    def output(tokens: dict[str, int], plans=(), captures=(), evicted=()) -> SimpleNamespace:
+        directives = SimpleNamespace(plans=dict.fromkeys(plans), captures=dict.fromkeys(captures),
+                                     evicted=dict.fromkeys(evicted, 10))
+        return SimpleNamespace(num_scheduled_tokens=tokens, **{DIRECTIVES_ATTR: directives})
+
+    steps = [step_geometry(o) for o in [
+        output({"a": 100, "b": 101}),  # prefill: no full graph under FULL_AND_PIECEWISE
+        output({"a": 1, "b": 1}, captures=["a"]),  # a window capture: FULL excluded
+        output({"a": 1, "b": 1}, plans=["a"], evicted=["b"]),  # a compaction
+        output({"a": 1, "b": 1}, evicted=["a", "b"]),  # compressed requests only decoding
+        output({"a": 1, "b": 1}),
+    ]]
+    assert step_geometry(SimpleNamespace(num_scheduled_tokens={})) is None
+    counts = full_graph_counts(steps)
+    assert (counts["steps"], counts["uniform_decode_steps"], counts["may_keep_full"]) == (5, 4, 2)
+    assert counts["fraction_of_uniform_decode"] == 0.5
