@@ -60,23 +60,6 @@ class FreeingPool(Pool):
             self.free.append(block)
 
 
-def decode_state(evicted: int):
-    from types import SimpleNamespace
-
-    from vllm_snapkv.config import parse_config
-    from vllm_snapkv.metrics import CompressionStats
-
-    return SimpleNamespace(
-        config=parse_config({"budget": 256, "decode_interval": 128}),
-        groups=SimpleNamespace(group_ids=(0,)),
-        block_size=128,
-        stats=CompressionStats(),
-        evicted={"r": evicted},
-        num_compressions={"r": 1},
-        decode_points={"r": 1000},
-    )
-
-
 def decode_plan():
     from vllm_snapkv.plan import CompressionPlan
 
@@ -88,42 +71,70 @@ def decode_plan():
 
 def test_decode_compression_in_place_when_the_pool_is_empty():
     """A decode compression with no free block compacts into the request's own tail blocks:
-    evicted grows by 128, one block goes back, counted in the decode series."""
+    one block goes back; the allocator returns the plan with its targets and nothing else."""
     from types import SimpleNamespace
 
-    from vllm_snapkv.adapter.block_accounting import compress_completing
-    from vllm_snapkv.plan import StepDirectives
+    from vllm_snapkv.adapter.block_accounting import swap_in_targets
 
     pool = FreeingPool(num_free=0)
     manager = SimpleNamespace(req_to_blocks={"r": [Block(1), Block(2), Block(3)]})
     coordinator = SimpleNamespace(single_type_managers=[manager], block_pool=pool)
-    state, directives = decode_state(evicted=616), StepDirectives()
-    compress_completing(coordinator, state, [(SimpleNamespace(request_id="r"), decode_plan())],
-                        directives)
-    plan = directives.plans["r"]
+    compaction = swap_in_targets(coordinator, (0,), 128, [("r", decode_plan())])["r"]
+    plan = compaction.plan
     assert plan.target_block_ids == {0: (2, 3)} and plan.reused_block_ids == {2, 3}
+    assert (plan.index, plan.num_evicted, compaction.num_freed) == (1, 128, 1)
     assert [b.block_id for b in manager.req_to_blocks["r"]] == [2, 3]
     assert [b.block_id for b in pool.free] == [1]
-    assert state.evicted["r"] == 616 + 128 and state.num_compressions["r"] == 2
-    assert "r" not in state.decode_points  # recomputed from the new length
-    assert (state.stats.decode_compressions, state.stats.decode_freed_blocks) == (1, 1)
-    assert state.stats.compressed_requests == 0  # the prompt series counts prompts only
 
 
-def test_skipped_decode_compression_is_tried_one_interval_later():
+def test_no_blocks_to_compact_into_is_a_skip_that_touches_nothing():
     from types import SimpleNamespace
 
-    from vllm_snapkv.adapter.block_accounting import compress_completing
-    from vllm_snapkv.plan import StepDirectives
+    from vllm_snapkv.adapter.block_accounting import swap_in_targets
 
     pool = FreeingPool(num_free=0)
     shared = [Block(1, ref_cnt=2), Block(2, ref_cnt=2), Block(3, ref_cnt=2)]
     manager = SimpleNamespace(req_to_blocks={"r": list(shared)})
     coordinator = SimpleNamespace(single_type_managers=[manager], block_pool=pool)
-    state, directives = decode_state(evicted=616), StepDirectives()
-    compress_completing(coordinator, state, [(SimpleNamespace(request_id="r"), decode_plan())],
-                        directives)
-    assert not directives.plans and directives.released == {"r"}  # its window is dropped
-    assert manager.req_to_blocks["r"] == shared and state.evicted["r"] == 616
-    assert state.decode_points["r"] == 1000 + 128
-    assert state.stats.skipped_no_free_blocks == 1 and state.stats.decode_compressions == 0
+    assert swap_in_targets(coordinator, (0,), 128, [("r", decode_plan())]) == {"r": None}
+    assert manager.req_to_blocks["r"] == shared and not pool.free and not pool.evicted
+
+
+def test_step_records_compressions_and_skips_in_the_request_records(monkeypatch):
+    """plan_step turns the allocator's answers into the record transitions, directives and
+    counters: one request compressed in place (evicted grows, decode series), one skipped (its
+    window dropped, tried one interval later)."""
+    from types import SimpleNamespace
+
+    from vllm_snapkv.adapter import planning
+    from vllm_snapkv.config import parse_config
+
+    state = planning.SchedulerCompression(
+        config=parse_config({"budget": 256, "decode_interval": 128}),
+        groups=SimpleNamespace(block_size=128, group_ids=(0,)),
+    )
+    pool = FreeingPool(num_free=0)
+    shared = [Block(4, ref_cnt=2), Block(5, ref_cnt=2), Block(6, ref_cnt=2)]
+    manager = SimpleNamespace(
+        req_to_blocks={"own": [Block(1), Block(2), Block(3)], "shared": list(shared)}
+    )
+    coordinator = SimpleNamespace(single_type_managers=[manager], block_pool=pool)
+    requests = {
+        r: SimpleNamespace(request_id=r, num_prompt_tokens=100, sampling_params=None,
+                           num_computed_tokens=383)
+        for r in ("own", "shared")
+    }
+    scheduler = SimpleNamespace(
+        requests=requests, kv_cache_manager=SimpleNamespace(coordinator=coordinator)
+    )
+    output = SimpleNamespace(num_scheduled_tokens={"own": 1, "shared": 1})
+    for request in requests.values():  # both captured their window [352, 384) one row a step
+        state.record(request)
+        state.window_captured(request.request_id, 352)
+    directives = planning.plan_step(scheduler, state, output)
+    assert set(directives.plans) == {"own"} and directives.released == {"shared"}
+    own, skipped = state.requests["own"], state.requests["shared"]
+    assert (own.evicted, own.index, own.next_point) == (128, 1, 128 + 384)
+    assert (skipped.evicted, skipped.index, skipped.next_point) == (0, 0, 384 + 128)
+    assert (state.stats.decode_compressions, state.stats.decode_freed_blocks) == (1, 1)
+    assert state.stats.skipped_no_free_blocks == 1 and state.stats.compressed_requests == 0

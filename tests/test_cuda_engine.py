@@ -158,14 +158,12 @@ def test_one_token_final_chunk_beside_decodes_is_compacted_not_graph_replayed(
     from vllm.config import CUDAGraphMode
     from vllm.v1.cudagraph_dispatcher import CudagraphDispatcher
 
-    from vllm_snapkv.adapter import worker as worker_module
-
     dispatched: list[tuple[bool, bool, CUDAGraphMode]] = []
     dispatch = CudagraphDispatcher.dispatch
 
     def recording_dispatch(self, num_tokens, *args, **kwargs):
         mode, descriptor = dispatch(self, num_tokens, *args, **kwargs)
-        active = worker_module._ACTIVE_STEP is not None
+        active = self._snapkv.step_has_work  # the runner's SnapKV state, on its dispatcher
         dispatched.append((active, bool(kwargs.get("uniform_decode")), mode))
         return mode, descriptor
 

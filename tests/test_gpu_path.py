@@ -27,20 +27,27 @@ def recorded_dispatch():
     return worker_module._patch_cudagraph_dispatch(original), calls
 
 
-def test_steps_with_snapkv_work_never_replay_a_full_graph(monkeypatch):
+def dispatcher_of_runner_with(jobs: list) -> SimpleNamespace:
+    """A runner's dispatcher carrying the runner's SnapKV state (as ``attach`` leaves it)."""
+    state = SimpleNamespace(step_has_work=bool(jobs), step_uses_mixed_lengths=False)
+    return SimpleNamespace(_snapkv=state)
+
+
+def test_steps_with_snapkv_work_never_replay_a_full_graph():
     dispatch, calls = recorded_dispatch()
-    monkeypatch.setattr(worker_module, "_ACTIVE_STEP", object())
-    dispatch(None, 8, uniform_decode=True, invalid_modes=None)
-    dispatch(None, 8, uniform_decode=True, invalid_modes={CUDAGraphMode.PIECEWISE})
+    dispatcher = dispatcher_of_runner_with(jobs=[object()])
+    dispatch(dispatcher, 8, uniform_decode=True, invalid_modes=None)
+    dispatch(dispatcher, 8, uniform_decode=True, invalid_modes={CUDAGraphMode.PIECEWISE})
     assert calls[0]["invalid_modes"] == {CUDAGraphMode.FULL}
     assert calls[1]["invalid_modes"] == {CUDAGraphMode.FULL, CUDAGraphMode.PIECEWISE}
 
 
-def test_other_steps_dispatch_unchanged(monkeypatch):
+def test_other_steps_and_other_engines_dispatch_unchanged():
     dispatch, calls = recorded_dispatch()
-    monkeypatch.setattr(worker_module, "_ACTIVE_STEP", None)
-    dispatch(None, 8, uniform_decode=True, invalid_modes=None)
-    assert calls == [{"uniform_decode": True, "invalid_modes": None}]
+    dispatch(dispatcher_of_runner_with(jobs=[]), 8, uniform_decode=True, invalid_modes=None)
+    # A dispatcher of an engine without SnapKV (or before its KV cache exists) carries no state.
+    dispatch(SimpleNamespace(), 8, uniform_decode=True, invalid_modes=None)
+    assert calls == [{"uniform_decode": True, "invalid_modes": None}] * 2
 
 
 def test_vllm_dispatcher_falls_back_to_piecewise_when_full_is_excluded():
@@ -92,6 +99,28 @@ def test_layers_on_an_unsupported_backend_are_refused_naming_it():
     )
     with pytest.raises(UnsupportedAttentionBackend, match="ROCM_AITER_FA .*layer model.layers.0"):
         check_attention_layers({"model.layers.0.self_attn.attn": layer})
+
+
+def test_kv_sharing_layers_are_refused_naming_the_layer_and_its_target():
+    """vLLM puts a KV-sharing layer (Gemma 3n, "fast prefill" variants) in its target's KV cache
+    group: both would compact the one cache, each with its own selection."""
+    from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackendImpl
+
+    impl = CPUAttentionBackendImpl.__new__(CPUAttentionBackendImpl)
+    impl.alibi_slopes = None
+    owner = SimpleNamespace(impl=impl, sliding_window=None, kv_sharing_target_layer_name=None)
+    sharing = SimpleNamespace(impl=impl, sliding_window=None,
+                              kv_sharing_target_layer_name="model.layers.0.self_attn.attn")
+    layers = {"model.layers.0.self_attn.attn": owner, "model.layers.1.self_attn.attn": sharing}
+    with pytest.raises(
+        UnsupportedAttentionBackend,
+        match=r"layer model.layers.1.self_attn.attn uses KV sharing: it reads the KV cache of "
+        r"layer model.layers.0.self_attn.attn",
+    ):
+        check_attention_layers(layers)
+    assert set(check_attention_layers({"model.layers.0.self_attn.attn": owner})) == {
+        "model.layers.0.self_attn.attn"
+    }
 
 
 def report(rank, v1_runner=True, compression=True):

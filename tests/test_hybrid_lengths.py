@@ -3,6 +3,8 @@ steps may replay a full CUDA graph."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import torch
 from vllm.config import CUDAGraphMode
 from vllm.v1.attention.backend import CommonAttentionMetadata
@@ -30,37 +32,42 @@ def common_metadata(seq_lens: list[int]) -> CommonAttentionMetadata:
 
 
 class FakeAttentionGroup:
-    def __init__(self, kv_cache_group_id: int):
+    """An attention group of a runner whose SnapKV state holds ``logical_lengths``."""
+
+    def __init__(self, kv_cache_group_id: int, logical_lengths=None):
         self.kv_cache_group_id = kv_cache_group_id
+        setattr(self, physical.STEP_STATE_ATTR, SimpleNamespace(logical_lengths=logical_lengths))
 
 
-def built_lengths(group_id: int, metadata: CommonAttentionMetadata) -> tuple[list[int], int]:
+def built_lengths(group: FakeAttentionGroup, metadata: CommonAttentionMetadata):
     build = physical._patch_build_metadata(lambda self, cm, *a, **k: cm)
-    got = build(FakeAttentionGroup(group_id), metadata)
+    got = build(group, metadata)
     assert got.seq_lens_cpu_upper_bound.tolist() == got.seq_lens.tolist()
     return got.seq_lens.tolist(), got.max_seq_len
 
 
-def test_groups_left_alone_read_logical_lengths_compressed_groups_physical(monkeypatch):
+def test_groups_left_alone_read_logical_lengths_compressed_groups_physical():
     # Row 0 compressed (logical 1000, physical 300), row 1 not, row 2 CUDA-graph padding.
     logical = torch.tensor([1000, 50], dtype=torch.int32)
-    monkeypatch.setattr(
-        physical,
-        "_LOGICAL_LENGTHS",
-        physical.LogicalLengths(frozenset({0, 1}), logical, logical.clone(), 1000),
-    )
+    lengths = physical.LogicalLengths(frozenset({0, 1}), logical, logical.clone(), 1000)
     metadata = common_metadata([300, 50, 0])
-    assert built_lengths(0, metadata) == ([1000, 50, 0], 1000)  # sliding-window group
-    assert built_lengths(2, metadata) == ([300, 50, 0], 300)  # the full-attention group
+    # The sliding-window group, then the full-attention group.
+    assert built_lengths(FakeAttentionGroup(0, lengths), metadata) == ([1000, 50, 0], 1000)
+    assert built_lengths(FakeAttentionGroup(2, lengths), metadata) == ([300, 50, 0], 300)
     assert metadata.seq_lens.tolist() == [300, 50, 0], "the runner's buffer is not modified"
 
 
-def test_without_compressed_requests_every_group_reads_the_runner_lengths(monkeypatch):
-    monkeypatch.setattr(physical, "_LOGICAL_LENGTHS", None)
-    assert built_lengths(0, common_metadata([300, 50, 0])) == ([300, 50, 0], 300)
+def test_without_compressed_requests_every_group_reads_the_runner_lengths():
+    assert built_lengths(FakeAttentionGroup(0), common_metadata([300, 50, 0])) == (
+        [300, 50, 0], 300
+    )
+    # Another engine's group (no SnapKV state) is never given this runner's lengths.
+    group = FakeAttentionGroup(0)
+    delattr(group, physical.STEP_STATE_ATTR)
+    assert built_lengths(group, common_metadata([300, 50, 0])) == ([300, 50, 0], 300)
 
 
-def test_steps_whose_groups_read_different_lengths_never_replay_a_full_graph(monkeypatch):
+def test_steps_whose_groups_read_different_lengths_never_replay_a_full_graph():
     calls = []
 
     def original(self, num_tokens, **kwargs):
@@ -68,11 +75,11 @@ def test_steps_whose_groups_read_different_lengths_never_replay_a_full_graph(mon
         return CUDAGraphMode.PIECEWISE, None
 
     dispatch = worker_module._patch_cudagraph_dispatch(original)
-    monkeypatch.setattr(worker_module, "_ACTIVE_STEP", None)
-    monkeypatch.setattr(physical, "_LOGICAL_LENGTHS", object())
-    dispatch(None, 8, uniform_decode=True, invalid_modes=None)
-    monkeypatch.setattr(physical, "_LOGICAL_LENGTHS", None)
-    dispatch(None, 8, uniform_decode=True, invalid_modes=None)
+    state = SimpleNamespace(step_has_work=False, step_uses_mixed_lengths=True)
+    dispatcher = SimpleNamespace(**{physical.STEP_STATE_ATTR: state})
+    dispatch(dispatcher, 8, uniform_decode=True, invalid_modes=None)
+    state.step_uses_mixed_lengths = False
+    dispatch(dispatcher, 8, uniform_decode=True, invalid_modes=None)
     assert calls == [
         {"uniform_decode": True, "invalid_modes": {CUDAGraphMode.FULL}},
         {"uniform_decode": True, "invalid_modes": None},

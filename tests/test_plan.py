@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pickle
+from types import SimpleNamespace
 
 import pytest
 
@@ -93,10 +94,12 @@ def test_decode_points_capture_the_window_then_compress_or_move():
         groups=SimpleNamespace(block_size=128, group_ids=(0,)),
     )
     request = SimpleNamespace(request_id="r", num_prompt_tokens=100, sampling_params=None)
+    record = state.record(request)
+    assert (record.phase, record.next_point) == ("decode", 384)  # a short prompt: no prompt plan
     captured = []
     for position in range(300, 384):  # one token a step; the point is 384 (nothing evicted)
         directives = StepDirectives()
-        plan = _plan_decode(state, request, position, position + 1, directives)
+        plan = _plan_decode(state, request, record, position, position + 1, directives)
         if "r" in directives.captures:
             assert directives.captures["r"] == WindowCapture(384, 32)
             captured.append(position)
@@ -106,13 +109,120 @@ def test_decode_points_capture_the_window_then_compress_or_move():
     assert (plan.phase, plan.num_scored, plan.window_end, plan.budget) == ("decode", 384, 384, 256)
     assert plan.num_evicted == 128
 
-    state.evicted["r"] = 128
-    state.decode_points.pop("r")
-    assert state.decode_point(request) == 512
+    assert record.window_captured_from == 352
+    state.compressed("r", plan)
+    assert (record.evicted, record.index, record.next_point) == (128, 1, 512)
+    assert record.window_captured_from is None
     directives = StepDirectives()
     # A 20-token chunk from 500 to 520 (past the point, window [480, 512) not all seen).
-    assert _plan_decode(state, request, 500, 520, directives) is None
-    assert state.decode_points["r"] == 520 + 32 and "r" in directives.released
+    assert _plan_decode(state, request, record, 500, 520, directives) is None
+    assert record.next_point == 520 + 32 and "r" in directives.released
     # A re-prefill chunk holding the whole window compresses at its end.
-    plan = _plan_decode(state, request, 400, 560, StepDirectives())
-    assert (plan.window_end, plan.num_scored) == (560, 560 - 128)
+    plan = _plan_decode(state, request, record, 400, 560, StepDirectives())
+    assert (plan.window_end, plan.num_scored, plan.index) == (560, 560 - 128, 1)
+
+
+def planning_state(**config):
+    from types import SimpleNamespace
+
+    from vllm_snapkv.adapter.planning import SchedulerCompression
+    from vllm_snapkv.config import parse_config
+
+    return SchedulerCompression(
+        config=parse_config(config), groups=SimpleNamespace(block_size=128, group_ids=(0,))
+    )
+
+
+def short_request(request_id: str = "r", prompt_len: int = 100):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(request_id=request_id, num_prompt_tokens=prompt_len, sampling_params=None)
+
+
+def test_prefix_hit_of_a_short_prompt_stops_before_its_first_decode_window():
+    """A prompt that is not compressed (L <= budget) with decode compression on: a (resumed)
+    request's hit may not cover the window of its first decode point (384: [352, 384)), or it
+    would compress elsewhere than it did before its preemption. Without a next point, no cap."""
+    state = planning_state(budget=256, decode_interval=128)
+    assert state.prefix_hit_limit(short_request()) == 256  # (384 - 32) // 128 * 128
+    assert planning_state(budget=256).prefix_hit_limit(short_request()) is None
+    opted_out = short_request("o")
+    opted_out.sampling_params = SimpleNamespace(extra_args={"kv_compression": "none"})
+    assert state.prefix_hit_limit(opted_out) is None
+    # A compressed prompt: capped at its own window, as before.
+    assert state.prefix_hit_limit(short_request("long", 1000)) == 896
+
+
+def test_request_record_changes_only_through_its_transitions():
+    """Prompt compression, a skipped decode compression (tried an interval later), a compressed
+    one, and forgetting (a preempted request starts again from a fresh record)."""
+    from vllm_snapkv.plan import CompressionPlan
+
+    state = planning_state(budget=256, decode_interval=128)
+    request = short_request("r", 1000)
+    record = state.record(request)
+    assert (record.phase, record.next_point, record.evicted, record.index) == ("prompt", 1000, 0, 0)
+    assert state.next_compression_point(request) == 1000
+    prompt = CompressionPlan(1000, 256, 32, 1000, 0, {})
+    state.compressed("r", prompt)
+    assert (record.phase, record.evicted, record.index, record.next_point) == (
+        "decode", 744, 1, 744 + 384
+    )
+    assert state.evicted_of("r") == 744 and state.evicted == {"r": 744}
+    decode = CompressionPlan(384, 256, 32, 1128, 0, {}, phase="decode", index=1)
+    state.skipped("r", decode)
+    assert (record.evicted, record.index, record.next_point) == (744, 1, 1128 + 128)
+    state.compressed("r", decode)
+    assert (record.evicted, record.index, record.next_point) == (872, 2, 872 + 384)
+    state.forgotten("r")
+    assert state.evicted_of("r") == 0 and not state.requests
+    assert state.record(request).next_point == 1000  # fresh
+
+
+def test_skipped_prompt_compression_never_compresses_the_request_again():
+    from vllm_snapkv.plan import CompressionPlan
+
+    state = planning_state(budget=256, decode_interval=128)
+    record = state.record(short_request("r", 1000))
+    state.skipped("r", CompressionPlan(1000, 256, 32, 1000, 0, {}))
+    assert (record.phase, record.next_point, record.evicted) == ("decode", None, 0)
+
+
+def test_adapter_modules_import_each_other_without_a_circle():
+    """Every import between adapter modules (at module level, inside functions or under
+    TYPE_CHECKING) points one way: no module reaches itself."""
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).parents[1] / "vllm_snapkv" / "adapter"
+    package = "vllm_snapkv.adapter"
+
+    def module_name(path: Path) -> str:
+        parts = path.relative_to(root).with_suffix("").parts
+        return ".".join([package, *[p for p in parts if p != "__init__"]])
+
+    edges: dict[str, set[str]] = {}
+    modules = {module_name(path): path for path in root.rglob("*.py")}
+    for name, path in modules.items():
+        targets = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                if node.module == package:
+                    targets |= {f"{package}.{alias.name}" for alias in node.names}
+                targets.add(node.module)
+            elif isinstance(node, ast.Import):
+                targets |= {alias.name for alias in node.names}
+        edges[name] = {t for t in targets if t in modules and t != name and t != package}
+    assert f"{package}.planning" in edges and f"{package}.block_accounting" in edges
+
+    def cycle_from(start: str, path: list[str]) -> list[str] | None:
+        for target in sorted(edges[start]):
+            if target in path:
+                return path[path.index(target):] + [target]
+            found = cycle_from(target, path + [target])
+            if found:
+                return found
+        return None
+
+    for name in sorted(edges):
+        assert cycle_from(name, [name]) is None, cycle_from(name, [name])

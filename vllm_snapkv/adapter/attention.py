@@ -14,7 +14,12 @@ import importlib
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
 from vllm_snapkv.adapter.layouts import PagedKVLayout
+
+#: Dtypes vLLM's ``QuantFP8`` produces for queries (``current_platform.fp8_dtype()``).
+FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e4m3fnuz)
 
 
 @dataclass(frozen=True)
@@ -100,8 +105,19 @@ def uncompressible_reason(layer: Any) -> str | None:
     - A sliding window inside a full-attention group (vLLM's hybrid KV cache manager turned
       off): the kernel's window is counted back from the physical length, so after compaction it
       would cover kept entries from long before the window.
+    - KV sharing (``kv_sharing_target_layer_name``: Gemma 3n, the "fast prefill" variants): the
+      layer is in its target's group and reads the target's cache, which would be compacted
+      twice (with fresh targets the second selection replaces the first; in place the second
+      pass reads entries the first already overwrote).
     """
     impl = layer.impl
+    target = getattr(layer, "kv_sharing_target_layer_name", None)
+    if target is not None:
+        return (
+            f"KV sharing: it reads the KV cache of layer {target} (vLLM puts both in one KV "
+            "cache group, so the shared cache would be compacted once per layer, each pass "
+            "with its own selection)"
+        )
     if getattr(impl, "alibi_slopes", None) is not None:
         return "ALiBi position biases (computed from key indices, which compaction changes)"
     if getattr(layer, "sliding_window", None) is not None:
@@ -139,3 +155,23 @@ def layout_for(impl: Any, layer: Any) -> PagedKVLayout:
     return StandardLayout(
         stored_fp8_format(backend.name, impl.kv_cache_dtype), k_scale=layer._k_scale_float
     )
+
+
+def unquantised_queries(layer: Any, rows: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Query rows ``[n, H_q, D]`` as the layer's ``Attention.forward`` received them. With an fp8
+    KV cache on a backend that takes quantised queries (``impl.supports_quant_query_input``:
+    FlashAttention 3, Triton on CUDA, FlashInfer's trtllm path), vLLM hands the implementation
+    ``query_quant(query, _q_scale)``, fp8 values of ``query / q_scale``; scoring those as they
+    are would use the wrong softmax temperature with a calibrated scale (and fp8 is what
+    attention reads, but the window scores are defined on the layer's queries). Dequantised with
+    the layer's ``_q_scale`` (per tensor, or per KV head), in ``dtype``; other rows unchanged."""
+    if getattr(layer, "query_quant", None) is None or rows.dtype not in FP8_DTYPES:
+        return rows
+    scale = layer._q_scale.to(device=rows.device, dtype=torch.float32)
+    num_rows, num_heads, head_size = rows.shape
+    if scale.numel() == 1:
+        return (rows.float() * scale.reshape(())).to(dtype)
+    # Per KV head (QuantFP8's group shape (-1, head_size * H_q / H_kv)): one scale per group of
+    # query heads sharing a KV head.
+    grouped = rows.float().view(num_rows, scale.numel(), -1, head_size)
+    return (grouped * scale.view(1, -1, 1, 1)).view(num_rows, num_heads, head_size).to(dtype)

@@ -17,81 +17,87 @@ Patched (vLLM 0.32; contract tests in tests/test_contract.py):
 from __future__ import annotations
 
 import functools
-from dataclasses import replace
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import Any
 
-from vllm.logger import init_logger
 from vllm.v1.core.kv_cache_coordinator import KVCacheCoordinator
 from vllm.v1.core.single_type_kv_cache_manager import SingleTypeKVCacheManager
 from vllm.v1.request import Request
 
 from vllm_snapkv.adapter.groups import CompressedGroups
-from vllm_snapkv.plan import CompressionPlan, StepDirectives, cdiv
+from vllm_snapkv.plan import CompressionPlan, cdiv
 
-if TYPE_CHECKING:
-    from vllm_snapkv.adapter.planning import SchedulerCompression
+#: Attribute holding the scheduler's evicted-count reader (``request id -> evicted tokens``) on
+#: the coordinator and on the managers of compressed groups. They read it; the scheduler's
+#: planning state owns the counts.
+EVICTED_ATTR = "_snapkv_evicted_of"
 
-logger = init_logger(f"vllm.{__name__}")
-
-#: Attribute holding the scheduler's ``evicted`` dict (the same object) on the coordinator and on
-#: the managers of compressed groups.
-EVICTED_ATTR = "_snapkv_evicted"
+EvictedReader = Callable[[str], int]
 
 
 def share_evicted_counts(
-    coordinator: KVCacheCoordinator, groups: CompressedGroups, evicted: dict[str, int]
+    coordinator: KVCacheCoordinator, groups: CompressedGroups, evicted_of: EvictedReader
 ) -> None:
-    """Give the coordinator and the compressed groups' managers the scheduler's evicted counts."""
-    setattr(coordinator, EVICTED_ATTR, evicted)
+    """Let the coordinator and the compressed groups' managers read the evicted counts."""
+    setattr(coordinator, EVICTED_ATTR, evicted_of)
     for group_id in groups.group_ids:
-        setattr(coordinator.single_type_managers[group_id], EVICTED_ATTR, evicted)
+        setattr(coordinator.single_type_managers[group_id], EVICTED_ATTR, evicted_of)
 
 
 def _evicted(owner: Any, request_id: str) -> int:
-    evicted = getattr(owner, EVICTED_ATTR, None)
-    return evicted.get(request_id, 0) if evicted else 0
+    evicted_of = getattr(owner, EVICTED_ATTR, None)
+    return evicted_of(request_id) if evicted_of is not None else 0
 
 
-def compress_completing(
+@dataclass(frozen=True)
+class Compaction:
+    """A compression's blocks: its plan with the targets filled in, and the blocks it gave
+    back to the pool (all compressed groups together)."""
+
+    plan: CompressionPlan
+    num_freed: int
+
+
+def swap_in_targets(
     coordinator: KVCacheCoordinator,
-    state: "SchedulerCompression",
-    compressing: list[tuple[Request, CompressionPlan]],
-    directives: StepDirectives,
-) -> list[float]:
-    """Give each of this step's compressions its targets in every compressed group (fresh
-    blocks; the request's own blocks only when the pool is short), release its sources and
-    record it. ``compressing`` holds plans without targets. Returns the prompt compression
-    ratios recorded.
+    group_ids: tuple[int, ...],
+    block_size: int,
+    compressing: list[tuple[str, CompressionPlan]],
+) -> dict[str, Compaction | None]:
+    """Give each of this step's compressions (plans without targets) its targets in every
+    compressed group (fresh blocks; the request's own blocks only when the pool is short), make
+    them its block lists and release its sources. Per request: its :class:`Compaction`, or None
+    when there are no blocks to compact into (its blocks are left as they were). Changes block
+    lists and the pool only; what that means for the request is the caller's to record.
 
     Every target of the step is allocated before any source is released, so a fresh target can
     never be a block another request of this step still reads from. Fresh targets leave the
     source blocks (and their prefix-cache hashes) intact for later requests with the same prefix.
     """
-    managers = {g: coordinator.single_type_managers[g] for g in state.groups.group_ids}
+    managers = {g: coordinator.single_type_managers[g] for g in group_ids}
     block_pool = coordinator.block_pool
-    allocations: list[tuple[Request, CompressionPlan, dict[int, list]]] = []
-    for request, plan in compressing:
-        request_id = request.request_id
+    results: dict[str, Compaction | None] = {}
+    allocations: list[tuple[str, CompressionPlan, dict[int, list]]] = []
+    for request_id, plan in compressing:
         sources = {g: manager.req_to_blocks[request_id] for g, manager in managers.items()}
-        num_targets = cdiv(plan.num_kept, state.block_size)
+        num_targets = cdiv(plan.num_kept, block_size)
         if block_pool.get_num_free_blocks() >= num_targets * len(managers):
             targets = {g: block_pool.get_new_blocks(num_targets) for g in managers}
             reused: set[int] = set()
         else:
             targets, reused = _in_place_targets(block_pool, sources, num_targets)
         if targets is None:
-            _skip(state, request_id, plan, directives)
+            results[request_id] = None
             continue
         plan = replace(
             plan,
             target_block_ids={g: tuple(b.block_id for b in blocks) for g, blocks in targets.items()},
             reused_block_ids=frozenset(reused),
         )
-        allocations.append((request, plan, targets))
+        allocations.append((request_id, plan, targets))
 
-    new_ratios = []
-    for request, plan, targets in allocations:
-        request_id = request.request_id
+    for request_id, plan, targets in allocations:
         num_freed = 0
         for group_id, manager in managers.items():
             sources = manager.req_to_blocks[request_id]
@@ -99,40 +105,8 @@ def compress_completing(
             released = [b for b in sources if b.block_id not in plan.reused_block_ids]
             block_pool.free_blocks(reversed(released))
             num_freed += len(sources) - len(targets[group_id])
-        directives.plans[request_id] = plan
-        state.evicted[request_id] = state.evicted.get(request_id, 0) + plan.num_evicted
-        state.num_compressions[request_id] = plan.index + 1
-        state.decode_points.pop(request_id, None)  # the next one counts from the new length
-        if plan.phase == "decode":
-            state.stats.record_decode_compression(plan.num_evicted, num_freed)
-            continue
-        new_ratios.append(
-            state.stats.record_compression(
-                plan.num_scored, plan.budget, plan.num_evicted, num_freed
-            )
-        )
-    return new_ratios
-
-
-def _skip(
-    state: "SchedulerCompression", request_id: str, plan: CompressionPlan, directives: StepDirectives
-) -> None:
-    """No blocks to compact into. The window queries exist only during this step: a skipped
-    prompt compression leaves the request its full cache for good (no decode compressions
-    either, which would count from a prompt never compressed); a skipped decode compression is
-    tried again one interval later."""
-    state.stats.skipped_no_free_blocks += 1
-    directives.released.add(request_id)
-    if plan.phase == "decode":
-        state.decode_points[request_id] = plan.window_end + state.config.decode_interval
-    else:
-        state.decode_points[request_id] = None
-    logger.warning(
-        "SnapKV: request %s keeps its KV cache uncompressed at position %d: no free blocks to "
-        "compact it into",
-        request_id,
-        plan.window_end,
-    )
+        results[request_id] = Compaction(plan, num_freed)
+    return results
 
 
 def _in_place_targets(block_pool: Any, sources: dict[int, list], num_targets: int):

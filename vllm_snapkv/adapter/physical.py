@@ -64,21 +64,11 @@ class LogicalLengths:
     max_seq_len: int
 
 
-#: Set by :func:`make_lengths_physical` for the step being prepared (hybrid models with
-#: compressed requests in the step) and cleared when the step ends (:func:`end_step`); None
-#: otherwise. Metadata is built in the runner's thread. Process-wide, so it must never outlive
-#: its step: another engine in the same process would read it.
-_LOGICAL_LENGTHS: LogicalLengths | None = None
-
-
-def steps_use_mixed_lengths() -> bool:
-    """This step's groups read different KV lengths (a hybrid model with compressed requests)."""
-    return _LOGICAL_LENGTHS is not None
-
-
-def end_step() -> None:
-    global _LOGICAL_LENGTHS
-    _LOGICAL_LENGTHS = None
+#: Attribute under which the runner's hooked objects (each of its ``AttentionGroup``\ s, its
+#: CUDA-graph dispatcher, the implementations of compressed layers) hold the runner's SnapKV
+#: state (``worker.WorkerCompression``): per engine, never a process global. What this module
+#: reads of it: ``logical_lengths``, the step's :class:`LogicalLengths` or None.
+STEP_STATE_ATTR = "_snapkv"
 
 
 #: Runner attribute holding its :func:`evicted_offsets_buffer` (one per model runner, like the
@@ -102,21 +92,22 @@ def make_lengths_physical(
     request_ids: list[str],
     evicted: dict[str, int],
     groups: CompressedGroups,
-) -> None:
+) -> LogicalLengths | None:
     """KV lengths and slots of compressed requests become physical in the compressed groups;
-    RoPE positions stay logical, and so does everything the other groups read."""
-    global _LOGICAL_LENGTHS
-    _LOGICAL_LENGTHS = None
+    RoPE positions stay logical, and so does everything the other groups read. Returns the
+    logical lengths the groups left alone read in this step (a hybrid model with compressed
+    requests in the step), or None."""
     if not evicted:
-        return
+        return None
     num_reqs = len(request_ids)
     offsets = evicted_offsets_buffer(runner)
     offsets.np[:num_reqs] = [evicted.get(r, 0) for r in request_ids]
     if not offsets.np[:num_reqs].any():
-        return
+        return None
+    logical_lengths = None
     if groups.hybrid:
         upper_bound = runner.optimistic_seq_lens_cpu[:num_reqs].clone()
-        _LOGICAL_LENGTHS = LogicalLengths(
+        logical_lengths = LogicalLengths(
             left_alone=frozenset(
                 g for g in range(len(runner.kv_cache_config.kv_cache_groups))
                 if g not in groups.group_ids
@@ -136,12 +127,14 @@ def make_lengths_physical(
         runner.input_batch.block_table[group_id].compute_slot_mapping(
             num_reqs, query_start_loc, physical
         )
+    return logical_lengths
 
 
 def _patch_build_metadata(original):
     @functools.wraps(original)
     def build_metadata(self: AttentionGroup, common_attn_metadata: Any, *args: Any, **kwargs: Any):
-        logical = _LOGICAL_LENGTHS
+        state = getattr(self, STEP_STATE_ATTR, None)
+        logical = state.logical_lengths if state is not None else None
         if logical is not None and self.kv_cache_group_id in logical.left_alone:
             num_reqs = logical.seq_lens.shape[0]
             common_attn_metadata = replace(

@@ -27,7 +27,7 @@ from vllm.v1.request import Request
 
 from vllm_snapkv.adapter.block_accounting import share_evicted_counts
 from vllm_snapkv.adapter.groups import CompressedGroups
-from vllm_snapkv.adapter.planning import SchedulerCompression, next_compression_point, plan_step
+from vllm_snapkv.adapter.planning import SchedulerCompression, plan_step
 from vllm_snapkv.config import config_from_additional
 from vllm_snapkv.metrics import publishers_from_environment
 
@@ -59,7 +59,7 @@ def _patch_init(original):
                 self.vllm_config.parallel_config.data_parallel_index,
             ),
         )
-        share_evicted_counts(self.kv_cache_manager.coordinator, state.groups, state.evicted)
+        share_evicted_counts(self.kv_cache_manager.coordinator, state.groups, state.evicted_of)
         self._snapkv = state
         state.publish_stats()  # counters exist (at 0) from the start, as Prometheus expects
         logger.info(
@@ -134,7 +134,7 @@ def _patch_split_at_compression_points(original):
         state = _state(self)
         if state is None or num_new_tokens <= 1 or _split_crashes_vllm(request):
             return num_new_tokens
-        point = next_compression_point(state, request, num_computed_tokens)
+        point = state.next_compression_point(request)
         if point is not None and num_computed_tokens < point < num_computed_tokens + num_new_tokens:
             return point - num_computed_tokens
         return num_new_tokens
@@ -158,7 +158,7 @@ def _patch_forget(original):
         result = original(self, request, *args, **kwargs)
         state = _state(self)
         if state is not None:
-            state.forget(request.request_id)
+            state.forgotten(request.request_id)
         return result
 
     return wrapper

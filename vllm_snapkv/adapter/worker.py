@@ -35,15 +35,20 @@ from vllm.v1.attention.backend import AttentionType
 from vllm.v1.cudagraph_dispatcher import CudagraphDispatcher
 from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
-from vllm_snapkv.adapter.attention import check_attention_layers, layout_for, loaded_impls
+from vllm_snapkv.adapter.attention import (
+    check_attention_layers,
+    layout_for,
+    loaded_impls,
+    unquantised_queries,
+)
 from vllm_snapkv.adapter.compaction import CompactionJob, compact_layer, write_selection_dump
 from vllm_snapkv.adapter.groups import CompressedGroups
 from vllm_snapkv.adapter.layouts import PagedKVLayout, PagedTokens
 from vllm_snapkv.adapter.physical import (
     PHYSICAL_PATCHES,
-    end_step,
+    STEP_STATE_ATTR,
+    LogicalLengths,
     make_lengths_physical,
-    steps_use_mixed_lengths,
     swap_block_lists,
 )
 from vllm_snapkv.adapter.scheduler import DIRECTIVES_ATTR
@@ -55,17 +60,28 @@ from vllm_snapkv.timing import CompactionClock
 logger = init_logger(f"vllm.{__name__}")
 
 
-#: The worker state whose step has SnapKV work in the attention layers; None otherwise. The
-#: forward context carries no request ids, and attention runs in the runner's thread.
-_ACTIVE_STEP: "WorkerCompression | None" = None
-
-
 class WorkerCompression:
-    """Per-model-runner SnapKV state. Invariant: after ``execute_model`` of a step, every plan of
-    that step has been applied by every attention layer of this worker, or the step failed."""
+    """Per-model-runner SnapKV state, the runner's ``_snapkv`` (one per engine and rank).
+    Invariant: after ``execute_model`` of a step, every plan of that step has been applied by
+    every attention layer of this worker, or the step failed; either way the step's state
+    (``jobs``, ``logical_lengths``) is cleared then.
 
-    def __init__(self, config: SnapKVConfig, groups: CompressedGroups, dump_suffix: str = ""):
+    The hooks that run without the runner at hand (each compressed layer's attention
+    implementation, the runner's CUDA-graph dispatcher and attention groups) find this state
+    under :data:`STEP_STATE_ATTR` on themselves (:meth:`attach`), never in a process global:
+    several engines may share a process.
+    """
+
+    def __init__(
+        self,
+        config: SnapKVConfig,
+        groups: CompressedGroups,
+        dump_suffix: str = "",
+        query_dtype: torch.dtype = torch.float32,
+    ):
         self.config = config
+        #: The model's dtype: queries vLLM quantised for an fp8 cache are buffered in it.
+        self.query_dtype = query_dtype
         self.groups = groups
         # A pipeline stage's KV cache config names only the layers it runs: each stage compacts
         # its own layers, and checks it compacted all of them.
@@ -74,7 +90,11 @@ class WorkerCompression:
         #: Appended to dump names so ranks holding other heads or layers do not collide.
         self.dump_suffix = dump_suffix
         self.directives = StepDirectives()
+        #: This step's SnapKV work in the attention layers (empty: none).
         self.jobs: list[CompactionJob] = []
+        #: This step's logical KV lengths for the groups left alone on a hybrid model, while
+        #: compressed requests are in the step; None otherwise.
+        self.logical_lengths: LogicalLengths | None = None
         #: request -> layer -> window queries buffered from earlier chunks.
         self.window_queries: dict[str, dict[int, list[torch.Tensor]]] = {}
         #: request -> group -> target blocks that replace its block list at the next step.
@@ -92,6 +112,35 @@ class WorkerCompression:
         names = self.groups.group_of_layer
         backends = check_attention_layers({name: forward_context[name] for name in names})
         self.backend_names = {backend.name for backend in backends.values()}
+
+    def attach(self, runner: GPUModelRunner) -> None:
+        """Make this state the one the runner's hooks read: the implementations of the
+        compressed layers (capture, compaction), the CUDA-graph dispatcher and the attention
+        groups (logical lengths). Other layers' implementations carry none: vLLM runs them
+        unchanged."""
+        forward_context = runner.compilation_config.static_forward_context
+        for name in self.groups.group_of_layer:
+            setattr(forward_context[name].impl, STEP_STATE_ATTR, self)
+        setattr(runner.cudagraph_dispatcher, STEP_STATE_ATTR, self)
+        for attention_groups in runner.attn_groups:
+            for attention_group in attention_groups:
+                setattr(attention_group, STEP_STATE_ATTR, self)
+
+    @property
+    def step_has_work(self) -> bool:
+        """This step captures window queries or compacts in the attention layers."""
+        return bool(self.jobs)
+
+    @property
+    def step_uses_mixed_lengths(self) -> bool:
+        """This step's groups read different KV lengths (a hybrid model with compressed
+        requests)."""
+        return self.logical_lengths is not None
+
+    def end_step(self) -> None:
+        """The step's work is over (done, or failed): nothing of it may reach the next step."""
+        self.jobs = []
+        self.logical_lengths = None
 
     def forget(self, request_id: str) -> None:
         self.window_queries.pop(request_id, None)
@@ -116,13 +165,13 @@ class WorkerCompression:
     def after_prepare_inputs(
         self, runner: GPUModelRunner, scheduler_output: Any, num_scheduled_tokens: np.ndarray
     ) -> None:
-        global _ACTIVE_STEP
-        _ACTIVE_STEP = None
-        self.jobs = []
+        self.end_step()
         directives = self.directives
         batch = runner.input_batch
         request_ids = batch.req_ids[: batch.num_reqs]
-        make_lengths_physical(runner, scheduler_output, request_ids, directives.evicted, self.groups)
+        self.logical_lengths = make_lengths_physical(
+            runner, scheduler_output, request_ids, directives.evicted, self.groups
+        )
         if not (directives.plans or directives.captures):
             return
         query_start = runner.query_start_loc.np
@@ -150,8 +199,6 @@ class WorkerCompression:
                         targets, self.block_size, plan.num_kept, runner.device
                     ).slots()
             self.jobs.append(job)
-        if self.jobs:
-            _ACTIVE_STEP = self
 
     def on_attention_layer(
         self,
@@ -166,7 +213,7 @@ class WorkerCompression:
         layer_index = extract_layer_index(layer.layer_name)
         queries = query.view(-1, impl.num_heads, impl.head_size)
         for job in self.jobs:
-            rows = queries[job.window_rows()]
+            rows = unquantised_queries(layer, queries[job.window_rows()], self.query_dtype)
             buffered = self.window_queries.setdefault(job.request_id, {}).setdefault(
                 layer_index, []
             )
@@ -200,11 +247,10 @@ class WorkerCompression:
         return self.clock.seconds
 
     def after_execute_model(self) -> None:
-        global _ACTIVE_STEP
-        _ACTIVE_STEP = None
-        end_step()
+        jobs = self.jobs
+        self.end_step()
         self.clock.settle()
-        for job in self.jobs:
+        for job in jobs:
             if job.plan is None:
                 continue
             self.window_queries.pop(job.request_id, None)
@@ -216,7 +262,6 @@ class WorkerCompression:
             self.pending_swaps[job.request_id] = job.plan.target_block_ids
             if self.config.dump_selections_to:
                 write_selection_dump(self.config.dump_selections_to, job, self.dump_suffix)
-        self.jobs = []
 
 
 def _state(runner: GPUModelRunner) -> WorkerCompression | None:
@@ -235,6 +280,7 @@ def _create_state(runner: GPUModelRunner) -> WorkerCompression | None:
         config,
         CompressedGroups.of(runner.kv_cache_config),
         dump_suffix=_rank_suffix(runner.parallel_config),
+        query_dtype=runner.model_config.dtype,
     )
 
 
@@ -277,16 +323,14 @@ def _patch_prepare_inputs(original):
 def _patch_execute_model(original):
     @functools.wraps(original)
     def execute_model(self: GPUModelRunner, *args: Any, **kwargs: Any):
-        global _ACTIVE_STEP
+        state = self.__dict__.get("_snapkv")
         try:
             result = original(self, *args, **kwargs)
         except BaseException:
-            # The step's per-process state must not outlive it (another engine may share the
-            # process); the failure itself goes on to vLLM.
-            _ACTIVE_STEP = None
-            end_step()
+            # The step's state must not outlive it; the failure itself goes on to vLLM.
+            if state is not None:
+                state.end_step()
             raise
-        state = self.__dict__.get("_snapkv")
         if state is not None:
             state.after_execute_model()
         return result
@@ -302,6 +346,7 @@ def _patch_initialize_kv_cache(original):
         state = _state(self)
         if state is not None:
             state.check_layers(self)
+            state.attach(self)
         return result
 
     return initialize_kv_cache
@@ -326,9 +371,14 @@ def _patch_attention_forward(original):
         **kwargs: Any,
     ) -> torch.Tensor:
         output = original(self, layer, query, key, value, kv_cache, attn_metadata, *args, **kwargs)
-        step = _ACTIVE_STEP
-        if step is not None and attn_metadata is not None and _is_decoder(self):
-            step.on_attention_layer(self, layer, query, kv_cache)
+        state = getattr(self, STEP_STATE_ATTR, None)
+        if (
+            state is not None
+            and state.step_has_work
+            and attn_metadata is not None
+            and _is_decoder(self)
+        ):
+            state.on_attention_layer(self, layer, query, kv_cache)
         return output
 
     return forward
@@ -337,7 +387,8 @@ def _patch_attention_forward(original):
 def _patch_cudagraph_dispatch(original):
     @functools.wraps(original)
     def dispatch(self: CudagraphDispatcher, *args: Any, **kwargs: Any):
-        if _ACTIVE_STEP is not None or steps_use_mixed_lengths():
+        state = getattr(self, STEP_STATE_ATTR, None)
+        if state is not None and (state.step_has_work or state.step_uses_mixed_lengths):
             # A full graph would replay this step's attention without running the capture and
             # compaction, or with one seq_lens buffer for groups that read different lengths;
             # piecewise graphs run attention eagerly (it is a splitting op).
