@@ -158,7 +158,7 @@ def generate_under_preemption(llm, prompts, params) -> tuple[list[list[int]], li
     assert stats.skipped_no_free_blocks == 0
     assert stats.compressed_requests - before == len(prompts) + len(preempted)
     assert pool.get_num_free_blocks() == free_at_start
-    assert not scheduler._snapkv.evicted and not scheduler._snapkv.prefilling
+    assert not scheduler._snapkv.requests  # no request's compression state left
     return got, preempted
 
 
@@ -188,6 +188,28 @@ def generate_preempted_after_decoding(llm, prompt_ids: list[int], params, steps:
     assert stats.compressed_requests == before + 2  # the first prefill and the re-prefill
     assert pool.get_num_free_blocks() == free_at_start
     return list(final.outputs[0].token_ids)
+
+
+def generate_preempted_at(llm, prompt_ids: list[int], params, num_computed: int):
+    """Generate one request from an empty prefix cache, preempting it by hand as soon as it has
+    computed ``num_computed`` tokens. Returns ``(generated token ids, internal request id)``."""
+    import time
+
+    engine, scheduler = llm.llm_engine, scheduler_of(llm)
+    llm.reset_prefix_cache()
+    engine.add_request("preempt-at", as_prompt(prompt_ids), params)
+    request_id = internal_id(scheduler, "preempt-at")
+    outputs = []
+    while scheduler.requests[request_id].num_computed_tokens < num_computed:
+        outputs += engine.step()
+    request = scheduler.requests[request_id]
+    assert request.num_computed_tokens == num_computed, "one token a step while decoding"
+    scheduler.running.remove(request)
+    scheduler._preempt_request(request, time.monotonic())
+    while engine.has_unfinished_requests():
+        outputs += engine.step()
+    (final,) = [output for output in outputs if output.finished]
+    return list(final.outputs[0].token_ids), request_id
 
 
 #: Tokens before the filler in a passkey prompt (kept when trimming to a length).

@@ -137,13 +137,13 @@ def test_family_compresses_its_full_attention_groups_as_the_reference(
         assert snap.outputs[0].token_ids[0] == full.outputs[0].token_ids[0]
         llm.generate(as_prompt(prompt_ids[:8]), SamplingParams(max_tokens=2))  # late free
         assert pool.get_num_free_blocks() == free_at_start, "blocks leaked"
-        assert not scheduler._snapkv.evicted and not scheduler._snapkv.prefilling
+        assert not scheduler._snapkv.requests
         assert sorted(compacted) == sorted(groups.group_of_layer)
-        # Per-step, process-wide worker state ends with its step (other engines share the
-        # process).
-        from vllm_snapkv.adapter import physical, worker
+        # The runner's per-step state ends with its step.
+        from benchmarks.common import worker_state_of
 
-        assert physical._LOGICAL_LENGTHS is None and worker._ACTIVE_STEP is None
+        worker = worker_state_of(llm)
+        assert worker.logical_lengths is None and not worker.jobs
     finally:
         close_llm(llm)
 
@@ -199,7 +199,7 @@ def test_hybrid_family_compresses_its_full_attention_groups_while_decoding(
         )
         llm.generate(as_prompt(prompt_ids[:8]), SamplingParams(max_tokens=2))  # late free
         assert pool.get_num_free_blocks() == free_at_start, "blocks leaked"
-        assert not scheduler._snapkv.evicted and not scheduler._snapkv.decode_points
+        assert not scheduler._snapkv.requests
         # One prompt and three decode compactions in every full-attention layer.
         assert sorted(compacted) == sorted(4 * list(groups.group_of_layer))
     finally:

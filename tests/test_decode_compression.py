@@ -19,6 +19,7 @@ from benchmarks.quality.decode_reference import DecodeSnapKVReference
 from conftest import (
     as_prompt,
     close_llm,
+    generate_preempted_at,
     internal_id,
     load_dump,
     make_llm,
@@ -149,7 +150,7 @@ def test_long_generation_stays_within_the_threshold_blocks_and_starts_as_uncompr
     same = THRESHOLD - len(prompt) + 1
     assert outputs["grow"][:same] == outputs["full"][:same]
     assert pool.get_num_free_blocks() == free_at_start
-    assert not scheduler._snapkv.evicted and not scheduler._snapkv.decode_points
+    assert not scheduler._snapkv.requests
 
 
 @pytest.fixture(scope="module")
@@ -227,6 +228,28 @@ def test_preemption_mid_generation_reproduces_the_cache(decode_llm, reference_ca
     assert pool.get_num_free_blocks() == free_at_start
 
 
+def test_short_prompt_preempted_after_its_first_decode_compression_continues_unchanged(
+    decode_llm, tokenizer, decode_dump_dir
+):
+    """A 100-token prompt (not compressed) preempted 20 tokens after its decode compression at
+    384. Its first 3 blocks went back to the pool untouched, hashes intact: the resumed request
+    may hit at most the blocks before that point's window ([352, 384): 256 tokens), so it
+    recomputes the window and compresses at 384 again, and generates as without preemption."""
+    prompt = prompt_of_length(tokenizer, 100, 16180)
+    decode_llm.reset_prefix_cache()
+    (unpreempted,) = decode_llm.generate(as_prompt(prompt), long_generation(380))
+    stats = scheduler_of(decode_llm)._snapkv.stats
+    before = stats.decode_compressions
+    tokens, request_id = generate_preempted_at(
+        decode_llm, prompt, long_generation(380), THRESHOLD + 20
+    )
+    # 384 before the preemption, 384 again after it (nothing else before the end at 479).
+    assert stats.decode_compressions - before == 2
+    dump = torch.load(os.path.join(decode_dump_dir, "decode", f"{request_id}.0.pt"))
+    assert dump["window_end"] == THRESHOLD  # the resumed request's compression, same point
+    assert tokens == list(unpreempted.outputs[0].token_ids)
+
+
 def test_several_requests_compress_in_the_same_step(decode_llm, tokenizer):
     scheduler = scheduler_of(decode_llm)
     stats, pool = scheduler._snapkv.stats, scheduler.kv_cache_manager.block_pool
@@ -284,7 +307,7 @@ def test_request_aborted_while_its_window_is_captured_leaves_nothing_behind(
     request_id = internal_id(scheduler, "abort-me")
     while scheduler.requests[request_id].num_computed_tokens < THRESHOLD - 10:
         engine.step()
-    assert state.window_captured_from[request_id] == THRESHOLD - WINDOW
+    assert state.requests[request_id].window_captured_from == THRESHOLD - WINDOW
     assert len(worker.window_queries[request_id][0]) == WINDOW - 10  # one row per step so far
     engine.abort_request(["abort-me"])
     engine.step()
@@ -292,5 +315,5 @@ def test_request_aborted_while_its_window_is_captured_leaves_nothing_behind(
     # Workers learn of finished requests with the next step that runs the model.
     decode_llm.generate(as_prompt(prompt_of_length(tokenizer, 40, 1)), long_generation(2))
     assert pool.get_num_free_blocks() == free_at_start
-    assert request_id not in state.decode_points and request_id not in state.window_captured_from
+    assert request_id not in state.requests
     assert request_id not in worker.window_queries
