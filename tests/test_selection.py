@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import random
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -163,18 +164,19 @@ def test_sinks_and_soft_cap_normalise_as_the_layer_does():
     assert torch.equal(kept, reference_selection(q_win, keys, 20, 0.25, 3, "max", sinks, 5.0))
 
 
-def test_compaction_clock_sums_cpu_wall_time():
-    import time
+def test_compaction_clock_sums_the_cpu_intervals_it_measures(monkeypatch):
+    """On the CPU the clock adds up exactly the host-timer intervals between each start and its
+    stop (not the gaps between them), and settling without CUDA events changes nothing."""
+    from vllm_snapkv import timing
 
-    from vllm_snapkv.timing import CompactionClock
-
-    clock = CompactionClock()
+    readings = iter([10.0, 10.25, 11.0, 11.5])  # two intervals, 0.25 s and 0.5 s, a gap between
+    monkeypatch.setattr(timing, "time", SimpleNamespace(perf_counter=lambda: next(readings)))
+    clock = timing.CompactionClock()
     for _ in range(2):
         started = clock.start(torch.device("cpu"))
-        time.sleep(0.01)
         clock.stop(started, torch.device("cpu"))
     clock.settle()
-    assert 0.02 <= clock.seconds < 1.0
+    assert clock.seconds == 0.75
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (scripts/gpu-check)")
