@@ -27,6 +27,11 @@ ROOT = Path(__file__).resolve().parents[1]
             ["growth.csv", "growth.png", "throughput.csv", "table.md"],
         ),
         ("benchmarks.quality.decode_quality", ["quality.csv", "table.md"]),
+        # RULER through lm_eval (its own venv, scripts/setup --test) against `vllm serve`.
+        (
+            "benchmarks.quality.ruler",
+            ["samples.jsonl", "passes.json", "scores.csv", "table.md", "ruler.png"],
+        ),
         (
             "benchmarks.hybrid.gemma3",
             ["memory.csv", "memory.png", "quality.csv", "quality.png", "reference.csv", "table.md"],

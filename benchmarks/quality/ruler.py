@@ -1,0 +1,298 @@
+"""RULER (lm-evaluation-harness) through `vllm serve` with the plugin: full cache vs SnapKV at
+fractions of the sequence length, optionally side by side with kvpress's SnapKVPress on the same
+samples.
+
+    python -m benchmarks.quality.ruler                                  # 13 tasks at 4K, demo model
+    python -m benchmarks.quality.ruler --tasks niah_single_2,ruler_vt --limit 20 --seq-len 8192
+    python -m benchmarks.quality.ruler --limit 2 --kvpress              # + kvpress, same samples
+    python -m benchmarks.quality.ruler --smoke                          # one task, 2 samples, 1K
+
+One server (``benchmarks.servers``: ``vllm serve --kv-compression snapkv``, budget = the largest
+asked) serves every mode; each request picks its mode through ``vllm_xargs`` (``kv_compression:
+none`` for the full cache, ``snapkv_budget`` for a lower budget). lm_eval runs in its own
+virtualenv (``.venv-eval``, ``scripts/setup --test``) through ``benchmarks/quality/ruler_eval.py``,
+with the offline data of ``ruler_offline.py``; kvpress in another (``.venv-kvpress``,
+``scripts/setup --bench``) through ``ruler_kvpress.py``, after the server has stopped.
+
+Writes into ``--out`` (default ``benchmarks/results/ruler-<model>-<seq len>``): ``samples.jsonl``
+(every prompt, its token ids, the references and each mode's completion and score),
+``passes.json`` (requests, compressions, prefix-cache hits and seconds per pass), ``scores.csv``,
+``table.md`` and ``ruler.png``; with ``--kvpress`` also ``kvpress.jsonl`` and ``agreement.csv``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import time
+from fractions import Fraction
+from pathlib import Path
+
+from benchmarks.common import machine, markdown_table, progress, write_csv
+from benchmarks.servers import ServerProcess, demo_server_args, free_port, server_env
+
+ROOT = Path(__file__).resolve().parents[2]
+ALL_TASKS = (
+    "niah_single_1,niah_single_2,niah_single_3,niah_multikey_1,niah_multikey_2,niah_multikey_3,"
+    "niah_multiquery,niah_multivalue,ruler_vt,ruler_cwe,ruler_fwe,ruler_qa_squad,ruler_qa_hotpot"
+)
+FULL = "full"
+
+
+def side_venv(suffix: str) -> Path:
+    """``.venv-eval`` / ``.venv-kvpress`` beside the project's virtualenv (``scripts/setup``)."""
+    return ROOT / (os.environ.get("VLLM_SNAPKV_VENV", ".venv") + suffix)
+
+
+def parse_budget(text: str, seq_len: int) -> tuple[str, int]:
+    """``"1/8"`` -> ("1/8", seq_len / 8); ``"512"`` -> ("512", 512)."""
+    if "/" in text:
+        return text, int(Fraction(text) * seq_len)
+    return text, int(text)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=None, help="model folder; default: the demo model")
+    parser.add_argument("--tasks", default=ALL_TASKS, help="lm_eval RULER task names")
+    parser.add_argument("--seq-len", type=int, default=4096, help="RULER max_seq_length")
+    parser.add_argument("--limit", type=int, default=25, help="samples per task (the first N)")
+    parser.add_argument("--budgets", default="1/4,1/8,1/16",
+                        help="SnapKV budgets: fractions of --seq-len or token counts")
+    parser.add_argument("--round-size", type=int, default=8,
+                        help="samples per task evaluated in all modes before the next ones "
+                        "(their prompts must fit the KV cache for the prefix-cache reuse)")
+    parser.add_argument("--num-concurrent", type=int, default=4, help="requests in flight")
+    parser.add_argument("--kv-cache-gib", type=float, default=2.0)
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--window-size", type=int, default=32)
+    parser.add_argument("--kernel-size", type=int, default=7)
+    parser.add_argument("--kvpress", action="store_true",
+                        help="also kvpress's SnapKVPress on the same samples (.venv-kvpress)")
+    parser.add_argument("--kvpress-pooling", default="avg",
+                        help="avg: kvpress's SnapKVPress; avg,max adds it with max pooling")
+    parser.add_argument("--kvpress-limit", type=int, default=None,
+                        help="samples per task for kvpress (default: all of --limit)")
+    parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--smoke", action="store_true", help="one task, 2 samples, 1K")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.tasks, args.limit, args.seq_len, args.kv_cache_gib = "niah_single_1", 2, 1024, 0.5
+    if args.model is None:
+        from vllm_snapkv.demo_model import build_demo_model
+
+        args.model = str(build_demo_model())
+    args.budget_list = [parse_budget(b, args.seq_len) for b in args.budgets.split(",")]
+    if args.out is None:
+        args.out = ROOT / "benchmarks" / "results" / f"ruler-{Path(args.model).name}-{args.seq_len}"
+    return args
+
+
+def run_plugin(args: argparse.Namespace) -> float:
+    """Start the server, run lm_eval against it, stop it; returns the seconds lm_eval took."""
+    eval_python = side_venv("-eval") / "bin" / "python"
+    if not eval_python.exists():
+        raise SystemExit(f"{eval_python} missing: run scripts/setup --test (lm_eval's venv)")
+    port, name = free_port(), Path(args.model).name
+    budgets = [tokens for _, tokens in args.budget_list]
+    server_args = demo_server_args(
+        args.model, port, name, int(args.kv_cache_gib * 2**30),
+        "--kv-compression", "snapkv", "--snapkv-budget", str(max(budgets)),
+        "--snapkv-window-size", str(args.window_size),
+        "--snapkv-kernel-size", str(args.kernel_size), "--block-size", "128",
+        # RULER sizes prompt + answer to seq_len, without lm_eval's answer prefix.
+        max_model_len=args.seq_len + 256,
+    )
+    server_args[server_args.index("--dtype") + 1] = args.dtype
+    args.out.mkdir(parents=True, exist_ok=True)
+    progress(f"starting vllm serve {name} (budget {max(budgets)})")
+    server = ServerProcess(server_args, port, args.out / "server.log", server_env())
+    try:
+        server.wait_healthy()
+        began = time.monotonic()
+        subprocess.run([
+            str(eval_python), "-m", "benchmarks.quality.ruler_eval", "run",
+            "--base-url", server.base, "--model", name, "--tokenizer", args.model,
+            "--tasks", args.tasks, "--seq-len", str(args.seq_len), "--limit", str(args.limit),
+            "--budgets", ",".join(str(b) for b in budgets), "--round-size", str(args.round_size),
+            "--num-concurrent", str(args.num_concurrent), "--block-size", "128",
+            "--out", str(args.out),
+        ], cwd=ROOT, check=True)
+        return time.monotonic() - began
+    finally:
+        server.stop()
+
+
+def run_kvpress(args: argparse.Namespace) -> float:
+    kvpress_python = side_venv("-kvpress") / "bin" / "python"
+    if not kvpress_python.exists():
+        raise SystemExit(f"{kvpress_python} missing: run scripts/setup --bench (kvpress's venv)")
+    began = time.monotonic()
+    command = [
+        str(kvpress_python), "-m", "benchmarks.quality.ruler_kvpress",
+        "--model", args.model, "--samples", str(args.out / "samples.jsonl"),
+        "--budgets", ",".join(str(tokens) for _, tokens in args.budget_list),
+        "--window-size", str(args.window_size), "--kernel-size", str(args.kernel_size),
+        "--pooling", args.kvpress_pooling, "--out", str(args.out / "kvpress.jsonl"),
+    ]
+    if args.kvpress_limit is not None:
+        command += ["--limit", str(args.kvpress_limit)]
+    subprocess.run(command, cwd=ROOT, check=True)
+    subprocess.run([
+        str(side_venv("-eval") / "bin" / "python"), "-m", "benchmarks.quality.ruler_eval",
+        "score", "--samples", str(args.out / "samples.jsonl"),
+        "--completions", str(args.out / "kvpress.jsonl"),
+    ], cwd=ROOT, check=True)
+    return time.monotonic() - began
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in open(path)]
+
+
+def summarize(args: argparse.Namespace, samples: list[dict], kvpress: list[dict]) -> tuple:
+    """Per task and budget: samples and mean score (0-100) of the plugin and of kvpress's
+    SnapKVPress; per task, budget and kvpress variant: per-sample agreement with the plugin."""
+    modes = [(FULL, FULL, None)] + [(label, f"snapkv-{t}", t) for label, t in args.budget_list]
+    tasks = list(dict.fromkeys(row["task"] for row in samples))
+    by_kvpress = {(c["task"], c["doc_id"], c["mode"]): c for c in kvpress}
+    variants = [("kvpress", "")] + [
+        (f"kvpress {p}-pool", f"-{p}pool") for p in args.kvpress_pooling.split(",") if p != "avg"]
+    rows, agreement = [], []
+    for task in tasks:
+        task_samples = [r for r in samples if r["task"] == task]
+        for label, mode, budget in modes:
+            plugin = [r["outputs"][mode]["score"] for r in task_samples]
+            row = {"task": task, "budget": label, "budget_tokens": budget or "", "n": len(plugin),
+                   "plugin": 100 * sum(plugin) / len(plugin)}
+            for variant, suffix in variants if kvpress else []:
+                if budget is None and suffix:
+                    continue  # the full cache has no pooling: one kvpress run
+                key = mode + suffix
+                pairs = [(r, by_kvpress[(task, r["doc_id"], key)]) for r in task_samples
+                         if (task, r["doc_id"], key) in by_kvpress]
+                row[f"{variant} n"] = len(pairs)
+                row[variant] = 100 * sum(c["score"] for _, c in pairs) / len(pairs) if pairs else ""
+                if pairs:
+                    agreement.append({
+                        "task": task, "budget": label, "kvpress": variant, "n": len(pairs),
+                        "same_score": sum(r["outputs"][mode]["score"] == c["score"]
+                                          for r, c in pairs),
+                        "same_text": sum(r["outputs"][mode]["text"].strip() == c["text"].strip()
+                                         for r, c in pairs),
+                    })
+            rows.append(row)
+    # The mean row: unweighted mean over tasks (RULER's and lm_eval's group aggregate).
+    for label, mode, budget in modes:
+        cells = [r for r in rows if r["budget"] == label]
+        mean = {"task": "mean", "budget": label, "budget_tokens": budget or "",
+                "n": sum(r["n"] for r in cells),
+                "plugin": sum(r["plugin"] for r in cells) / len(cells)}
+        for variant, _ in variants if kvpress else []:
+            scored = [r for r in cells if r.get(variant, "") != ""]
+            mean[f"{variant} n"] = sum(r[f"{variant} n"] for r in scored)
+            mean[variant] = sum(r[variant] for r in scored) / len(scored) if scored else ""
+            same = [a for a in agreement if a["budget"] == label and a["kvpress"] == variant]
+            if same:
+                agreement.append({
+                    "task": "all", "budget": label, "kvpress": variant,
+                    "n": sum(a["n"] for a in same),
+                    "same_score": sum(a["same_score"] for a in same),
+                    "same_text": sum(a["same_text"] for a in same),
+                })
+        rows.append(mean)
+    return rows, agreement
+
+
+def wide_table(rows: list[dict], args: argparse.Namespace, variants: list[str]) -> str:
+    labels = [FULL] + [label for label, _ in args.budget_list]
+    header = ["task", "n"] + [f"plugin {label}" for label in labels]
+    header += [f"{variant} {label}" for variant in variants for label in labels]
+    table = []
+    for task in dict.fromkeys(r["task"] for r in rows):
+        cells = {r["budget"]: r for r in rows if r["task"] == task}
+        line = {"task": task, "n": cells[FULL]["n"]}
+        for label in labels:
+            line[f"plugin {label}"] = _score(cells[label]["plugin"])
+            for variant in variants:
+                line[f"{variant} {label}"] = _score(cells[label].get(variant, ""))
+        table.append(line)
+    return markdown_table(table, [h for h in header if any(line[h] != "" for line in table)])
+
+
+def _score(value) -> str:
+    return f"{value:.1f}" if isinstance(value, float) else str(value)
+
+
+def plot(rows: list[dict], args: argparse.Namespace, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fractions = [tokens / args.seq_len for _, tokens in args.budget_list]
+    fig, axis = plt.subplots(figsize=(6, 4))
+    for task in dict.fromkeys(r["task"] for r in rows):
+        cells = {r["budget"]: r for r in rows if r["task"] == task}
+        ys = [cells[label]["plugin"] for label, _ in args.budget_list]
+        if task == "mean":
+            line, = axis.plot(fractions, ys, "o-", lw=2.5, color="C0", label="SnapKV (plugin), mean")
+            axis.axhline(cells[FULL]["plugin"], color="C0", ls="--", label="full cache, mean")
+            if cells[FULL].get("kvpress", "") != "":
+                axis.axhline(cells[FULL]["kvpress"], color="C3", ls=":", alpha=0.6,
+                             label="kvpress full cache, mean")
+                axis.plot(fractions, [cells[label]["kvpress"] for label, _ in args.budget_list],
+                          "x:", lw=2, color="C3", label="kvpress SnapKVPress, mean")
+        else:
+            axis.plot(fractions, ys, "-", lw=0.8, alpha=0.35, color="gray")
+    axis.set_xscale("log", base=2)
+    axis.set_xticks(fractions, [label for label, _ in args.budget_list])
+    axis.set_ylim(-3, 103)
+    axis.set_xlabel(f"budget (fraction of {args.seq_len} tokens)")
+    axis.set_ylabel("RULER score (gray: one task each)")
+    axis.set_title(f"RULER {args.seq_len}, {Path(args.model).name}")
+    axis.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv=None) -> list[dict]:
+    args = parse_args(argv)
+    plugin_seconds = run_plugin(args)
+    kvpress_seconds = run_kvpress(args) if args.kvpress else None
+    samples = read_jsonl(args.out / "samples.jsonl")
+    kvpress_path = args.out / "kvpress.jsonl"
+    kvpress = read_jsonl(kvpress_path) if args.kvpress and kvpress_path.exists() else []
+    rows, agreement = summarize(args, samples, kvpress)
+    write_csv(args.out / "scores.csv", rows)
+    if agreement:
+        write_csv(args.out / "agreement.csv", agreement)
+    passes = json.loads((args.out / "passes.json").read_text())
+    per_task = args.limit if not samples else max(
+        sum(r["task"] == t for r in samples) for t in {r["task"] for r in samples})
+    text = (
+        f"Machine: {machine()}. Model {Path(args.model).name} ({args.dtype}), RULER "
+        f"{args.seq_len} (lm_eval 0.4.13, offline data), {per_task} samples per task, "
+        f"SnapKV window {args.window_size}, kernel {args.kernel_size}, max pooling; budgets "
+        + ", ".join(f"{label} = {tokens}" for label, tokens in args.budget_list)
+        + f". lm_eval against the server: {plugin_seconds:.0f} s for {len(passes)} passes "
+        f"({sum(p['preemptions'] for p in passes)} preemptions)"
+        + (f"; kvpress {kvpress_seconds:.0f} s" if kvpress_seconds is not None else "")
+        + ". Scores 0-100; mean = unweighted over tasks.\n\n"
+    )
+    variants = [k for k in ("kvpress", "kvpress max-pool") if any(k in r for r in rows)]
+    text += wide_table(rows, args, variants)
+    if agreement:
+        text += ("\n\nPer-sample agreement with the plugin (same_score: same lm_eval score; "
+                 "same_text: identical completion; full: no compression on either side):\n\n")
+        text += markdown_table(agreement)
+    (args.out / "table.md").write_text(text + "\n")
+    plot(rows, args, args.out / "ruler.png")
+    print(text)
+    return rows
+
+
+if __name__ == "__main__":
+    main()

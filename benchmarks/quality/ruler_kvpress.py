@@ -1,0 +1,169 @@
+"""kvpress's SnapKVPress on the very RULER samples the plugin answered (``samples.jsonl`` from
+``ruler_eval.py``), for a per-sample comparison. Runs in kvpress's own virtualenv
+(``.venv-kvpress``, ``scripts/setup --bench``: kvpress 0.5.5 needs transformers<5.3).
+
+    .venv-kvpress/bin/python -m benchmarks.quality.ruler_kvpress --model MODEL_DIR \\
+        --samples DIR/samples.jsonl --budgets 1024,512,256 --out DIR/kvpress.jsonl
+
+Set up like the plugin, so that only the two implementations differ:
+
+- the same token ids (the server's ``/tokenize`` of the prompt lm_eval sent), no chat template;
+- the question inside the compressed context (the plugin compresses the whole prompt): the press
+  hooks the prefill of the whole prompt, and the first token is sampled from that prefill's
+  full-cache logits, as the plugin samples it;
+- exactly ``C`` entries per KV head (``compression_ratio = 1 - (C + 0.5) / L``, so kvpress's
+  ``int(L * (1 - ratio))`` is ``C``; checked), window and pooling kernel as the plugin's, and the
+  plugin's rule 1 (a prompt is compressed only if that frees a block);
+- greedy decoding at the logical positions ``L, L + 1, ...`` (kvpress's pipeline does the same),
+  stopping at the model's EOS tokens and at lm_eval's stop strings, as the server does.
+
+What stays different is kvpress's own scoring: average pooling over positions (kvpress has no
+max pooling; the plugin's default, the paper's, is max), window scores averaged rather than
+summed (same ranking), ``topk`` rather than a stable sort among equal scores; and transformers'
+attention kernels instead of vLLM's (measured by the ``full`` mode: both sides keep every entry).
+``--pooling max`` adds kvpress's SnapKVPress with max pooling, which isolates the first one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import transformers
+from kvpress import SnapKVPress
+from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
+
+from vllm_snapkv.plan import frees_blocks
+
+
+@dataclass
+class MaxPoolSnapKVPress(SnapKVPress):
+    """kvpress's SnapKVPress with max instead of average pooling over positions (the paper's
+    pooling and the plugin's default): the window attention is kvpress's own."""
+
+    def score(self, module, hidden_states, keys, values, attentions, kwargs) -> torch.Tensor:
+        bsz, num_kv_heads, k_len, _ = keys.shape
+        group = module.config.num_attention_heads // num_kv_heads
+        weights = self.compute_window_attention(
+            module, hidden_states, keys, self.window_size, kwargs["position_embeddings"]
+        )
+        scores = F.max_pool1d(weights.mean(dim=-2), kernel_size=self.kernel_size,
+                              padding=self.kernel_size // 2, stride=1)
+        scores = scores.view(bsz, num_kv_heads, group, k_len - self.window_size).mean(2)
+        return F.pad(scores, (0, self.window_size), value=scores.max().item() + 1)
+
+
+PRESSES = {"avg": SnapKVPress, "max": MaxPoolSnapKVPress}
+
+
+def compression_ratio(prompt_len: int, budget: int) -> float:
+    """The ratio at which kvpress keeps exactly ``budget`` entries of ``prompt_len``."""
+    return 1 - (budget + 0.5) / prompt_len
+
+
+def mode_name(budget: int | None, pooling: str) -> str:
+    if budget is None:
+        return "full"
+    return f"snapkv-{budget}" + ("" if pooling == "avg" else f"-{pooling}pool")
+
+
+@torch.inference_mode()
+def generate(model, tokenizer, prompt_ids: list[int], press, max_tokens: int,
+             stop: list[str], eos: set[int]) -> tuple[str, int]:
+    """Greedy completion and the entries per KV head the cache kept after the prefill."""
+    ids = torch.tensor([prompt_ids])
+    cache = DynamicCache()
+    with press(model) if press is not None else contextlib.nullcontext():
+        # Attention runs over the full prompt; the press compresses afterwards (forward hook):
+        # the first token comes from full-cache logits, as in the plugin.
+        logits = model(input_ids=ids, past_key_values=cache, logits_to_keep=1).logits
+    kept = cache.get_seq_length()
+    generated: list[int] = []
+    token = int(logits[0, -1].argmax())
+    for step in range(max_tokens):
+        if token in eos:
+            break
+        generated.append(token)
+        text = tokenizer.decode(generated, skip_special_tokens=True)
+        if any(s in text for s in stop) or step == max_tokens - 1:
+            break
+        position = torch.tensor([[len(prompt_ids) + step]])
+        logits = model(input_ids=torch.tensor([[token]]), past_key_values=cache,
+                       position_ids=position).logits
+        token = int(logits[0, -1].argmax())
+    text = tokenizer.decode(generated, skip_special_tokens=True)
+    for s in stop:
+        text = text.split(s)[0] if s else text
+    return text, kept
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", required=True, help="Hugging Face model folder")
+    parser.add_argument("--samples", type=Path, required=True, help="ruler_eval's samples.jsonl")
+    parser.add_argument("--budgets", required=True, help="entries per KV head, comma-separated")
+    parser.add_argument("--window-size", type=int, default=32)
+    parser.add_argument("--kernel-size", type=int, default=7)
+    parser.add_argument("--pooling", default="avg",
+                        help="avg (kvpress's SnapKVPress), max (with max pooling), or avg,max")
+    parser.add_argument("--block-size", type=int, default=128, help="the server's (rule 1)")
+    parser.add_argument("--limit", type=int, default=None, help="samples per task (first N)")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--out", type=Path, required=True)
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    transformers.utils.logging.disable_progress_bar()
+    torch.set_num_threads(os.cpu_count() or 1)
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    model = AutoModelForCausalLM.from_pretrained(
+        args.model, dtype=getattr(torch, args.dtype), attn_implementation="sdpa"
+    ).eval()
+    eos = model.generation_config.eos_token_id
+    eos = set(eos if isinstance(eos, list) else [eos]) | {tokenizer.eos_token_id}
+    budgets = [int(b) for b in args.budgets.split(",")]
+    poolings = args.pooling.split(",")
+    samples = [json.loads(line) for line in open(args.samples)]
+    per_task: dict[str, int] = {}
+    rows = []
+    for sample in samples:
+        per_task[sample["task"]] = per_task.get(sample["task"], 0) + 1
+        if args.limit is not None and per_task[sample["task"]] > args.limit:
+            continue
+        length = sample["prompt_tokens"]
+        modes = [(None, "avg")] + [(b, p) for b in budgets for p in poolings]
+        for budget, pooling in modes:
+            press = None
+            if budget is not None and frees_blocks(length, budget, 0, args.block_size):
+                press = PRESSES[pooling](
+                    compression_ratio=compression_ratio(length, budget),
+                    window_size=args.window_size, kernel_size=args.kernel_size,
+                )
+            began = time.monotonic()
+            text, kept = generate(model, tokenizer, sample["prompt_token_ids"], press,
+                                  sample["max_tokens"], sample["stop"], eos)
+            if press is not None and kept != budget:
+                raise RuntimeError(f"kvpress kept {kept} entries, not {budget} ({length} tokens)")
+            rows.append({
+                "task": sample["task"], "doc_id": sample["doc_id"],
+                "mode": mode_name(budget, pooling), "text": text, "kept": kept,
+                "prompt_tokens": length, "seconds": round(time.monotonic() - began, 2),
+            })
+            print(f"{sample['task']} {sample['doc_id']} {rows[-1]['mode']}: {kept} kept, "
+                  f"{rows[-1]['seconds']} s", flush=True)
+    with open(args.out, "w") as handle:
+        for row in rows:
+            handle.write(json.dumps(row) + "\n")
+
+
+if __name__ == "__main__":
+    main()
