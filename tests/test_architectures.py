@@ -244,15 +244,34 @@ def test_alibi_layers_are_refused_whatever_the_config_says():
 
 def spy_on_compactions(monkeypatch, extra_check=None) -> list[str]:
     """Check every compaction against the naive dense reference of tests/test_selection.py, run on
-    the engine's own window queries and stored keys (dequantised with the layer's k scale where the
-    cache is fp8) and the layer's sinks and soft-cap. Returns the names of the layers checked;
-    ``extra_check(layout, kv_cache, job, group_id, stored_keys, stored_values, kept)`` may add
-    more."""
+    the layer's own inputs: the queries its attention implementation received at the window
+    positions, in whichever steps they ran (dequantised with the layer's q scale where vLLM
+    quantised them for an fp8 cache), the stored keys (dequantised with its k scale where the
+    cache is fp8) and its sinks and soft-cap. Not the plugin's buffered window queries: a wrong
+    row, a lost chunk or a quantised query would go unseen. Returns the names of the layers
+    checked; ``extra_check(layout, kv_cache, job, group_id, stored_keys, stored_values, kept)``
+    may add more."""
     from test_selection import reference_selection
     from vllm_snapkv.adapter import worker as worker_module
 
     checked: list[str] = []
     compact = worker_module.WorkerCompression._compact
+    on_attention_layer = worker_module.WorkerCompression.on_attention_layer
+    #: (request, layer) -> logical position -> the query the layer received there, float32.
+    layer_queries: dict[tuple[str, str], dict[int, torch.Tensor]] = {}
+
+    def recording(self, impl, layer, query, kv_cache):
+        rows = query.view(-1, impl.num_heads, impl.head_size)
+        for job in self.jobs:
+            spec = job.plan or job.capture
+            seen = layer_queries.setdefault((job.request_id, layer.layer_name), {})
+            for position in range(job.chunk_start, job.chunk_start + job.chunk_len):
+                if spec.window_end - spec.window_size <= position < spec.window_end:
+                    row = rows[job.first_row + position - job.chunk_start].float().cpu()
+                    if getattr(layer, "query_quant", None) is not None:
+                        row = row * layer._q_scale.float().cpu()
+                    seen[position] = row
+        return on_attention_layer(self, impl, layer, query, kv_cache)
 
     def compact_checking(self, impl, layer, job, window_queries, kv_cache, group_id):
         layout = self._layout(impl, layer)
@@ -268,8 +287,12 @@ def spy_on_compactions(monkeypatch, extra_check=None) -> list[str]:
         if keys.dtype == torch.uint8:  # fp8 e4m3 bytes
             keys = keys.view(torch.float8_e4m3fn).float() * layer._k_scale_float
         sinks = getattr(impl, "sinks", None)
+        seen = layer_queries.pop((job.request_id, layer.layer_name))
+        window = range(plan.window_end - plan.window_size, plan.window_end)
+        assert set(window) <= set(seen), (layer.layer_name, sorted(seen))
+        own_queries = torch.stack([seen[position] for position in window])
         expected = reference_selection(  # float64 loops on the CPU
-            window_queries.float().cpu(), keys.float().cpu(), plan.budget, impl.scale, 7, "max",
+            own_queries, keys.float().cpu(), plan.budget, impl.scale, 7, "max",
             None if sinks is None else sinks.float().cpu(),
             getattr(impl, "logits_soft_cap", None),
         )
@@ -283,6 +306,7 @@ def spy_on_compactions(monkeypatch, extra_check=None) -> list[str]:
         return kept
 
     monkeypatch.setattr(worker_module.WorkerCompression, "_compact", compact_checking)
+    monkeypatch.setattr(worker_module.WorkerCompression, "on_attention_layer", recording)
     return checked
 
 
