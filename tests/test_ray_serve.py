@@ -1,12 +1,13 @@
 """Ray Serve (deploy/ray-serve/app.py): two replicas, each a `vllm serve` child with SnapKV on,
 behind Ray Serve's HTTP proxy. Answers equal to one in-process SnapKV engine's, both replicas
 serving, SSE streaming, a bad per-request budget refused with 400, and the replicas' own SnapKV
-metrics counting every request."""
+metrics counting every request, each replica's samples labelled with its own ``replica``."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -128,12 +129,18 @@ def serve_app(model_dir: str):
 
 def replica_metrics(base: str) -> dict[str, dict[str, float]]:
     """Each replica's vLLM metrics, by replica id (/metrics answers for whichever replica Ray
-    Serve picks: poll until both have answered)."""
+    Serve picks: poll until both have answered). Every sample of a scrape carries that replica's
+    own ``replica`` label (both vLLM children call themselves engine="0")."""
     seen: dict[str, dict[str, float]] = {}
     for _ in range(100):
         status, headers, text = http("GET", base + "/metrics")
         assert status == 200
-        seen.setdefault(headers["x-replica"], parse_metrics(text))
+        replica = headers["x-replica"]
+        samples = [line for line in text.splitlines() if line and not line.startswith("#")]
+        assert samples
+        labelled = [line for line in samples if f'replica="{replica}"' in line.split(" ")[0]]
+        assert labelled == samples, [line for line in samples if line not in labelled][:3]
+        seen.setdefault(replica, parse_metrics(text))
         if len(seen) == 2:
             return seen
     pytest.fail(f"/metrics reached only replicas {sorted(seen)}")
@@ -194,11 +201,49 @@ def test_two_replicas_serve_compressed_passkeys_and_stream(reference_answers, se
     assert all(after[r].get(name, 0.0) > before[r].get(name, 0.0) for r in after)
 
 
+def test_metrics_label_adds_the_replica_to_every_sample():
+    sys.path.insert(0, str(APP_DIR))
+    try:
+        from app import label_samples
+    finally:
+        sys.path.remove(str(APP_DIR))
+        sys.modules.pop("app", None)
+    exposition = "\n".join([
+        "# HELP vllm:snapkv_compressed_requests_total Requests compressed.",
+        "# TYPE vllm:snapkv_compressed_requests_total counter",
+        'vllm:snapkv_compressed_requests_total{engine="0",model_name="m"} 6.0',
+        "process_open_fds 12.0",
+        "empty_labels{} 1.0",
+        'vllm:e2e_request_latency_seconds_bucket{le="0.3",engine="0"} 2.0 # {trace_id="a"} 0.2',
+        "# EOF",
+        "",
+    ])
+    assert label_samples(exposition, "replica", 'r"1').split("\n") == [
+        "# HELP vllm:snapkv_compressed_requests_total Requests compressed.",
+        "# TYPE vllm:snapkv_compressed_requests_total counter",
+        'vllm:snapkv_compressed_requests_total{replica="r\\"1",engine="0",model_name="m"} 6.0',
+        'process_open_fds{replica="r\\"1"} 12.0',
+        'empty_labels{replica="r\\"1"} 1.0',
+        'vllm:e2e_request_latency_seconds_bucket{replica="r\\"1",le="0.3",engine="0"} 2.0'
+        ' # {trace_id="a"} 0.2',
+        "# EOF",
+        "",
+    ]
+
+
 def test_config_file_builds_the_application():
     import yaml
     from ray.serve import Application
 
     config = yaml.safe_load((APP_DIR / "config.yaml").read_text())
+    # The file binds what the README's Ray Serve section tells users to open, loopback (the
+    # replicas serve without an API key; opening it is the user's choice, see config.yaml).
+    host, port = config["http_options"]["host"], config["http_options"]["port"]
+    assert host == "127.0.0.1"
+    readme = (APP_DIR.parent.parent / "README.md").read_text()
+    section = readme[readme.index("### Ray Serve"):]
+    section = section[: section.index("\n## ")]
+    assert set(re.findall(r"http://([\d.]+:\d+)", section)) == {f"{host}:{port}"}
     (application,) = config["applications"]
     assert application["import_path"] == "app:build_app" and application["route_prefix"] == "/"
     sys.path.insert(0, str(APP_DIR))

@@ -10,8 +10,12 @@ a free loopback port and forwards to it:
     POST /v1/completions, /v1/chat/completions ("stream": true -> Server-Sent Events, streamed)
 
 Every response carries ``x-replica: <replica id>``. Clients use ``http://HOST:8000/v1`` as with
-``vllm serve``. Ray Serve routes each request to one replica (power of two choices); /metrics
-answers for the replica that served it, so a monitor must poll until it has seen every replica.
+``vllm serve``. Ray Serve routes each request to one replica (power of two choices), /metrics
+included: every replica's vLLM labels itself ``engine="0"``, so the proxy would hand a Prometheus
+job one random replica's counters per scrape, jumping between them. /metrics therefore adds
+``replica="<replica id>"`` to every sample: each replica's counters are their own series
+(monotonic), and ``sum without (replica) (rate(...))`` adds the replicas up. A scrape still
+returns one replica's series; ``rate`` over a range covering a few scrapes sees all of them.
 
 Run it (this folder must be on the replicas' ``sys.path``; ``serve run`` adds its working
 directory when it starts the local Ray cluster itself, or pass ``--working-dir``):
@@ -58,6 +62,7 @@ import asyncio
 import ctypes
 import logging
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -90,6 +95,30 @@ HOP_HEADERS = {"content-length", "transfer-encoding", "connection", "keep-alive"
 PR_SET_PDEATHSIG = 1
 
 fastapi_app = FastAPI(title="vllm-snapkv on Ray Serve")
+
+
+#: A Prometheus/OpenMetrics sample line: metric name, then its label set if it has one.
+_SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{)?")
+
+
+def label_samples(exposition: str, label: str, value: str) -> str:
+    """Prometheus text (or OpenMetrics) with ``label="value"`` added to every sample's labels.
+    Comment lines (``# HELP``, ``# TYPE``, ``# EOF``) and exemplars after a sample stay as they
+    are; only the sample's own label set (right after its name) changes."""
+    escaped = value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+    pair = f'{label}="{escaped}"'
+    lines = []
+    for line in exposition.split("\n"):
+        match = None if line.startswith("#") else _SAMPLE.match(line)
+        if match is None:
+            lines.append(line)
+        elif match.group(2) is None:  # no labels: `name value`
+            lines.append(f"{match.group(1)}{{{pair}}}{line[match.end():]}")
+        else:
+            rest = line[match.end():]
+            separator = "" if rest.startswith("}") else ","
+            lines.append(f"{match.group(1)}{{{pair}{separator}{rest}")
+    return "\n".join(lines)
 
 
 def _free_port() -> int:
@@ -275,8 +304,14 @@ class VLLMServer:
 
     @fastapi_app.get("/metrics")
     async def metrics(self, request: Request) -> Response:
-        """This replica's vLLM metrics (Prometheus text); see ``x-replica``."""
-        return await self._forward(request, "/metrics")
+        """This replica's vLLM metrics (Prometheus text), every sample labelled
+        ``replica="<replica id>"`` (see the module docstring)."""
+        response = await self._forward(request, "/metrics")
+        if response.status_code != 200:
+            return response
+        text = label_samples(response.body.decode(), "replica", self.replica_id)
+        headers = {k: v for k, v in response.headers.items() if k.lower() != "content-length"}
+        return Response(text, status_code=200, headers=headers)
 
 
 def build_app(args: dict[str, Any] | None = None) -> Application:
