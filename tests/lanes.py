@@ -1,0 +1,117 @@
+"""Test lanes: the suite on a 2-core machine, one xdist worker per core, plus module times.
+
+vLLM's CPU worker binds its OpenMP threads to one core and reserves the other one for a
+scheduler process that an in-process engine never starts, so a single pytest process leaves a
+core idle for most of the suite. ``scripts/test`` runs one xdist worker per lane instead; this
+plugin gives each worker its own cores (``VLLM_CPU_OMP_THREADS_BIND`` and the process' affinity,
+both inherited by the servers it starts) and keeps each module on one worker, so module- and
+session-scoped engines are shared as before.
+
+Modules are handed out longest first (the recorded times in ``tests/module_times.json``) so the
+two lanes end together. Modules that start a local Ray cluster share a lane: two clusters at once
+would compete for Ray's ports and the two cores.
+
+Every run ends with a table of each module's time next to its recorded one, so a change shows
+what it added; ``VLLM_SNAPKV_TEST_TIMES=path`` also writes the measured times as JSON (the
+format of ``tests/module_times.json``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import defaultdict
+from pathlib import Path
+
+import pytest
+
+RECORDED_TIMES = Path(__file__).with_name("module_times.json")
+
+#: Modules that must not run beside each other (each starts a local Ray cluster).
+SHARED_LANES = {"test_ray_serve.py": "ray", "test_scale_out.py": "ray"}
+
+
+def _recorded_times() -> dict[str, float]:
+    if not RECORDED_TIMES.exists():
+        return {}
+    return json.loads(RECORDED_TIMES.read_text())["seconds"]
+
+
+def lane_cores(worker_index: int, worker_count: int, cores: list[int]) -> list[int]:
+    """The cores of one lane: the machine's cores split into ``worker_count`` runs of equal
+    length (the last lanes take one fewer when they do not divide)."""
+    size, extra = divmod(len(cores), worker_count)
+    start = worker_index * size + min(worker_index, extra)
+    return cores[start : start + size + (worker_index < extra)]
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    worker = getattr(config, "workerinput", None)
+    if worker is None:  # the controller (or a plain run) reports the module times
+        config.pluginmanager.register(ModuleClock(), "vllm-snapkv-module-clock")
+        return
+    if "VLLM_CPU_OMP_THREADS_BIND" in os.environ:
+        return  # binding chosen by the caller
+    cores = sorted(os.sched_getaffinity(0))
+    index, count = int(worker["workerid"].removeprefix("gw")), int(worker["workercount"])
+    if len(cores) < count:
+        return
+    mine = lane_cores(index, count, cores)
+    os.sched_setaffinity(0, mine)
+    os.environ["VLLM_CPU_OMP_THREADS_BIND"] = ",".join(map(str, mine))
+    os.environ["OMP_NUM_THREADS"] = str(len(mine))
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist turns the group marks into node ids
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if getattr(config, "workerinput", None) is None or config.getvalue("dist") != "loadgroup":
+        return  # only xdist workers of ``--dist loadgroup`` (scripts/test) collect for lanes
+    recorded = _recorded_times()
+    position = {item: i for i, item in enumerate(items)}
+
+    def module(item: pytest.Item) -> str:
+        return item.path.name
+
+    group_time: dict[str, float] = defaultdict(float)
+    for name in {module(item) for item in items}:
+        group_time[SHARED_LANES.get(name, name)] += recorded.get(name, 0.0)
+    for item in items:
+        item.add_marker(pytest.mark.xdist_group(SHARED_LANES.get(module(item), module(item))))
+    # Longest group first; within a group, modules longest first, tests in collection order.
+    items.sort(key=lambda item: (-group_time[SHARED_LANES.get(module(item), module(item))],
+                                 -recorded.get(module(item), 0.0), position[item]))
+
+
+class ModuleClock:
+    """Seconds spent per test module (setup + call + teardown of its tests, fixtures included)."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = defaultdict(float)
+        self.tests: dict[str, int] = defaultdict(int)
+
+    @pytest.hookimpl
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        name = report.nodeid.split("::", 1)[0].rsplit("/", 1)[-1]
+        self.seconds[name] += report.duration
+        if report.when == "call" or (report.when == "setup" and report.skipped):
+            self.tests[name] += 1
+
+    @pytest.hookimpl
+    def pytest_terminal_summary(self, terminalreporter) -> None:
+        if not self.seconds:
+            return
+        recorded = _recorded_times()
+        write = terminalreporter.write_line
+        terminalreporter.section("time per module (s; recorded: tests/module_times.json)")
+        for name, seconds in sorted(self.seconds.items(), key=lambda kv: -kv[1]):
+            before = recorded.get(name)
+            delta = "new" if before is None else f"{seconds - before:+.0f}"
+            write(f"{name:<34} {self.tests[name]:>4} tests {seconds:>7.0f}   ({delta})")
+        write(f"{'all modules (summed over lanes)':<34} {sum(self.tests.values()):>4} tests "
+              f"{sum(self.seconds.values()):>7.0f}")
+        out = os.environ.get("VLLM_SNAPKV_TEST_TIMES")
+        if out:
+            Path(out).write_text(json.dumps(
+                {"seconds": {k: round(v, 1) for k, v in sorted(self.seconds.items())}}, indent=1
+            ) + "\n")
+
