@@ -53,6 +53,12 @@ def unsupported_features(vllm_config: VllmConfig) -> list[str]:
         reasons.append(f"runner {model.runner_type!r} (only generative models)")
     if model.is_encoder_decoder:
         reasons.append("encoder-decoder models")
+    elif getattr(model, "is_multimodal_model", False):
+        # Not verified: no multimodal checkpoint is available offline here (README, "Models").
+        reasons.append(
+            f"multimodal models ({', '.join(model.architectures)}: image, audio and video "
+            "prompts and M-RoPE positions are not verified with SnapKV)"
+        )
     if model.use_mla:
         reasons.append("MLA attention")
     if model.is_attention_free:
