@@ -111,7 +111,6 @@ def test_n2_children_each_compress_and_equal_their_seeded_request_alone(snap_llm
     assert compressions(snap_llm) == before + 2  # each child compressed its own cache
     # The children share the prompt's prefix: one prefills it, the other hits the prefix cache
     # up to the block boundary before its observation window (queries are not cached).
-    print("prefix hits per child", hits)
     assert len(hits) == 2 and sorted(hits.values())[0] == 0 and sorted(hits.values())[1] > 0
     children = [list(c.token_ids) for c in sorted(parent.outputs, key=lambda c: c.index)]
     alone = [token_ids(snap_llm.generate([prompt], sampled(1, seed + i)))[0] for i in range(2)]
@@ -231,7 +230,6 @@ def test_beam_search_equals_the_full_cache(snap_llm, dense_llm):
         assert math.isclose(got.cum_logprob, expected.cum_logprob, abs_tol=1e-3)
     # One max_tokens=1 request per beam and step (1 + 3 per later step), each with a long prompt:
     # each compressed at its prefill's end, the step it finishes in.
-    print("beam search requests", len(sent), "compressed", compressions(snap_llm) - before)
     assert len(sent) > params.max_tokens
     assert compressions(snap_llm) - before == len(sent)
 
