@@ -1,0 +1,128 @@
+"""Window queries of decode compressions, written by a CUDA-graph-capturable op.
+
+A decode compression at position ``point`` scores with the queries of positions ``[point - W,
+point)``, computed one decode step at a time before it. Capturing them with Python inside the
+attention layer would forbid full CUDA graphs in every step in which *any* request of the batch
+is within ``W`` tokens of its point (with many running requests, nearly every decode step).
+Instead every compressed layer owns a persistent ring of ``max_num_seqs * W`` query rows (+ one
+scratch row): request slot ``s`` holds position ``p`` in row ``s * W + p % W``. Each step writes
+*all* of the step's query rows into the ring with one ``index_copy_`` whose destination rows come
+from a persistent device buffer (:attr:`WindowQueryRing.rows`): rows of window tokens point at
+their ring row, every other row (and the padding of a graph's batch) at the scratch row. The
+op has the step's fixed shapes and reads only persistent tensors, so a full CUDA graph captures
+it once and replays it with the rows the host wrote for that step. Only the step that compacts
+leaves the full graph; it reads its earlier window rows from the ring, in position order.
+
+Prompt compressions keep the worker's per-request list buffer: their capture chunks are prefills,
+which never run as full graphs.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+
+class WindowQueryRing:
+    """The decode window queries of one model runner (``WorkerCompression.ring``).
+
+    Invariant: outside a step's :meth:`begin_step` .. :meth:`end_step`, every device destination
+    row in :attr:`rows` other than the current step's window tokens is the scratch row, so a
+    replayed graph of any batch size writes nothing but window tokens into request rows.
+    """
+
+    def __init__(self, window_size: int, num_slots: int, rows: Any):
+        self.window_size = window_size
+        self.num_slots = num_slots
+        self.scratch_row = num_slots * window_size
+        #: vLLM ``CpuGpuBuffer`` (int64, one entry per token of the largest batch): the ring row
+        #: each token's query goes to in this step.
+        self.rows = rows
+        self.rows.np[:] = self.scratch_row
+        self.rows.copy_to_gpu()
+        #: Compressed layer name -> its ring ``[num_slots * W + 1, H_q, D]``.
+        self.queries: dict[str, torch.Tensor] = {}
+        self._slot_of: dict[str, int] = {}
+        self._free_slots = list(range(num_slots - 1, -1, -1))
+        #: Host entries ``[0, _written)`` may hold request rows (this step's), to reset next step.
+        self._written = 0
+        self._to_copy = 0
+
+    def add_layer(
+        self, name: str, num_heads: int, head_size: int, dtype: torch.dtype, device: Any
+    ) -> None:
+        self.queries[name] = torch.zeros(
+            self.scratch_row + 1, num_heads, head_size, dtype=dtype, device=device
+        )
+
+    # --- slots --------------------------------------------------------------------------------
+
+    def slot(self, request_id: str) -> int:
+        slot = self._slot_of.get(request_id)
+        if slot is None:
+            if not self._free_slots:
+                # A slot is held from a request's first capture to its compaction, release,
+                # preemption or end; at most max_num_seqs requests run at once.
+                raise RuntimeError(
+                    f"SnapKV: no free window-query slot for request {request_id} "
+                    f"({self.num_slots} slots, held by {sorted(self._slot_of)})"
+                )
+            slot = self._slot_of[request_id] = self._free_slots.pop()
+        return slot
+
+    def release(self, request_id: str) -> None:
+        slot = self._slot_of.pop(request_id, None)
+        if slot is not None:
+            self._free_slots.append(slot)
+
+    @property
+    def slots_held(self) -> int:
+        return len(self._slot_of)
+
+    # --- a step -------------------------------------------------------------------------------
+
+    def begin_step(self) -> None:
+        """Host rows of the last step's window tokens go back to the scratch row."""
+        self.rows.np[: self._written] = self.scratch_row
+        self._to_copy = self._written
+        self._written = 0
+
+    def capture(self, request_id: str, first_row: int, first_position: int, num_rows: int) -> None:
+        """This step's batch rows ``[first_row, first_row + num_rows)`` hold the queries of the
+        request's positions from ``first_position`` on, all inside its next decode window."""
+        if num_rows <= 0:
+            return
+        base = self.slot(request_id) * self.window_size
+        positions = np.arange(first_position, first_position + num_rows)
+        self.rows.np[first_row : first_row + num_rows] = base + positions % self.window_size
+        self._written = max(self._written, first_row + num_rows)
+
+    def end_step(self) -> None:
+        """One non-blocking copy of the host rows that changed (none: no copy)."""
+        count = max(self._to_copy, self._written)
+        if count:
+            self.rows.copy_to_gpu(count)
+        self._to_copy = 0
+
+    @property
+    def writes_this_step(self) -> bool:
+        """Some token of this step belongs to a decode window (an eager step must write)."""
+        return self._written > 0
+
+    def write(self, layer_name: str, queries: torch.Tensor) -> None:
+        """All ``queries [num_tokens, H_q, D]`` of the step (graph padding included) into the
+        layer's ring: fixed shapes, persistent tensors only (capturable)."""
+        ring = self.queries[layer_name]
+        ring.index_copy_(0, self.rows.gpu[: queries.shape[0]], queries.to(ring.dtype))
+
+    def window_rows(self, request_id: str, first_position: int, end_position: int, device: Any):
+        """Ring rows of the request's positions ``[first_position, end_position)``, in order
+        (one host-to-device copy, on the compacting step only)."""
+        base = self.slot(request_id) * self.window_size
+        positions = torch.arange(first_position, end_position)
+        return (base + positions % self.window_size).to(device)
+
+    def read(self, layer_name: str, ring_rows: torch.Tensor) -> torch.Tensor:
+        return self.queries[layer_name][ring_rows]
