@@ -159,7 +159,7 @@ def test_ring_write_is_shape_static_and_replayable_across_steps(monkeypatch):
     ring = state.ring
     monkeypatch.setattr(state, "_compact", lambda *args: torch.zeros(1, 1, dtype=torch.long))
     (rows_buffer,) = runner.buffers
-    ring_tensor = ring.queries[LAYER]
+    ring_tensor = ring.queries[LAYER].zero_()  # allocated uninitialised
     pointers = (ring_tensor.data_ptr(), rows_buffer.gpu.data_ptr(), rows_buffer.cpu.data_ptr())
     scratch = ring.scratch_row
     assert ring_tensor.shape == (MAX_SEQS * WINDOW + 1, HEADS, HEAD_SIZE)
@@ -214,6 +214,7 @@ def test_a_captured_cuda_graph_replays_the_ring_write_with_each_steps_rows():
     runner = FakeRunner("cuda")
     state = make_state(runner)
     layer = SimpleNamespace(layer_name=LAYER, query_quant=None)
+    state.ring.queries[LAYER].zero_()
     static_queries = torch.zeros(4, HEADS * HEAD_SIZE, device="cuda")
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
@@ -233,3 +234,17 @@ def test_a_captured_cuda_graph_replays_the_ring_write_with_each_steps_rows():
     assert replays == 3
     assert ring[[2, 3, 0], 0, 0].tolist() == [18.0, 19.0, 20.0]
     assert ring[[1, *range(WINDOW, MAX_SEQS * WINDOW)]].eq(0).all()
+
+
+def test_a_window_with_a_position_never_captured_is_refused():
+    """Scoring with a ring row no capture wrote (stale or uninitialised) fails loudly, as the
+    list buffer's row count did."""
+    runner = FakeRunner()
+    state = make_state(runner)
+    runner.impl._snapkv = state
+
+    run_step(runner, state, 18, [])
+    # 19 skipped: the worker never saw it; 20 starts a new range.
+    run_step(runner, state, 20, [])
+    with pytest.raises(RuntimeError, match=r"window positions \[18, 21\) but only \[20, 21\)"):
+        run_step(runner, state, 21, [])

@@ -45,6 +45,8 @@ class WindowQueryRing:
         #: Compressed layer name -> its ring ``[num_slots * W + 1, H_q, D]``.
         self.queries: dict[str, torch.Tensor] = {}
         self._slot_of: dict[str, int] = {}
+        #: request -> positions ``[first, end)`` its slot holds (written in consecutive steps).
+        self._captured: dict[str, tuple[int, int]] = {}
         self._free_slots = list(range(num_slots - 1, -1, -1))
         #: Host entries ``[0, _written)`` may hold request rows (this step's), to reset next step.
         self._written = 0
@@ -53,7 +55,9 @@ class WindowQueryRing:
     def add_layer(
         self, name: str, num_heads: int, head_size: int, dtype: torch.dtype, device: Any
     ) -> None:
-        self.queries[name] = torch.zeros(
+        # Uninitialised: a row is read only after this request's window wrote it (checked in
+        # window_rows), and untouched host pages cost no memory on CPU.
+        self.queries[name] = torch.empty(
             self.scratch_row + 1, num_heads, head_size, dtype=dtype, device=device
         )
 
@@ -73,6 +77,7 @@ class WindowQueryRing:
         return slot
 
     def release(self, request_id: str) -> None:
+        self._captured.pop(request_id, None)
         slot = self._slot_of.pop(request_id, None)
         if slot is not None:
             self._free_slots.append(slot)
@@ -95,6 +100,10 @@ class WindowQueryRing:
         if num_rows <= 0:
             return
         base = self.slot(request_id) * self.window_size
+        first, end = self._captured.get(request_id, (first_position, first_position))
+        if end != first_position:  # not where the last capture ended: a new window
+            first = first_position
+        self._captured[request_id] = (first, first_position + num_rows)
         positions = np.arange(first_position, first_position + num_rows)
         self.rows.np[first_row : first_row + num_rows] = base + positions % self.window_size
         self._written = max(self._written, first_row + num_rows)
@@ -119,7 +128,14 @@ class WindowQueryRing:
 
     def window_rows(self, request_id: str, first_position: int, end_position: int, device: Any):
         """Ring rows of the request's positions ``[first_position, end_position)``, in order
-        (one host-to-device copy, on the compacting step only)."""
+        (one host-to-device copy, on the compacting step only). Raises unless every one of them
+        was captured since the slot was last released (a gap would score stale queries)."""
+        first, end = self._captured.get(request_id, (0, 0))
+        if not (first <= first_position and end_position <= end):
+            raise RuntimeError(
+                f"SnapKV: request {request_id} compresses with window positions "
+                f"[{first_position}, {end_position}) but only [{first}, {end}) were captured"
+            )
         base = self.slot(request_id) * self.window_size
         positions = torch.arange(first_position, end_position)
         return (base + positions % self.window_size).to(device)
