@@ -182,6 +182,9 @@ def test_ring_write_is_shape_static_and_replayable_across_steps(monkeypatch):
     ]
     assert {shape for _, shape in writes} == {(4, HEADS, HEAD_SIZE)}
     assert ring_tensor[2, 0, 0] == 18.0 and ring_tensor[3, 0, 0] == 19.0
+    # The (last) layer's write pointed the device rows back at the scratch row: a forward
+    # outside the plugin's steps (a dummy batch) writes no request row.
+    assert rows_buffer.gpu.tolist() == [scratch] * MAX_TOKENS
     assert ring_tensor[[0, 1, 4, 5]].eq(0).all()  # no other request row was written
     # A step with no window token leaves every device row at the scratch row again, so a
     # replayed graph writes only to it; an eager step then skips the write.

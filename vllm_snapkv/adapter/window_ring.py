@@ -28,9 +28,10 @@ import torch
 class WindowQueryRing:
     """The decode window queries of one model runner (``WorkerCompression.ring``).
 
-    Invariant: outside a step's :meth:`begin_step` .. :meth:`end_step`, every device destination
-    row in :attr:`rows` other than the current step's window tokens is the scratch row, so a
-    replayed graph of any batch size writes nothing but window tokens into request rows.
+    Invariant: every device destination row in :attr:`rows` is the scratch row except, from a
+    step's :meth:`end_step` to the write of its last compressed layer, the rows of that step's
+    window tokens; so a replayed graph of any batch size writes nothing but window tokens into
+    request rows, and a forward outside the plugin's steps writes none.
     """
 
     def __init__(self, window_size: int, num_slots: int, rows: Any):
@@ -44,6 +45,10 @@ class WindowQueryRing:
         self.rows.copy_to_gpu()
         #: Compressed layer name -> its ring ``[num_slots * W + 1, H_q, D]``.
         self.queries: dict[str, torch.Tensor] = {}
+        #: The compressed layer a forward runs last: its write points the device rows back at
+        #: the scratch row, so a forward outside the plugin's steps (a dummy batch, replayed
+        #: from a full graph too) writes nothing into request rows.
+        self.last_layer: str | None = None
         self._slot_of: dict[str, int] = {}
         #: request -> positions ``[first, end)`` its slot holds (written in consecutive steps).
         self._captured: dict[str, tuple[int, int]] = {}
@@ -55,6 +60,8 @@ class WindowQueryRing:
     def add_layer(
         self, name: str, num_heads: int, head_size: int, dtype: torch.dtype, device: Any
     ) -> None:
+        """Add a compressed layer; layers are added in the order a forward runs them."""
+        self.last_layer = name
         # Uninitialised: a row is read only after this request's window wrote it (checked in
         # window_rows), and untouched host pages cost no memory on CPU.
         self.queries[name] = torch.empty(
@@ -124,7 +131,10 @@ class WindowQueryRing:
         """All ``queries [num_tokens, H_q, D]`` of the step (graph padding included) into the
         layer's ring: fixed shapes, persistent tensors only (capturable)."""
         ring = self.queries[layer_name]
-        ring.index_copy_(0, self.rows.gpu[: queries.shape[0]], queries.to(ring.dtype))
+        rows = self.rows.gpu[: queries.shape[0]]
+        ring.index_copy_(0, rows, queries.to(ring.dtype))
+        if layer_name == self.last_layer:
+            rows.fill_(self.scratch_row)
 
     def window_rows(self, request_id: str, first_position: int, end_position: int, device: Any):
         """Ring rows of the request's positions ``[first_position, end_position)``, in order

@@ -142,7 +142,7 @@ class WorkerCompression:
             runner.max_num_reqs,
             runner._make_buffer(runner.max_num_tokens, dtype=torch.int64),
         )
-        for name in self.groups.group_of_layer:
+        for name in sorted(self.groups.group_of_layer, key=extract_layer_index):
             impl = forward_context[name].impl
             ring.add_layer(name, impl.num_heads, impl.head_size, self.query_dtype, runner.device)
         return ring
