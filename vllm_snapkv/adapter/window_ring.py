@@ -89,6 +89,10 @@ class WindowQueryRing:
         if slot is not None:
             self._free_slots.append(slot)
 
+    def captured(self, request_id: str) -> tuple[int, int] | None:
+        """Positions ``[first, end)`` the request's slot holds, or None (no slot)."""
+        return self._captured.get(request_id)
+
     @property
     def slots_held(self) -> int:
         return len(self._slot_of)
