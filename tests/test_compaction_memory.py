@@ -286,7 +286,8 @@ def test_profiling_run_adds_the_decode_window_buffer_bound_when_decode_compressi
         scheduler_config=SimpleNamespace(max_num_seqs=256),
         additional_config={"kv_compression": settings},
     )
-    buffer = 256 * 16 * 32 * 32 * 128 * 2  # seqs x layers (of this stage) x W x heads x d x bf16
+    # (seqs x W + a scratch row) x layers (of this stage) x heads x d x bf16
+    buffer = (256 * 32 + 1) * 16 * 32 * 128 * 2
     assert workspace.decode_window_buffer_of(vllm_config, parse_config(settings)) == buffer
     assert workspace.decode_window_buffer_of(vllm_config, parse_config({"budget": 2048})) == 0
     allocations = []

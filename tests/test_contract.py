@@ -241,6 +241,25 @@ def test_model_runner_facts():
     assert "num_blocks_per_row" in source(BlockTable.append_row)
 
 
+def test_decode_window_ring_facts():
+    """What ``adapter.window_ring`` and its worker hooks rely on: the runner's buffer factory and
+    sizes (the ring's destination rows cover every token of the largest batch, its slots every
+    running request), and the V1 scheduler naming the requests it preempted in each output."""
+    from vllm.v1.core.sched.output import SchedulerOutput
+    from vllm.v1.core.sched.scheduler import Scheduler
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    init = source(GPUModelRunner.__init__)
+    assert "self.max_num_tokens = scheduler_config.max_num_batched_tokens" in init
+    assert "self.max_num_reqs = scheduler_config.max_num_seqs" in init
+    assert params(GPUModelRunner._make_buffer)[:2] == ["self", "size"]
+    assert "preempted_req_ids" in {field.name for field in dataclasses.fields(SchedulerOutput)}
+    assert "preempted_req_ids=self.reset_preempted_req_ids" in source(Scheduler.schedule)
+    assert "self.reset_preempted_req_ids.add(request.request_id)" in source(
+        Scheduler._preempt_request
+    )
+
+
 def test_cpu_attention_facts():
     from vllm import _custom_ops as ops
     from vllm.model_executor.models.utils import extract_layer_index

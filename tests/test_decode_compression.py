@@ -309,7 +309,8 @@ def test_request_aborted_while_its_window_is_captured_leaves_nothing_behind(
     while scheduler.requests[request_id].num_computed_tokens < THRESHOLD - 10:
         engine.step()
     assert state.requests[request_id].window_captured_from == THRESHOLD - WINDOW
-    assert len(worker.window_queries[request_id][0]) == WINDOW - 10  # one row per step so far
+    # One ring row per step so far.
+    assert worker.ring.captured(request_id) == (THRESHOLD - WINDOW, THRESHOLD - 10)
     engine.abort_request(["abort-me"])
     engine.step()
     assert not engine.has_unfinished_requests()
@@ -318,3 +319,4 @@ def test_request_aborted_while_its_window_is_captured_leaves_nothing_behind(
     assert pool.get_num_free_blocks() == free_at_start
     assert request_id not in state.requests
     assert request_id not in worker.window_queries
+    assert worker.ring.captured(request_id) is None

@@ -365,18 +365,21 @@ def test_steps_that_may_keep_full_graphs_are_uniform_decodes_without_snapkv_jobs
     from vllm_snapkv.adapter.scheduler import DIRECTIVES_ATTR
 
     def output(tokens: dict[str, int], plans=(), captures=(), evicted=()) -> SimpleNamespace:
-        directives = SimpleNamespace(plans=dict.fromkeys(plans), captures=dict.fromkeys(captures),
+        captures = {r: SimpleNamespace(phase=phase) for r, phase in dict(captures).items()}
+        directives = SimpleNamespace(plans=dict.fromkeys(plans), captures=captures,
                                      evicted=dict.fromkeys(evicted, 10))
         return SimpleNamespace(num_scheduled_tokens=tokens, **{DIRECTIVES_ATTR: directives})
 
     steps = [step_geometry(o) for o in [
         output({"a": 100, "b": 101}),  # prefill: no full graph under FULL_AND_PIECEWISE
-        output({"a": 1, "b": 1}, captures=["a"]),  # a window capture: FULL excluded
+        output({"a": 1, "b": 1}, captures={"a": "decode"}),  # a decode window capture: graph-safe
+        output({"a": 1, "b": 1}, captures={"a": "prompt"}),  # a prompt's capture: FULL excluded
         output({"a": 1, "b": 1}, plans=["a"], evicted=["b"]),  # a compaction
         output({"a": 1, "b": 1}, evicted=["a", "b"]),  # compressed requests only decoding
         output({"a": 1, "b": 1}),
     ]]
     assert step_geometry(SimpleNamespace(num_scheduled_tokens={})) is None
     counts = full_graph_counts(steps)
-    assert (counts["steps"], counts["uniform_decode_steps"], counts["may_keep_full"]) == (5, 4, 2)
-    assert counts["fraction_of_uniform_decode"] == 0.5
+    assert (counts["steps"], counts["uniform_decode_steps"], counts["may_keep_full"]) == (6, 5, 3)
+    assert counts["fraction_of_uniform_decode"] == 0.6
+    assert counts["before_fraction_of_steps"] == 2 / 6  # decode captures excluded FULL too

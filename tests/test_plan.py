@@ -101,7 +101,7 @@ def test_decode_points_capture_the_window_then_compress_or_move():
         directives = StepDirectives()
         plan = _plan_decode(state, request, record, position, position + 1, directives)
         if "r" in directives.captures:
-            assert directives.captures["r"] == WindowCapture(384, 32)
+            assert directives.captures["r"] == WindowCapture(384, 32, phase="decode")
             captured.append(position)
         if position + 1 < 384:
             assert plan is None

@@ -39,10 +39,13 @@ def decode_threshold(budget: int, decode_interval: int, block_size: int) -> int:
 @dataclass(frozen=True)
 class WindowCapture:
     """Buffer the queries of window positions ``[window_end - window_size, window_end)`` that
-    fall inside this step's chunk; the compression they score happens in a later step."""
+    fall inside this step's chunk; the compression they score happens in a later step.
+    ``phase``: the compression's (``"prompt"``: a prefill chunk of the prompt; ``"decode"``: the
+    tokens before a decode compression, captured by the worker's CUDA-graph-safe ring)."""
 
     window_end: int
     window_size: int
+    phase: str = "prompt"
 
 
 @dataclass(frozen=True)

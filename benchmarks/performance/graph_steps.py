@@ -4,10 +4,13 @@ scheduler's geometry of the long-generation throughput workload (issue 22, item 
     python -m benchmarks.performance.graph_steps [--smoke] [--cuda-graphs]
 
 The dispatch patch (``adapter/worker.py``) excludes FULL from every step with a SnapKV job: a
-window capture or a compaction of any request in the batch. Under vLLM's default
-FULL_AND_PIECEWISE, full graphs exist only for uniform-decode batches (every request one token);
-FULL_DECODE_ONLY runs every other step eagerly. So a step may keep FULL when it is a
-uniform-decode batch without SnapKV jobs. The schedule is the engine core's own (the workload of
+compaction of any request in the batch, or a prompt's window capture. Decode window captures are
+written by a capturable op into a persistent ring (``adapter/window_ring.py``) and keep FULL;
+before that change they excluded it too (``before_fraction_of_steps``: that rule, same
+schedule).
+Under vLLM's default FULL_AND_PIECEWISE, full graphs exist only for uniform-decode batches (every
+request one token); FULL_DECODE_ONLY runs every other step eagerly. So a step may keep FULL when
+it is a uniform-decode batch without SnapKV jobs. The schedule is the engine core's own (the workload of
 ``long_generation`` part 2, decode compression on), recorded from each ``SchedulerOutput`` and
 its SnapKV directives: the same on a GPU for the same budget of KV blocks, since the scheduler
 and the plugin's planning are device-independent (async scheduling is off with the plugin).
@@ -30,8 +33,11 @@ class StepGeometry:
     num_reqs: int
     #: Every scheduled request runs one token (the batches vLLM captures full graphs for).
     uniform_decode: bool
-    #: A window capture or a compaction in the step: FULL is excluded by the dispatch patch.
+    #: A compaction or a prompt's window capture in the step: FULL is excluded by the dispatch
+    #: patch.
     snapkv_jobs: bool
+    #: A decode window capture in the step (graph-safe now; excluded FULL before).
+    decode_captures: bool = False
 
 
 def step_geometry(scheduler_output: Any) -> StepGeometry | None:
@@ -42,8 +48,11 @@ def step_geometry(scheduler_output: Any) -> StepGeometry | None:
     if not tokens:
         return None
     directives = getattr(scheduler_output, DIRECTIVES_ATTR, None)
-    jobs = directives is not None and bool(directives.plans or directives.captures)
-    return StepGeometry(len(tokens), all(n == 1 for n in tokens), jobs)
+    if directives is None:
+        return StepGeometry(len(tokens), all(n == 1 for n in tokens), False)
+    phases = [capture.phase for capture in directives.captures.values()]
+    jobs = bool(directives.plans) or "prompt" in phases
+    return StepGeometry(len(tokens), all(n == 1 for n in tokens), jobs, "decode" in phases)
 
 
 def record_step_geometry(scheduler: Any) -> list[StepGeometry]:
@@ -81,13 +90,16 @@ def record_dispatched_modes(llm: Any) -> list[str]:
 def full_graph_counts(steps: list[StepGeometry]) -> dict:
     uniform = [s for s in steps if s.uniform_decode]
     may_keep_full = [s for s in uniform if not s.snapkv_jobs]
+    kept_full_before = [s for s in may_keep_full if not s.decode_captures]
     return {
         "steps": len(steps),
         "uniform_decode_steps": len(uniform),
         "steps_with_snapkv_jobs": sum(s.snapkv_jobs for s in steps),
+        "steps_with_decode_captures": sum(s.decode_captures for s in steps),
         "may_keep_full": len(may_keep_full),
         "fraction_of_steps": len(may_keep_full) / max(len(steps), 1),
         "fraction_of_uniform_decode": len(may_keep_full) / max(len(uniform), 1),
+        "before_fraction_of_steps": len(kept_full_before) / max(len(steps), 1),
     }
 
 
@@ -140,7 +152,9 @@ def main(argv: list[str] | None = None) -> None:
         f"{args.requests} requests ({args.prompt}-token prompts, {args.tokens} output tokens "
         f"each), KV cache of {args.kv_blocks} blocks, budget {args.budget}, window 32, "
         f"decode_interval {args.decode_interval}. A step may keep FULL when it is a "
-        "uniform-decode batch with no window capture and no compaction.\n\n"
+        "uniform-decode batch with no compaction and no prompt window capture (decode window "
+        "captures are graph-safe); `before_fraction_of_steps`: decode window captures excluding "
+        "FULL too, as before the capture ring.\n\n"
         + markdown_table([counts]) + "\n"
     )
     args.out.mkdir(parents=True, exist_ok=True)

@@ -36,6 +36,9 @@ class CompactionJob:
     #: kept ones move to.
     sources: dict[int, PagedTokens] = field(default_factory=dict)
     target_slots: dict[int, torch.Tensor] = field(default_factory=dict)
+    #: A decode compression whose window began before this chunk: the ring rows
+    #: (``window_ring``) of those earlier window positions, in position order.
+    ring_rows: torch.Tensor | None = None
     layers_done: set[int] = field(default_factory=set)
     kept: dict[int, torch.Tensor] = field(default_factory=dict)
 

@@ -291,7 +291,7 @@ def _plan_decode(
     window_start = point - window
     if chunk_end < point:
         state.window_captured(request_id, max(chunk_start, window_start))
-        directives.captures[request_id] = WindowCapture(point, window)
+        directives.captures[request_id] = WindowCapture(point, window, phase="decode")
         return None
     observed = chunk_start <= chunk_end - window or (
         chunk_end == point and record.window_captured_from == window_start

@@ -9,15 +9,17 @@ Patched (vLLM 0.32; contract tests in tests/test_contract.py):
   requests in the compressed groups (RoPE ``positions`` stay logical), written into the runner's
   persistent buffers that attention metadata and CUDA graphs read (``adapter.physical``); locate
   this step's window rows.
-- ``CudagraphDispatcher.dispatch``: a step with SnapKV work never replays a *full* CUDA graph (no
-  Python would run inside it); piecewise graphs keep attention eager, so they stay allowed. On
-  hybrid models neither does a step whose groups read different lengths (a full graph captured
-  one ``seq_lens`` buffer for all groups).
+- ``CudagraphDispatcher.dispatch``: a step with SnapKV work (a compaction, or a prompt's window
+  capture) never replays a *full* CUDA graph (no Python would run inside it); piecewise graphs
+  keep attention eager, so they stay allowed. Decode window captures are not such work: they are
+  written by a capturable op into a persistent ring (``adapter.window_ring``) that full graphs
+  replay. On hybrid models a step whose groups read different lengths never replays a full graph
+  either (a full graph captured one ``seq_lens`` buffer for all groups).
 - ``GPUModelRunner.execute_model`` (post): check every layer compacted, write debug dumps, queue
   the block swaps.
-- ``forward`` of each supported attention implementation (post): buffer window queries (of
-  prompts in chunked prefill, and of the tokens before each decode compression), select,
-  compact (``compaction.compact_layer``).
+- ``forward`` of each supported attention implementation (post): write the step's queries into
+  the decode window ring, buffer window queries of prompts in chunked prefill, select, compact
+  (``compaction.compact_layer``).
 ``CPUModelRunner`` inherits the runner methods, so patching ``GPUModelRunner`` covers it.
 """
 
@@ -52,6 +54,7 @@ from vllm_snapkv.adapter.physical import (
     swap_block_lists,
 )
 from vllm_snapkv.adapter.scheduler import DIRECTIVES_ATTR
+from vllm_snapkv.adapter.window_ring import WindowQueryRing
 from vllm_snapkv.config import SnapKVConfig, config_from_additional
 from vllm_snapkv.plan import StepDirectives
 from vllm_snapkv.timing import CompactionClock
@@ -95,7 +98,7 @@ class WorkerCompression:
         #: This step's logical KV lengths for the groups left alone on a hybrid model, while
         #: compressed requests are in the step; None otherwise.
         self.logical_lengths: LogicalLengths | None = None
-        #: request -> layer -> window queries buffered from earlier chunks.
+        #: request -> layer -> window queries of a prompt buffered from earlier chunks.
         self.window_queries: dict[str, dict[int, list[torch.Tensor]]] = {}
         #: request -> group -> target blocks that replace its block list at the next step.
         self.pending_swaps: dict[str, dict[int, tuple[int, ...]]] = {}
@@ -103,6 +106,8 @@ class WorkerCompression:
         self.layouts: dict[str, PagedKVLayout] = {}
         #: Attention backend name per layer, checked at KV-cache initialisation.
         self.backend_names: set[str] = set()
+        #: Decode window queries (decode compression on; made at :meth:`attach`), else None.
+        self.ring: WindowQueryRing | None = None
         #: Device time spent selecting and compacting (all layers, all requests), for benchmarks.
         self.clock = CompactionClock()
 
@@ -125,10 +130,27 @@ class WorkerCompression:
         for attention_groups in runner.attn_groups:
             for attention_group in attention_groups:
                 setattr(attention_group, STEP_STATE_ATTR, self)
+        if self.config.decode_interval:
+            self.ring = self._make_ring(runner, forward_context)
+
+    def _make_ring(self, runner: GPUModelRunner, forward_context: dict) -> WindowQueryRing:
+        """One ring per compressed layer, sized for every running request (``max_num_seqs``);
+        its bound is in the memory vLLM profiles (``workspace.decode_window_buffer_of``). Made
+        before vLLM captures its CUDA graphs, which then hold its tensors."""
+        ring = WindowQueryRing(
+            self.config.window_size,
+            runner.max_num_reqs,
+            runner._make_buffer(runner.max_num_tokens, dtype=torch.int64),
+        )
+        for name in sorted(self.groups.group_of_layer, key=extract_layer_index):
+            impl = forward_context[name].impl
+            ring.add_layer(name, impl.num_heads, impl.head_size, self.query_dtype, runner.device)
+        return ring
 
     @property
     def step_has_work(self) -> bool:
-        """This step captures window queries or compacts in the attention layers."""
+        """This step runs Python in the attention layers: a compaction, or a prompt's window
+        capture (decode window captures are the ring's capturable write, not work)."""
         return bool(self.jobs)
 
     @property
@@ -145,6 +167,12 @@ class WorkerCompression:
     def forget(self, request_id: str) -> None:
         self.window_queries.pop(request_id, None)
         self.pending_swaps.pop(request_id, None)
+        self._release_window(request_id)
+
+    def _release_window(self, request_id: str) -> None:
+        self.window_queries.pop(request_id, None)
+        if self.ring is not None:
+            self.ring.release(request_id)
 
     # --- step phases, in call order ---------------------------------------------------------
 
@@ -153,6 +181,9 @@ class WorkerCompression:
             self.forget(request_id)
         for request_id in scheduler_output.scheduled_cached_reqs.resumed_req_ids:
             self.forget(request_id)
+        # A preempted request is recomputed from scratch: its window slot is free from now on.
+        for request_id in getattr(scheduler_output, "preempted_req_ids", None) or ():
+            self._release_window(request_id)
         for new_request in scheduler_output.scheduled_new_reqs:
             self.forget(new_request.req_id)
         for request_id, targets in self.pending_swaps.items():
@@ -160,7 +191,7 @@ class WorkerCompression:
         self.pending_swaps.clear()
         self.directives = getattr(scheduler_output, DIRECTIVES_ATTR, None) or StepDirectives()
         for request_id in self.directives.released:
-            self.window_queries.pop(request_id, None)
+            self._release_window(request_id)
 
     def after_prepare_inputs(
         self, runner: GPUModelRunner, scheduler_output: Any, num_scheduled_tokens: np.ndarray
@@ -172,8 +203,18 @@ class WorkerCompression:
         self.logical_lengths = make_lengths_physical(
             runner, scheduler_output, request_ids, directives.evicted, self.groups
         )
-        if not (directives.plans or directives.captures):
-            return
+        ring = self.ring
+        if ring is not None:
+            ring.begin_step()
+        if directives.plans or directives.captures:
+            self._find_jobs(runner, request_ids, num_scheduled_tokens)
+        if ring is not None:
+            ring.end_step()
+
+    def _find_jobs(
+        self, runner: GPUModelRunner, request_ids: list[str], num_scheduled_tokens: np.ndarray
+    ) -> None:
+        directives, batch, ring = self.directives, runner.input_batch, self.ring
         query_start = runner.query_start_loc.np
         for row, request_id in enumerate(request_ids):
             plan = directives.plans.get(request_id)
@@ -188,6 +229,20 @@ class WorkerCompression:
                 capture=capture,
                 plan=plan,
             )
+            if capture is not None and capture.phase == "decode":
+                # Written by the ring's capturable op in every layer: no job, no lost graph.
+                rows = job.window_rows()
+                ring.capture(
+                    request_id, rows.start, job.chunk_start + rows.start - job.first_row,
+                    rows.stop - rows.start,
+                )
+                continue
+            if plan is not None and plan.phase == "decode":
+                window_start = plan.window_end - plan.window_size
+                if window_start < job.chunk_start:
+                    job.ring_rows = ring.window_rows(
+                        request_id, window_start, job.chunk_start, runner.device
+                    )
             if plan is not None:
                 # Built once per step, not per layer: one host-to-device copy each.
                 block_ids = runner.requests[request_id].block_ids
@@ -214,9 +269,12 @@ class WorkerCompression:
         queries = query.view(-1, impl.num_heads, impl.head_size)
         for job in self.jobs:
             rows = unquantised_queries(layer, queries[job.window_rows()], self.query_dtype)
-            buffered = self.window_queries.setdefault(job.request_id, {}).setdefault(
-                layer_index, []
-            )
+            if job.ring_rows is not None:  # a decode compression: earlier rows in the ring
+                buffered = [self.ring.read(layer.layer_name, job.ring_rows)]
+            else:
+                buffered = self.window_queries.setdefault(job.request_id, {}).setdefault(
+                    layer_index, []
+                )
             if job.plan is None:
                 buffered.append(rows.clone())
                 continue
@@ -227,6 +285,20 @@ class WorkerCompression:
             )
             self.clock.stop(started, kv_cache.device)
             job.layers_done.add(layer_index)
+
+    def write_window_ring(self, layer: torch.nn.Module, query: torch.Tensor) -> None:
+        """The step's queries into the layer's decode window ring (dequantised here, the one
+        capture point): in eager steps only when a decode window has a token in the step; while
+        a CUDA graph is being captured always, so that every replay writes (to the scratch row
+        unless the host pointed a token at its ring row)."""
+        ring = self.ring
+        if layer.layer_name not in ring.queries:
+            return  # a layer left alone (sliding window on a hybrid model)
+        if not (ring.writes_this_step or _capturing_cuda_graph(query.device)):
+            return
+        queries = ring.queries[layer.layer_name]
+        rows = query.view(-1, queries.shape[1], queries.shape[2])
+        ring.write(layer.layer_name, unquantised_queries(layer, rows, self.query_dtype))
 
     def _layout(self, impl: Any, layer: torch.nn.Module) -> PagedKVLayout:
         layout = self.layouts.get(layer.layer_name)
@@ -253,7 +325,7 @@ class WorkerCompression:
         for job in jobs:
             if job.plan is None:
                 continue
-            self.window_queries.pop(job.request_id, None)
+            self._release_window(job.request_id)
             if len(job.layers_done) != self.num_layers:
                 raise RuntimeError(
                     f"SnapKV: request {job.request_id} was compacted in {len(job.layers_done)} of "
@@ -352,6 +424,10 @@ def _patch_initialize_kv_cache(original):
     return initialize_kv_cache
 
 
+def _capturing_cuda_graph(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
 def _is_decoder(impl: Any) -> bool:
     # FlashInferImpl serves decoders only and keeps no attn_type.
     return getattr(impl, "attn_type", AttentionType.DECODER) == AttentionType.DECODER
@@ -372,12 +448,11 @@ def _patch_attention_forward(original):
     ) -> torch.Tensor:
         output = original(self, layer, query, key, value, kv_cache, attn_metadata, *args, **kwargs)
         state = getattr(self, STEP_STATE_ATTR, None)
-        if (
-            state is not None
-            and state.step_has_work
-            and attn_metadata is not None
-            and _is_decoder(self)
-        ):
+        if state is None or attn_metadata is None or not _is_decoder(self):
+            return output
+        if state.ring is not None:
+            state.write_window_ring(layer, query)
+        if state.step_has_work:
             state.on_attention_layer(self, layer, query, kv_cache)
         return output
 
@@ -389,9 +464,9 @@ def _patch_cudagraph_dispatch(original):
     def dispatch(self: CudagraphDispatcher, *args: Any, **kwargs: Any):
         state = getattr(self, STEP_STATE_ATTR, None)
         if state is not None and (state.step_has_work or state.step_uses_mixed_lengths):
-            # A full graph would replay this step's attention without running the capture and
-            # compaction, or with one seq_lens buffer for groups that read different lengths;
-            # piecewise graphs run attention eagerly (it is a splitting op).
+            # A full graph would replay this step's attention without running the compaction (or
+            # a prompt's capture), or with one seq_lens buffer for groups that read different
+            # lengths; piecewise graphs run attention eagerly (it is a splitting op).
             kwargs["invalid_modes"] = {*(kwargs.get("invalid_modes") or ()), CUDAGraphMode.FULL}
         return original(self, *args, **kwargs)
 

@@ -52,22 +52,22 @@ def compaction_workspace_of(vllm_config: Any, config: SnapKVConfig) -> int:
 
 
 def decode_window_buffer_of(vllm_config: Any, config: SnapKVConfig) -> int:
-    """Bound, in bytes, of the window queries buffered for decode compressions on this rank:
-    every running request may be within ``window_size`` tokens of its next decode point, and
-    each then holds up to ``window_size`` query rows per attention layer (0 when decode
-    compression is off). ~2 GiB for a Llama-3.1-8B shape in bf16 at window 32 and 256 running
-    requests; lower ``--max-num-seqs`` lowers it."""
+    """Bound, in bytes, of the decode window ring (``adapter.window_ring``) on this rank: a slot
+    of ``window_size`` query rows per running request (``max_num_seqs``) + one scratch row, per
+    attention layer (0 when decode compression is off). The ring is allocated once the KV cache
+    exists, from the memory this bound kept free in profiling. ~2 GiB for a Llama-3.1-8B shape in
+    bf16 at window 32 and 256 running requests; lower ``--max-num-seqs`` lowers it."""
     if not config.decode_interval:
         return 0
     model, parallel = vllm_config.model_config, vllm_config.parallel_config
-    per_request = (
-        config.window_size
-        * model.get_num_layers(parallel)
+    rows = vllm_config.scheduler_config.max_num_seqs * config.window_size + 1
+    per_row = (
+        model.get_num_layers(parallel)
         * model.get_num_attention_heads(parallel)
         * model.get_head_size()
         * model.dtype.itemsize
     )
-    return vllm_config.scheduler_config.max_num_seqs * per_request
+    return rows * per_row
 
 
 def _patch_profile_run(original):
