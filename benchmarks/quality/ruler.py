@@ -75,6 +75,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="avg: kvpress's SnapKVPress; avg,max adds it with max pooling")
     parser.add_argument("--kvpress-limit", type=int, default=None,
                         help="samples per task for kvpress (default: all of --limit)")
+    parser.add_argument("--skip-plugin", action="store_true",
+                        help="no server: reuse samples.jsonl and passes.json in --out (e.g. to "
+                        "run --kvpress later, or elsewhere, on the same samples)")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--smoke", action="store_true", help="one task, 2 samples, 1K")
     args = parser.parse_args(argv)
@@ -90,8 +93,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def run_plugin(args: argparse.Namespace) -> float:
-    """Start the server, run lm_eval against it, stop it; returns the seconds lm_eval took."""
+def run_plugin(args: argparse.Namespace) -> None:
+    """Start the server, run lm_eval against it, stop it."""
     eval_python = side_venv("-eval") / "bin" / "python"
     if not eval_python.exists():
         raise SystemExit(f"{eval_python} missing: run scripts/setup --test (lm_eval's venv)")
@@ -111,7 +114,6 @@ def run_plugin(args: argparse.Namespace) -> float:
     server = ServerProcess(server_args, port, args.out / "server.log", server_env())
     try:
         server.wait_healthy()
-        began = time.monotonic()
         subprocess.run([
             str(eval_python), "-m", "benchmarks.quality.ruler_eval", "run",
             "--base-url", server.base, "--model", name, "--tokenizer", args.model,
@@ -120,7 +122,6 @@ def run_plugin(args: argparse.Namespace) -> float:
             "--num-concurrent", str(args.num_concurrent), "--block-size", "128",
             "--out", str(args.out),
         ], cwd=ROOT, check=True)
-        return time.monotonic() - began
     finally:
         server.stop()
 
@@ -222,6 +223,12 @@ def wide_table(rows: list[dict], args: argparse.Namespace, variants: list[str]) 
     return markdown_table(table, [h for h in header if any(line[h] != "" for line in table)])
 
 
+def _hit_share(passes: list[dict]) -> float:
+    compressed = [p for p in passes if p["budget"] is not None]
+    prompt = sum(p["prompt_tokens"] for p in compressed)
+    return sum(p["prefix_cache_hit_tokens"] for p in compressed) / prompt if prompt else 0.0
+
+
 def _score(value) -> str:
     return f"{value:.1f}" if isinstance(value, float) else str(value)
 
@@ -260,7 +267,8 @@ def plot(rows: list[dict], args: argparse.Namespace, path: Path) -> None:
 
 def main(argv=None) -> list[dict]:
     args = parse_args(argv)
-    plugin_seconds = run_plugin(args)
+    if not args.skip_plugin:
+        run_plugin(args)
     kvpress_seconds = run_kvpress(args) if args.kvpress else None
     samples = read_jsonl(args.out / "samples.jsonl")
     kvpress_path = args.out / "kvpress.jsonl"
@@ -277,8 +285,10 @@ def main(argv=None) -> list[dict]:
         f"{args.seq_len} (lm_eval 0.4.13, offline data), {per_task} samples per task, "
         f"SnapKV window {args.window_size}, kernel {args.kernel_size}, max pooling; budgets "
         + ", ".join(f"{label} = {tokens}" for label, tokens in args.budget_list)
-        + f". lm_eval against the server: {plugin_seconds:.0f} s for {len(passes)} passes "
-        f"({sum(p['preemptions'] for p in passes)} preemptions)"
+        + f". lm_eval against the server: {sum(p['seconds'] for p in passes):.0f} s in "
+        f"{len(passes)} passes ({sum(p['preemptions'] for p in passes)} preemptions; the "
+        f"SnapKV passes took {_hit_share(passes):.0%} of their prompt tokens from the prefix "
+        "cache)"
         + (f"; kvpress {kvpress_seconds:.0f} s" if kvpress_seconds is not None else "")
         + ". Scores 0-100; mean = unweighted over tasks.\n\n"
     )
