@@ -8,8 +8,8 @@ both inherited by the servers it starts) and keeps each module on one worker, so
 session-scoped engines are shared as before.
 
 Modules are handed out longest first (the recorded times in ``tests/module_times.json``) so the
-two lanes end together. Modules that start a local Ray cluster share a lane: two clusters at once
-would compete for Ray's ports and the two cores.
+two lanes end together. A test that starts a local Ray cluster holds ``local_ray_cluster_slot()``:
+two clusters at once would compete for Ray's ports and the two cores.
 
 Every run ends with a table of each module's time next to its recorded one, so a change shows
 what it added; ``VLLM_SNAPKV_TEST_TIMES=path`` also writes the measured times as JSON (the
@@ -18,18 +18,18 @@ format of ``tests/module_times.json``).
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import tempfile
 from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
 RECORDED_TIMES = Path(__file__).with_name("module_times.json")
-
-#: Modules that must not run beside each other (each starts a local Ray cluster).
-SHARED_LANES = {"test_ray_serve.py": "ray", "test_scale_out.py": "ray"}
-
 
 def _recorded_times() -> dict[str, float]:
     if not RECORDED_TIMES.exists():
@@ -62,24 +62,26 @@ def pytest_configure(config: pytest.Config) -> None:
     os.environ["OMP_NUM_THREADS"] = str(len(mine))
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist turns the group marks into node ids
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    if getattr(config, "workerinput", None) is None or config.getvalue("dist") != "loadgroup":
-        return  # only xdist workers of ``--dist loadgroup`` (scripts/test) collect for lanes
+    if getattr(config, "workerinput", None) is None:
+        return  # one process: collection order
+    # xdist workers: longest module first (``--dist loadfile --no-loadscope-reorder`` hands
+    # modules out in this order), tests of a module in collection order.
     recorded = _recorded_times()
     position = {item: i for i, item in enumerate(items)}
+    items.sort(key=lambda item: (-recorded.get(item.path.name, 0.0), position[item]))
 
-    def module(item: pytest.Item) -> str:
-        return item.path.name
 
-    group_time: dict[str, float] = defaultdict(float)
-    for name in {module(item) for item in items}:
-        group_time[SHARED_LANES.get(name, name)] += recorded.get(name, 0.0)
-    for item in items:
-        item.add_marker(pytest.mark.xdist_group(SHARED_LANES.get(module(item), module(item))))
-    # Longest group first; within a group, modules longest first, tests in collection order.
-    items.sort(key=lambda item: (-group_time[SHARED_LANES.get(module(item), module(item))],
-                                 -recorded.get(module(item), 0.0), position[item]))
+@contextmanager
+def local_ray_cluster_slot() -> Iterator[None]:
+    """Held while a test starts a local Ray cluster: two at once (one per lane) would compete
+    for Ray's ports and the two cores, so the other lane's waits here."""
+    with open(os.path.join(tempfile.gettempdir(), "vllm-snapkv-tests-ray.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 class ModuleClock:
@@ -114,4 +116,5 @@ class ModuleClock:
             Path(out).write_text(json.dumps(
                 {"seconds": {k: round(v, 1) for k, v in sorted(self.seconds.items())}}, indent=1
             ) + "\n")
+
 

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks.servers import free_port, parse_metrics
+from lanes import local_ray_cluster_slot
 from vllm_snapkv.tasks import passkey_prompt
 
 pytestmark = pytest.mark.engine
@@ -79,6 +80,11 @@ def reference_answers(snap_llm) -> list[str]:
 
 @pytest.fixture(scope="module")
 def serve_app(model_dir: str):
+    with local_ray_cluster_slot():
+        yield from serve_app_on_a_local_cluster(model_dir)
+
+
+def serve_app_on_a_local_cluster(model_dir: str):
     import ray
     from ray import serve
 

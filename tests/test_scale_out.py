@@ -46,6 +46,7 @@ from conftest import (
     snapkv_config,
     token_ids,
 )
+from lanes import local_ray_cluster_slot
 from vllm_snapkv.plan import cdiv
 from vllm_snapkv.tasks import passkey_prompt
 
@@ -374,10 +375,11 @@ def test_ray_executor_is_refused_by_vllm_on_cpu(model_dir, plugin, tmp_path):
     script.write_text(RAY_EXECUTOR_SCRIPT)
     env = server_env(without_plugin=plugin == "off")
     env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the engine core joins the script's Ray cluster
-    result = subprocess.run(
-        [sys.executable, str(script), model_dir, plugin], capture_output=True, text=True,
-        env=env, timeout=300,
-    )
+    with local_ray_cluster_slot():
+        result = subprocess.run(
+            [sys.executable, str(script), model_dir, plugin], capture_output=True, text=True,
+            env=env, timeout=300,
+        )
     assert "REFUSED: ValueError: current platform cpu does not support ray." in result.stdout, (
         result.stdout[-2000:] + result.stderr[-4000:]
     )
