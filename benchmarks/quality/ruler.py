@@ -75,6 +75,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="avg: kvpress's SnapKVPress; avg,max adds it with max pooling")
     parser.add_argument("--kvpress-limit", type=int, default=None,
                         help="samples per task for kvpress (default: all of --limit)")
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the tasks --out already holds in full (an interrupted run)")
     parser.add_argument("--skip-plugin", action="store_true",
                         help="no server: reuse samples.jsonl and passes.json in --out (e.g. to "
                         "run --kvpress later, or elsewhere, on the same samples)")
@@ -120,7 +122,7 @@ def run_plugin(args: argparse.Namespace) -> None:
             "--tasks", args.tasks, "--seq-len", str(args.seq_len), "--limit", str(args.limit),
             "--budgets", ",".join(str(b) for b in budgets), "--round-size", str(args.round_size),
             "--num-concurrent", str(args.num_concurrent), "--block-size", "128",
-            "--out", str(args.out),
+            "--out", str(args.out), *(["--resume"] if args.resume else []),
         ], cwd=ROOT, check=True)
     finally:
         server.stop()

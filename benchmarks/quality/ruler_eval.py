@@ -138,10 +138,22 @@ def run(args: argparse.Namespace) -> None:
         raise RuntimeError(f"gen_kwargs no longer override lm_eval's seed: {payload}")
 
     rows: dict[tuple[str, int], dict] = {}
-    passes = []
+    passes: list[dict] = []
+    if args.resume and (args.out / "passes.json").exists():
+        rows = {(r["task"], r["doc_id"]): r for r in _read_jsonl(args.out / "samples.jsonl")}
+        passes = json.loads((args.out / "passes.json").read_text())
+    mode_names = {mode_name(budget) for budget in modes}
     for task_name in args.tasks.split(","):
         task = tasks[task_name]
         count = min(args.limit, len(task.eval_docs))
+        done = [r for r in rows.values()
+                if r["task"] == task_name and r["doc_id"] < count and set(r["outputs"]) >= mode_names]
+        if len(done) == count:
+            progress(f"{task_name}: {count} samples already evaluated (--resume)")
+            continue
+        # A task is redone whole: its passes and samples from an interrupted run are dropped.
+        rows = {key: r for key, r in rows.items() if r["task"] != task_name}
+        passes = [p for p in passes if p["task"] != task_name]
         kind = scoring_kind(task)
         for start in range(0, count, args.round_size):
             indices = list(range(start, min(count, start + args.round_size)))
@@ -190,21 +202,27 @@ def run(args: argparse.Namespace) -> None:
                     "prefix_cache_hit_tokens": _counter_delta(
                         before, after, "vllm:prefix_cache_hits_total"),
                 })
-    args.out.mkdir(parents=True, exist_ok=True)
-    with open(args.out / "samples.jsonl", "w") as handle:
+        _write(args.out, rows, passes)  # after every task: an interrupted run can --resume
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in open(path)]
+
+
+def _write(out: Path, rows: dict, passes: list[dict]) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "samples.jsonl.part", "w") as handle:
         for row in rows.values():
             handle.write(json.dumps(row) + "\n")
-    (args.out / "passes.json").write_text(json.dumps(passes, indent=1) + "\n")
+    (out / "samples.jsonl.part").rename(out / "samples.jsonl")
+    (out / "passes.json").write_text(json.dumps(passes, indent=1) + "\n")
 
 
 def score(args: argparse.Namespace) -> None:
     """Add lm_eval's score to every completion of ``--completions`` (JSON lines with ``task``,
     ``doc_id``, ``text``; the references come from ``--samples``), in place."""
-    samples = {}
-    for line in open(args.samples):
-        row = json.loads(line)
-        samples[(row["task"], row["doc_id"])] = row
-    completions = [json.loads(line) for line in open(args.completions)]
+    samples = {(row["task"], row["doc_id"]): row for row in _read_jsonl(args.samples)}
+    completions = _read_jsonl(args.completions)
     for completion in completions:
         sample = samples[(completion["task"], completion["doc_id"])]
         completion["score"] = score_text(sample["scoring"], completion["text"],
@@ -229,6 +247,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="samples per round; the KV cache must hold a round's prompts")
     runner.add_argument("--num-concurrent", type=int, default=4)
     runner.add_argument("--block-size", type=int, default=128, help="the server's block size")
+    runner.add_argument("--resume", action="store_true",
+                        help="keep the tasks --out already holds in full; evaluate the rest")
     runner.add_argument("--out", type=Path, required=True)
     scorer = commands.add_parser("score", help="score other completions of the same samples")
     scorer.add_argument("--samples", type=Path, required=True)
