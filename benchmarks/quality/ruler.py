@@ -206,7 +206,8 @@ def summarize(args: argparse.Namespace, samples: list[dict], kvpress: list[dict]
                     "same_text": sum(a["same_text"] for a in same),
                 })
         rows.append(mean)
-    return rows, agreement
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    return [{key: row.get(key, "") for key in columns} for row in rows], agreement
 
 
 def wide_table(rows: list[dict], args: argparse.Namespace, variants: list[str]) -> str:
