@@ -181,6 +181,9 @@ def summarize(args: argparse.Namespace, samples: list[dict], kvpress: list[dict]
                 if pairs:
                     agreement.append({
                         "task": task, "budget": label, "kvpress": variant, "n": len(pairs),
+                        "plugin_score": 100 * sum(r["outputs"][mode]["score"] for r, _ in pairs)
+                        / len(pairs),
+                        "kvpress_score": 100 * sum(c["score"] for _, c in pairs) / len(pairs),
                         "same_score": sum(r["outputs"][mode]["score"] == c["score"]
                                           for r, c in pairs),
                         "same_text": sum(r["outputs"][mode]["text"].strip() == c["text"].strip()
@@ -202,6 +205,8 @@ def summarize(args: argparse.Namespace, samples: list[dict], kvpress: list[dict]
                 agreement.append({
                     "task": "all", "budget": label, "kvpress": variant,
                     "n": sum(a["n"] for a in same),
+                    "plugin_score": sum(a["plugin_score"] for a in same) / len(same),
+                    "kvpress_score": sum(a["kvpress_score"] for a in same) / len(same),
                     "same_score": sum(a["same_score"] for a in same),
                     "same_text": sum(a["same_text"] for a in same),
                 })
@@ -299,7 +304,8 @@ def main(argv=None) -> list[dict]:
     text += wide_table(rows, args, variants)
     if agreement:
         text += ("\n\nPer-sample agreement with the plugin (same_score: same lm_eval score; "
-                 "same_text: identical completion; full: no compression on either side):\n\n")
+                 "same_text: identical completion; full: no compression on either side; "
+                 "scores over the samples both ran, the all rows unweighted over tasks):\n\n")
         text += markdown_table(agreement)
     (args.out / "table.md").write_text(text + "\n")
     plot(rows, args, args.out / "ruler.png")

@@ -134,7 +134,7 @@ def main(argv=None) -> None:
     poolings = args.pooling.split(",")
     samples = [json.loads(line) for line in open(args.samples)]
     per_task: dict[str, int] = {}
-    rows = []
+    out = open(args.out, "w")  # a row per completion as it is made: a stopped run keeps them
     for sample in samples:
         per_task[sample["task"]] = per_task.get(sample["task"], 0) + 1
         if args.limit is not None and per_task[sample["task"]] > args.limit:
@@ -153,16 +153,16 @@ def main(argv=None) -> None:
                                   sample["max_tokens"], sample["stop"], eos)
             if press is not None and kept != budget:
                 raise RuntimeError(f"kvpress kept {kept} entries, not {budget} ({length} tokens)")
-            rows.append({
+            row = {
                 "task": sample["task"], "doc_id": sample["doc_id"],
                 "mode": mode_name(budget, pooling), "text": text, "kept": kept,
                 "prompt_tokens": length, "seconds": round(time.monotonic() - began, 2),
-            })
-            print(f"{sample['task']} {sample['doc_id']} {rows[-1]['mode']}: {kept} kept, "
-                  f"{rows[-1]['seconds']} s", flush=True)
-    with open(args.out, "w") as handle:
-        for row in rows:
-            handle.write(json.dumps(row) + "\n")
+            }
+            out.write(json.dumps(row) + "\n")
+            out.flush()
+            print(f"{row['task']} {row['doc_id']} {row['mode']}: {kept} kept, {row['seconds']} s",
+                  flush=True)
+    out.close()
 
 
 if __name__ == "__main__":
