@@ -215,3 +215,32 @@ def test_layout_for_a_standard_layer_takes_its_stored_format_and_k_scale():
     layout = layout_for(impl, SimpleNamespace(_k_scale_float=0.5, _v_scale_float=2.0))
     assert isinstance(layout, StandardLayout)
     assert (layout.fp8_format, layout.k_scale) == (current_platform.fp8_dtype(), 0.5)
+
+
+def test_harness_flex_attention_is_torchs_eager_flex_attention_bit_for_bit():
+    """The FlexAttention harness evaluates a block mask once for all layers
+    (tests/standard_layout_harness.py); its outputs must be torch's eager ``flex_attention``'s,
+    bit for bit, for each new block mask (a paged-cache mask like vLLM's: queries of two requests
+    over slots of their own blocks, causal)."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    from standard_layout_harness import eager_flex_attention
+
+    torch.manual_seed(0)
+    slots, queries = 128, 24
+    query = torch.randn(1, 6, queries, 16)
+    key, value = torch.randn(1, 2, slots, 16), torch.randn(1, 2, slots, 16)
+    for shift in (0, 16):  # a new block mask (the next step): its own mask, not the last one's
+        owner = torch.tensor([0] * 10 + [1] * 14)
+        position = torch.cat([torch.arange(30, 40), torch.arange(50, 64)])
+        slot_owner = torch.arange(slots) // 16 % 2  # blocks of 16 alternate between requests
+        slot_position = (torch.arange(slots) + shift) % 64
+
+        def mask_mod(b, h, q, kv):
+            return (owner[q] == slot_owner[kv]) & (slot_position[kv] <= position[q])
+
+        block_mask = create_block_mask(mask_mod, 1, None, queries, slots, device="cpu")
+        expected = flex_attention(query, key, value, None, block_mask, 0.25, enable_gqa=True)
+        for _ in range(2):  # the second call reuses the evaluated mask
+            got = eager_flex_attention(query, key, value, None, block_mask, 0.25, enable_gqa=True)
+            assert torch.equal(got, expected)
