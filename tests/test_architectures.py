@@ -258,21 +258,50 @@ def spy_on_compactions(monkeypatch, extra_check=None) -> list[str]:
     checked: list[str] = []
     compact = worker_module.WorkerCompression._compact
     on_attention_layer = worker_module.WorkerCompression.on_attention_layer
+    write_window_ring = worker_module.WorkerCompression.write_window_ring
+    after_prepare_inputs = worker_module.WorkerCompression.after_prepare_inputs
     #: (request, layer) -> logical position -> the query the layer received there, float32.
     layer_queries: dict[tuple[str, str], dict[int, torch.Tensor]] = {}
+    #: The step's batch rows as vLLM's runner laid them out: (request, first row, first
+    #: position, tokens), read from the runner, not from the plugin's jobs.
+    step_rows: list[tuple[str, int, int, int]] = []
+
+    def recording_rows(self, runner, scheduler_output, num_scheduled_tokens):
+        batch = runner.input_batch
+        step_rows[:] = [
+            (request_id, int(runner.query_start_loc.np[row]),
+             int(batch.num_computed_tokens_cpu[row]), int(num_scheduled_tokens[row]))
+            for row, request_id in enumerate(batch.req_ids[: batch.num_reqs])
+        ]
+        return after_prepare_inputs(self, runner, scheduler_output, num_scheduled_tokens)
+
+    def record(self, layer, query) -> None:
+        # A compaction scores with the W positions before its window end, and the step that
+        # compacts runs the last of them: keeping each request's last W rows of every step
+        # (prompt chunks and decode tokens alike, restarts after preemption included) holds
+        # every window, with no knowledge of where the plugin put it.
+        if layer.layer_name not in self.groups.group_of_layer:
+            return
+        window_size = self.config.window_size
+        rows = query.view(-1, layer.impl.num_heads, layer.impl.head_size)
+        for request_id, first_row, first_position, count in step_rows:
+            end = first_position + count
+            seen = layer_queries.setdefault((request_id, layer.layer_name), {})
+            for position in [p for p in seen if not end - window_size <= p < end]:
+                del seen[position]
+            for position in range(max(first_position, end - window_size), end):
+                row = rows[first_row + position - first_position].float().cpu()
+                if getattr(layer, "query_quant", None) is not None:
+                    row = row * layer._q_scale.float().cpu()
+                seen[position] = row
 
     def recording(self, impl, layer, query, kv_cache):
-        rows = query.view(-1, impl.num_heads, impl.head_size)
-        for job in self.jobs:
-            spec = job.plan or job.capture
-            seen = layer_queries.setdefault((job.request_id, layer.layer_name), {})
-            for position in range(job.chunk_start, job.chunk_start + job.chunk_len):
-                if spec.window_end - spec.window_size <= position < spec.window_end:
-                    row = rows[job.first_row + position - job.chunk_start].float().cpu()
-                    if getattr(layer, "query_quant", None) is not None:
-                        row = row * layer._q_scale.float().cpu()
-                    seen[position] = row
+        record(self, layer, query)
         return on_attention_layer(self, impl, layer, query, kv_cache)
+
+    def recording_ring(self, layer, query):
+        record(self, layer, query)
+        return write_window_ring(self, layer, query)
 
     def compact_checking(self, impl, layer, job, window_queries, kv_cache, group_id):
         layout = self._layout(impl, layer)
@@ -290,13 +319,7 @@ def spy_on_compactions(monkeypatch, extra_check=None) -> list[str]:
         sinks = getattr(impl, "sinks", None)
         seen = layer_queries.pop((job.request_id, layer.layer_name))
         window = range(plan.window_end - plan.window_size, plan.window_end)
-        # Decode-time captures go through the window ring's fixed-shape write, outside the
-        # step's jobs: positions captured in earlier steps come from the ring; the rows of the
-        # compacting step itself are the layer's own input.
-        assert plan.window_end - 1 in seen, (layer.layer_name, sorted(seen))
-        ring_rows = window_queries.reshape(len(window), impl.num_heads, impl.head_size)
-        for index, position in enumerate(window):
-            seen.setdefault(position, ring_rows[index].float().cpu())
+        assert set(window) <= set(seen), (layer.layer_name, sorted(seen))
         own_queries = torch.stack([seen[position] for position in window])
         expected = reference_selection(  # float64 loops on the CPU
             own_queries, keys.float().cpu(), plan.budget, impl.scale, 7, "max",
@@ -314,6 +337,8 @@ def spy_on_compactions(monkeypatch, extra_check=None) -> list[str]:
 
     monkeypatch.setattr(worker_module.WorkerCompression, "_compact", compact_checking)
     monkeypatch.setattr(worker_module.WorkerCompression, "on_attention_layer", recording)
+    monkeypatch.setattr(worker_module.WorkerCompression, "write_window_ring", recording_ring)
+    monkeypatch.setattr(worker_module.WorkerCompression, "after_prepare_inputs", recording_rows)
     return checked
 
 
