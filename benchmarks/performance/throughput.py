@@ -27,7 +27,7 @@ BLOCK_BYTES = 30 * 3 * 128 * 2 * 64 * 4  # SmolLM2-135M, float32, block size 128
 
 
 def start_server(model_dir: str, port: int, budget: int, kv_cache_bytes: int, log: Path,
-                 dtype: str = "float32", max_model_len: int = 8192):
+                 dtype: str = "float32", max_model_len: int = 8192, enforce_eager: bool = False):
     vllm = Path(sys.executable).parent / "vllm"
     env = {k: v for k, v in os.environ.items() if k != "VLLM_ENABLE_V1_MULTIPROCESSING"}
     command = [
@@ -36,6 +36,7 @@ def start_server(model_dir: str, port: int, budget: int, kv_cache_bytes: int, lo
         "--max-num-batched-tokens", str(max_model_len), "--gpu-memory-utilization", "0.3",
         "--kv-cache-memory-bytes", str(kv_cache_bytes),
         "--kv-compression", "snapkv", "--snapkv-budget", str(budget),
+        *(["--enforce-eager"] if enforce_eager else []),
     ]
     process = subprocess.Popen(command, stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env)
     for _ in range(300):
@@ -93,7 +94,8 @@ def main(argv=None) -> list[dict]:
         args.kv_blocks * BLOCK_BYTES if args.kv_cache_gib is None else int(args.kv_cache_gib * 2**30)
     )
     server = start_server(args.model or str(build_demo_model()), port, args.budget, kv_cache_bytes,
-                          args.out / "server.log", args.dtype, args.max_model_len)
+                          args.out / "server.log", args.dtype, args.max_model_len,
+                          enforce_eager=args.smoke)  # smoke: no compile (it runs, no figure)
     try:
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="-", timeout=3600)
 

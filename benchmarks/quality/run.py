@@ -63,7 +63,9 @@ def main(argv=None) -> list[dict]:
     ]
     kv_cache_bytes = int(args.kv_cache_gib * 2**30)
     snapkv = {"window_size": args.window_size, "kernel_size": args.kernel_size}
-    llm = make_llm(model_dir, budget=max(budgets), kv_cache_memory_bytes=kv_cache_bytes, **snapkv)
+    # The smoke run skips torch.compile (most of its time): it checks the table, not speed.
+    llm = make_llm(model_dir, budget=max(budgets), kv_cache_memory_bytes=kv_cache_bytes,
+                   enforce_eager=args.smoke, **snapkv)
     prompts = [task.prompt for task in tasks]
     prompt_lens = [len(ids) for ids in llm.get_tokenizer()(prompts).input_ids]
     plugin: dict[int | None, list[bool]] = {}
