@@ -154,7 +154,7 @@ def test_value_metric_reads_the_projection_through_its_forward_in_bfloat16():
     torch.testing.assert_close(got, want)
 
 
-@pytest.mark.parametrize("seed", range(40))
+@pytest.mark.parametrize("seed", range(24))
 def test_chunked_selection_equals_the_dense_one_for_every_rule(seed):
     case = random_case(seed)
     chunk_size, block_size = case.pop("chunk_size"), case.pop("block_size")
@@ -211,6 +211,8 @@ def test_unknown_rule_and_missing_values_are_refused():
     q, k = make_inputs(1, 4, 4, 2, 50)
     with pytest.raises(ValueError, match="score must be one of snapkv, critical; got 'h2o'"):
         select_kept_positions(q, k, 20, 0.25, score="h2o")
+    with pytest.raises(ValueError, match="'critical' score needs values and value_metric"):
+        select_kept_positions(q, k, 20, 0.25, score="critical")
     with pytest.raises(ValueError, match="needs read_values and value_metric"):
         select_kept_positions_chunked(q, lambda s, e: k[s:e], 50, 20, 0.25, score="critical")
 

@@ -195,6 +195,8 @@ def select_kept_positions(
     scores = window_attention_scores(window_queries, keys, scale, sinks, soft_cap)
     scores = group_mean(pool_scores(scores, kernel_size, pooling), num_kv_heads)
     prefix_len = prompt_len - num_window
+    if rule.needs_values and (values is None or value_metric is None):
+        raise ValueError(f"the {rule.name!r} score needs values and value_metric")
     tracks = rule.score(
         scores, num_window, values[:prefix_len] if rule.needs_values else None, value_metric
     )
