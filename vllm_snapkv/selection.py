@@ -43,11 +43,12 @@ the cache, ``C`` the budget and ``N = C + outputs`` the rows written::
     bound     = max(selection, write)
 
 A rule with ``T`` score tracks (:mod:`vllm_snapkv.scoring`) keeps ``T`` running tops (the merge
-term times ``T``). A rule that reads values (``critical``) adds to ``selection`` the values of
-one span, ``2·e·P·H_kv·D_s + 16·P·H_kv·D + 64·P·H_kv`` (the stored rows gathered, their float32
-dequantisation, the projected rows and the indices), and builds each layer's value metric once,
-a separate phase of ``G·D·(e_m·(H_q·D + hidden) + 4·hidden) + 8·G·D²`` (``G = H_q / H_kv``,
-``e_m`` the model's element bytes): ``bound = max(selection, write, metric)``.
+term times ``T``). A rule that reads values (``critical``) adds to ``selection`` the values
+of one span, ``2·e·P·H_kv·D_s + 16·P·H_kv·D + 64·P·H_kv`` (the stored rows gathered, their
+float32 dequantisation, the projected rows and the indices), and builds each layer's value
+metric once, a separate phase of ``G·D·(e_m·(H_q·D + hidden) + 4·hidden) + 8·G·D²``
+(``G = H_q / H_kv``, ``e_m`` the model's element bytes): ``bound = max(selection, write,
+metric)``.
 
 For Llama-3.1-8B (32/8 heads, head 128, bf16 cache, block 16, W 32, k 7, P 8192) the bound is
 135-136 MiB for C = 1024-4096 (the selection term; write is 34 MiB at C = 4096); measured on the

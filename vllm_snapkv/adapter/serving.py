@@ -8,8 +8,8 @@ Patched (vLLM 0.32; contract tests in tests/test_contract.py):
   (argparse values outside the dataclass fields are otherwise dropped) and validate them, naming
   the flag; the merged config is written back to the namespace for extra API server processes.
 - ``InputProcessor._validate_params`` (post): reject a bad ``snapkv_budget``/``snapkv_score``/
-  ``kv_compression`` in a request's ``extra_args`` (``vllm_xargs``) with vLLM's validation error, which the OpenAI server
-  answers with HTTP 400 while it keeps serving everyone else.
+  ``kv_compression`` in a request's ``extra_args`` (``vllm_xargs``) with vLLM's validation
+  error, which the OpenAI server answers with HTTP 400 while it keeps serving everyone else.
 - ``SamplingParams._verify_extra_args`` (pre): vLLM rejects integers outside 64 bits while it builds
   the sampling params, before any plugin sees them, naming only ``extra_args``; an out-of-range
   ``snapkv_*`` value is named by its own key instead.
