@@ -244,3 +244,41 @@ def test_keep_by_priority_against_a_naive_merge(seed):
             order = sorted(range(length), key=lambda p: -tracks[t, h, p].item())
             kept += [p for p in order if p not in kept][:count]
         assert got[h].tolist() == sorted(kept)
+
+
+def test_a_model_without_a_readable_output_projection_refuses_only_a_value_aware_default():
+    """The worker looks up ``<attention module>.o_proj`` for every compressed layer at start.
+    Here it is a plain ``nn.Linear`` (not vLLM's row-parallel layer): the reason is kept; a
+    server whose default rule reads values refuses to start, naming it; a SnapKV server starts
+    (a request asking for 'critical' there is scored with 'snapkv', logged)."""
+    from types import SimpleNamespace
+
+    from vllm_snapkv.adapter.groups import CompressedGroups
+    from vllm_snapkv.adapter.worker import WorkerCompression
+    from vllm_snapkv.config import parse_config
+
+    layer_name = "model.layers.0.self_attn.attn"
+    model = torch.nn.Module()
+    model.model = torch.nn.Module()
+    model.model.layers = torch.nn.ModuleList([torch.nn.Module()])
+    model.model.layers[0].self_attn = torch.nn.Module()
+    model.model.layers[0].self_attn.o_proj = torch.nn.Linear(64, 64)
+    impl = SimpleNamespace(num_heads=4, head_size=16)
+    runner = SimpleNamespace(
+        get_model=lambda: model,
+        compilation_config=SimpleNamespace(
+            static_forward_context={layer_name: SimpleNamespace(impl=impl)}
+        ),
+    )
+    groups = CompressedGroups(group_ids=(0,), block_size=16, group_of_layer={layer_name: 0},
+                              hybrid=False)
+    state = WorkerCompression(parse_config({}), groups)
+    state.find_output_projections(runner)
+    assert state.output_projections == {}
+    assert "model.layers.0.self_attn (Module) has no RowParallelLinear o_proj" in (
+        state.value_rules_unavailable
+    )
+    critical = WorkerCompression(parse_config({"score": "critical"}), groups)
+    with pytest.raises(RuntimeError, match="score='critical' needs each attention layer's output "
+                       "projection, but model.layers.0.self_attn"):
+        critical.find_output_projections(runner)

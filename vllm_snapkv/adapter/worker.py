@@ -113,7 +113,7 @@ class WorkerCompression:
         #: Device time spent selecting and compacting (all layers, all requests), for benchmarks.
         self.clock = CompactionClock()
         #: Compressed layer name -> the output projection its heads feed (value-aware rules,
-        #: ``adapter.output_projection``); found at :meth:`attach`.
+        #: ``adapter.output_projection``); found by :meth:`find_output_projections`.
         self.output_projections: dict[str, Any] = {}
         #: Why value-aware rules cannot run on this model (None: they can).
         self.value_rules_unavailable: str | None = None
@@ -143,12 +143,12 @@ class WorkerCompression:
                 setattr(attention_group, STEP_STATE_ATTR, self)
         if self.config.decode_interval:
             self.ring = self._make_ring(runner, forward_context)
-        self._find_output_projections(runner, forward_context)
 
-    def _find_output_projections(self, runner: GPUModelRunner, forward_context: dict) -> None:
-        """Locate every compressed layer's output projection; a server whose default rule reads
-        values refuses to start without them (a request asking for such a rule on this model
-        falls back to the paper's rule, logged)."""
+    def find_output_projections(self, runner: GPUModelRunner) -> None:
+        """Locate every compressed layer's output projection (value-aware rules); a server
+        whose default rule reads values refuses to start without them (a request asking for
+        such a rule on this model falls back to the paper's rule, logged)."""
+        forward_context = runner.compilation_config.static_forward_context
         model = runner.get_model()
         for name in self.groups.group_of_layer:
             impl = forward_context[name].impl
@@ -472,6 +472,7 @@ def _patch_initialize_kv_cache(original):
         if state is not None:
             state.check_layers(self)
             state.attach(self)
+            state.find_output_projections(self)
         return result
 
     return initialize_kv_cache
