@@ -29,6 +29,7 @@ def test_flags_have_their_own_help_group():
         "--snapkv-kernel-size",
         "--snapkv-pooling",
         "--snapkv-decode-interval",
+        "--snapkv-score",
         "--snapkv-dump-selections-to",
     }
     assert all(action.help for action in group._group_actions)
@@ -45,7 +46,7 @@ def test_readme_help_command_lists_every_flag_of_the_group():
     assert result.returncode == 0, result.stderr[-2000:]
     for flag in ("--kv-compression", "--snapkv-budget", "--snapkv-window-size",
                  "--snapkv-kernel-size", "--snapkv-pooling", "--snapkv-decode-interval",
-                 "--snapkv-dump-selections-to"):
+                 "--snapkv-score", "--snapkv-dump-selections-to"):
         assert flag in result.stdout, flag
 
 
@@ -53,11 +54,12 @@ def test_flags_map_into_additional_config():
     args = engine_args(
         "--kv-compression", "snapkv", "--snapkv-budget", "512", "--snapkv-window-size", "16",
         "--snapkv-kernel-size", "5", "--snapkv-pooling", "avg", "--snapkv-decode-interval", "256",
+        "--snapkv-score", "critical",
     )
     assert args.additional_config == {
         "kv_compression": {
             "method": "snapkv", "budget": 512, "window_size": 16, "kernel_size": 5, "pooling": "avg",
-            "decode_interval": 256,
+            "decode_interval": 256, "score": "critical",
         }
     }
 
@@ -91,11 +93,22 @@ def test_invalid_flags_are_named(argv, message):
         engine_args(*argv)
 
 
-def test_bad_choice_is_an_argparse_error_naming_the_flag(capsys):
+@pytest.mark.parametrize("flag,value", [("--snapkv-pooling", "median"), ("--snapkv-score", "h2o")])
+def test_bad_choice_is_an_argparse_error_naming_the_flag(capsys, flag, value):
     with pytest.raises(SystemExit) as exit_info:
-        engine_args("--snapkv-pooling", "median")
+        engine_args(flag, value)
     assert exit_info.value.code == 2
-    assert "--snapkv-pooling" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert flag in err
+    if flag == "--snapkv-score":
+        assert "'snapkv', 'critical'" in err  # the allowed rules are listed
+
+
+def test_bad_score_in_additional_config_names_the_field_and_the_rules():
+    with pytest.raises(KVCompressionConfigError,
+                       match=r"kv_compression.score: must be one of snapkv, critical \(got 'h2o'\)"):
+        engine_args("--additional-config", '{"kv_compression": {"score": "h2o"}}',
+                    "--snapkv-budget", "400")
 
 
 def test_cpu_wheel_reports_a_vllm_version():

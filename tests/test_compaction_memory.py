@@ -22,6 +22,7 @@ from vllm_snapkv.adapter.layouts.cpu import CpuPackedLayout, read_keys, read_kv
 from vllm_snapkv.adapter.layouts.standard import StandardLayout
 from vllm_snapkv.adapter.worker import WorkerCompression
 from vllm_snapkv.plan import CompressionPlan
+from vllm_snapkv.scoring import value_metric
 from vllm_snapkv.selection import compaction_workspace_bytes, select_kept_positions
 
 sys.path.insert(0, str(Path(__file__).parents[1]))  # the repository root: benchmarks/
@@ -96,10 +97,12 @@ def test_key_spans_are_the_rows_of_the_whole_read(layout_name):
 
 
 def compact(layout, kv_cache, window_queries, plan, source, scale=0.125, kernel_size=7,
-            pooling="max", sinks=None, soft_cap=None):
-    """``WorkerCompression._compact`` itself, on a stand-in worker state and layer."""
+            pooling="max", sinks=None, soft_cap=None, metric=None):
+    """``WorkerCompression._compact`` itself, on a stand-in worker state and layer (``metric``:
+    the layer's value metric, for value-aware rules)."""
     state = SimpleNamespace(
         _layout=lambda impl, layer: layout,
+        _value_metric=lambda impl, layer, device: metric,
         config=SimpleNamespace(kernel_size=kernel_size, pooling=pooling),
     )
     impl = SimpleNamespace(head_size=window_queries.shape[-1], scale=scale, sinks=sinks,
@@ -124,15 +127,17 @@ CASES = [
 ]
 
 
+@pytest.mark.parametrize("score", ["snapkv", "critical"])
 @pytest.mark.parametrize("layout_name,cache_dtype,dtype,chunk,kernel_size,pooling,extras", CASES)
 def test_worker_compaction_is_the_dense_selection_moved_in_place(
-    monkeypatch, layout_name, cache_dtype, dtype, chunk, kernel_size, pooling, extras
+    monkeypatch, layout_name, cache_dtype, dtype, chunk, kernel_size, pooling, extras, score
 ):
     """Spans of ``chunk`` positions (the module constant, patched smaller so several spans and
     block boundaries occur), targets reusing the request's own first source blocks, two earlier
     outputs re-prefilled after the prompt: kept positions equal the dense reference's on the
-    stored keys, the targets hold exactly the stored K/V rows of those positions, and the
-    temporary memory stayed under the documented bound for this layout, dtype and span."""
+    stored keys (and, for the value-aware rule, the stored values dequantised with the layer's
+    V scale), the targets hold exactly the stored K/V rows of those positions, and the
+    temporary memory stayed under the documented bound for this rule, layout, dtype and span."""
     monkeypatch.setattr(selection, "SCORE_CHUNK_TOKENS", chunk)
     block_size, num_heads, q_heads, head_size, window = 16, 2, 6, 32, 8
     prompt_len, outputs, budget = 1500, 2, 200
@@ -142,15 +147,20 @@ def test_worker_compaction_is_the_dense_selection_moved_in_place(
         layout = StandardLayout()
         cache = standard_cache(num_blocks + 4, num_heads, block_size, head_size, cache_dtype)
     else:
-        k_scale = 0.5
-        layout = CpuPackedLayout(layout_name, cache_dtype, k_scale=k_scale)
+        layout = CpuPackedLayout(layout_name, cache_dtype, k_scale=0.5, v_scale=2.0)
         cache = cpu_cache(num_blocks + 4, num_heads, block_size, head_size, cache_dtype)
     block_ids = (torch.randperm(num_blocks + 3, generator=gen) + 1)[:num_blocks].tolist()
     source = PagedTokens.of(block_ids, block_size, prompt_len + outputs, "cpu")
     targets = tuple(block_ids[: -(-(budget + outputs) // block_size)])  # in place
-    plan = CompressionPlan(prompt_len, budget, window, prompt_len, outputs, {0: targets})
+    plan = CompressionPlan(prompt_len, budget, window, prompt_len, outputs, {0: targets},
+                           score=score)
     stored_keys, stored_values = stored_keys_and_values(layout, cache, source)
     scoring = layout.scoring_keys(stored_keys[:prompt_len]).float()
+    scoring_values = layout.scoring_values(stored_values[:prompt_len]).float()
+    q_heads_hidden = 48
+    w_o = torch.randn(q_heads_hidden, q_heads * head_size, generator=gen)
+    metric = value_metric(lambda x: x @ w_o.T, q_heads, num_heads, head_size, torch.float32,
+                          "cpu")
     window_queries = (torch.randn(window, q_heads, head_size, generator=gen) * 3).to(dtype)
     options = {}
     if extras:
@@ -161,16 +171,17 @@ def test_worker_compaction_is_the_dense_selection_moved_in_place(
     def run():
         nonlocal kept
         kept = compact(layout, cache, window_queries, plan, source, kernel_size=kernel_size,
-                       pooling=pooling, **options)
+                       pooling=pooling, metric=metric, **options)
 
     peak = peak_cpu_bytes(run)
     element_bytes = cache.element_size()
     bound = compaction_workspace_bytes(q_heads, num_heads, head_size, window, budget, kernel_size,
                                        block_size, element_bytes, num_outputs=outputs,
-                                       chunk_size=chunk)
+                                       chunk_size=chunk, score=score, hidden_size=q_heads_hidden)
     assert 0 < peak <= bound, (peak, bound)
 
     want = select_kept_positions(window_queries, scoring, budget, 0.125, kernel_size, pooling,
+                                 score=score, values=scoring_values, value_metric=metric,
                                  **options)
     assert torch.equal(kept, want)
     per_slot = torch.cat([kept, torch.arange(prompt_len, prompt_len + outputs).expand(2, -1)], 1)
@@ -243,6 +254,8 @@ def test_profiling_run_holds_the_workspace_bound_on_cuda(monkeypatch):
         get_num_attention_heads=lambda parallel: 32 // parallel.tensor_parallel_size,
         get_num_kv_heads=lambda parallel: 8 // parallel.tensor_parallel_size,
         get_head_size=lambda: 128,
+        get_hidden_size=lambda: 4096,
+        get_num_layers=lambda parallel: 32,
     )
     vllm_config = SimpleNamespace(
         model_config=model,
@@ -250,7 +263,13 @@ def test_profiling_run_holds_the_workspace_bound_on_cuda(monkeypatch):
         cache_config=SimpleNamespace(cache_dtype="auto", block_size=16),
         additional_config={"kv_compression": {"budget": 2048}},
     )
-    expected = compaction_workspace_bytes(16, 4, 128, 32, 2048, 7, 16, 2)
+    # The largest over the rules (any request may pick one), plus the value metrics kept
+    # per layer: 32 layers x 4 KV heads x 128 x 128 x float32 on this rank.
+    expected = max(
+        compaction_workspace_bytes(16, 4, 128, 32, 2048, 7, 16, 2),
+        compaction_workspace_bytes(16, 4, 128, 32, 2048, 7, 16, 2, score="critical",
+                                   hidden_size=4096),
+    ) + 32 * 4 * 128 * 128 * 4
     assert workspace.compaction_workspace_of(vllm_config, config) == expected
     allocations = []
     monkeypatch.setattr(
@@ -276,6 +295,7 @@ def test_profiling_run_adds_the_decode_window_buffer_bound_when_decode_compressi
         get_num_attention_heads=lambda parallel: 32,
         get_num_kv_heads=lambda parallel: 8,
         get_head_size=lambda: 128,
+        get_hidden_size=lambda: 4096,
         get_num_layers=lambda parallel: 32 // parallel.pipeline_parallel_size,
     )
     settings = {"budget": 2048, "decode_interval": 512}
@@ -307,6 +327,7 @@ def small_vllm_config(settings: dict) -> SimpleNamespace:
         get_num_attention_heads=lambda parallel: 8,
         get_num_kv_heads=lambda parallel: 2,
         get_head_size=lambda: 64,
+        get_hidden_size=lambda: 512,
         get_num_layers=lambda parallel: 4,
     )
     return SimpleNamespace(

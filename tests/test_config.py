@@ -10,6 +10,7 @@ from vllm_snapkv.config import (
     config_from_additional,
     parse_config,
     request_budget,
+    request_score,
 )
 
 
@@ -18,6 +19,7 @@ def test_defaults_are_the_longbench_setting():
     assert (config.method, config.budget, config.window_size) == ("snapkv", 1024, 32)
     assert (config.kernel_size, config.pooling, config.dump_selections_to) == (7, "max", None)
     assert config.decode_interval == 0  # decode compression off: prompt-only SnapKV
+    assert config.score == "snapkv"  # the paper's rule: plugin = reference
 
 
 @pytest.mark.parametrize(
@@ -29,6 +31,8 @@ def test_defaults_are_the_longbench_setting():
         ({"kernel_size": 4}, "kernel_size", "odd"),
         ({"kernel_size": 0}, "kernel_size", "greater than or equal to 1"),
         ({"pooling": "min"}, "pooling", "'max' or 'avg'"),
+        ({"score": "h2o"}, "score", "must be one of snapkv, critical"),
+        ({"score": 1}, "score", "valid string"),
         ({"method": "h2o"}, "method", "'snapkv' or 'none'"),
         ({"budget": "lots"}, "budget", "valid integer"),
         ({"decode_interval": -1}, "decode_interval", "greater than or equal to 0"),
@@ -129,6 +133,9 @@ def test_request_may_lower_its_budget_or_opt_out(extra_args, budget):
         ({"snapkv_bugdet": 256}, "snapkv_bugdet"),
         ({"snapkv_dump_selections_to": "/tmp"}, "snapkv_dump_selections_to"),
         ({"snapkv_window_size": 8, "kv_compression": "none"}, "snapkv_window_size"),
+        ({"snapkv_score": "h2o"}, "snapkv_score"),
+        ({"snapkv_score": ["critical"]}, "snapkv_score"),
+        ({"snapkv_score": "CRITICAL", "snapkv_budget": 64}, "snapkv_score"),
     ],
 )
 def test_request_cannot_raise_budget_or_pass_garbage(extra_args, field):
@@ -136,8 +143,27 @@ def test_request_cannot_raise_budget_or_pass_garbage(extra_args, field):
         request_budget(SERVER, extra_args)
     if field == "snapkv_budget":
         assert "window_size (32) < snapkv_budget <= the server's budget (512)" in str(error.value)
-    if field.startswith("snapkv_") and field != "snapkv_budget":
+    if field == "snapkv_score":
+        assert "must be one of snapkv, critical" in str(error.value)
+    elif field.startswith("snapkv_") and field != "snapkv_budget":
         assert "unknown SnapKV request key; allowed: kv_compression, snapkv_budget" in str(
             error.value
         )
     assert len(str(error.value)) < 300
+
+
+@pytest.mark.parametrize(
+    "server,extra_args,score",
+    [
+        ({}, None, "snapkv"),
+        ({}, {"snapkv_score": "critical"}, "critical"),
+        ({"score": "critical"}, {}, "critical"),
+        ({"score": "critical"}, {"snapkv_score": "snapkv", "snapkv_budget": 64}, "snapkv"),
+    ],
+)
+def test_request_may_pick_a_selection_rule(server, extra_args, score):
+    """Every rule keeps the same number of entries, so a request may pick any of them; its
+    budget rules stay as they are."""
+    config = parse_config(server)
+    assert request_score(config, extra_args) == score
+    assert request_budget(config, extra_args) == (extra_args or {}).get("snapkv_budget", 1024)

@@ -490,3 +490,14 @@ def test_microbatching_switches_the_refusal_reads():
     fields = {field.name for field in dataclasses.fields(ParallelConfig)}
     assert {"enable_dbo", "ubatch_size"} <= fields
     assert "self.enable_dbo or self.ubatch_size > 1" in source(ParallelConfig.use_ubatching.fget)
+
+
+def test_output_projection_facts_the_value_rules_read():
+    """``adapter.output_projection``: RowParallelLinear keeps its per-rank input width and its
+    quant method, whose ``apply(layer, x, bias)`` is the rank's partial product."""
+    from vllm.model_executor.layers.linear import RowParallelLinear, UnquantizedLinearMethod
+
+    assert params(UnquantizedLinearMethod.apply) == ["self", "layer", "x", "bias"]
+    init = source(RowParallelLinear.__init__)
+    assert "self.input_size_per_partition = divide(input_size, self.tp_size)" in init
+    assert "self.quant_method" in source(RowParallelLinear.forward)

@@ -171,6 +171,117 @@ def test_kept_positions_match_dense_transformers_reference(
             assert overlap >= 0.99, (layer, head, overlap)
 
 
+def reference_critical_kept_positions(
+    model_dir: str, prompt_ids: list[int], budget: int, window: int, kernel_size: int = 7
+) -> dict:
+    """The 'critical' rule from transformers' eager forward of the same weights, written out
+    here: post-RoPE Q/K, V (the v_proj outputs) and each layer's o_proj weight captured from the
+    HF Llama layers; SnapKV's pooled group-mean window attention; per KV head the RMS over its
+    query heads of ||W_o^q v||; stage 1 the attention top of budget / 2 (window counted), stage
+    2 the rest by (attention / W + 1e-4) * norm."""
+    import math
+
+    import transformers.models.llama.modeling_llama as llama
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(
+        model_dir, dtype=torch.float32, attn_implementation="eager"
+    )
+    captured, values = [], []
+    original = llama.apply_rotary_pos_emb
+
+    def capture(q, k, cos, sin, *args, **kwargs):
+        q, k = original(q, k, cos, sin, *args, **kwargs)
+        captured.append((q[0].detach(), k[0].detach()))  # [H, L, D]
+        return q, k
+
+    hooks = [
+        layer.self_attn.v_proj.register_forward_hook(
+            lambda module, args, out: values.append(out[0].detach())  # [L, H_kv * D]
+        )
+        for layer in model.model.layers
+    ]
+    llama.apply_rotary_pos_emb = capture
+    try:
+        with torch.no_grad():
+            model(torch.tensor([prompt_ids]))
+    finally:
+        llama.apply_rotary_pos_emb = original
+        for hook in hooks:
+            hook.remove()
+
+    kept = {}
+    for layer, ((q, k), v) in enumerate(zip(captured, values)):
+        num_q_heads, length, dim = q.shape
+        num_kv_heads = k.shape[0]
+        group, prefix = num_q_heads // num_kv_heads, length - window
+        logits = q[:, -window:] @ k.repeat_interleave(group, dim=0).transpose(1, 2) / math.sqrt(dim)
+        future = torch.arange(length)[None, :] > (prefix + torch.arange(window))[:, None]
+        probs = logits.masked_fill(future, float("-inf")).softmax(-1)[..., :prefix].sum(1)
+        pooled = torch.nn.functional.max_pool1d(probs[:, None], kernel_size, 1, kernel_size // 2)
+        attention = pooled[:, 0].view(num_kv_heads, group, prefix).mean(1).double()
+        w_o = model.model.layers[layer].self_attn.o_proj.weight.double()  # [hidden, H_q * D]
+        v = v.view(length, num_kv_heads, dim)[:prefix].double()
+        first = max(budget // 2 - window, 0)
+        kept[layer] = []
+        for h in range(num_kv_heads):
+            squares = [
+                (v[:, h] @ w_o[:, qh * dim : (qh + 1) * dim].T).norm(dim=-1) ** 2
+                for qh in range(h * group, (h + 1) * group)
+            ]
+            norms = torch.stack(squares).mean(0).sqrt()
+            stage1 = attention[h].sort(descending=True, stable=True).indices[:first].tolist()
+            weighted = (attention[h] / window + 1e-4) * norms
+            order = weighted.sort(descending=True, stable=True).indices.tolist()
+            rest = [p for p in order if p not in set(stage1)][: budget - window - first]
+            kept[layer].append(set(stage1) | set(rest) | set(range(prefix, length)))
+    return kept
+
+
+def test_critical_rule_per_request_keeps_budget_blocks_and_matches_its_reference(
+    snap_llm, dump_dir, model_dir
+):
+    """``snapkv_score: critical`` through ``extra_args`` on the shared SnapKV engine: the request
+    holds ceil(C / bs) blocks like any SnapKV request, its dump names the rule, and every
+    layer's kept positions match the rule computed from transformers' forward (so the worker
+    found o_proj through vLLM's CPU-repacked linear and read V from the packed cache)."""
+    budget = 256
+    engine = snap_llm.llm_engine
+    scheduler = scheduler_of(snap_llm)
+    manager = scheduler.kv_cache_manager.coordinator.single_type_managers[0]
+    pool = scheduler.kv_cache_manager.block_pool
+    snap_llm.reset_prefix_cache()
+    free_at_start = pool.get_num_free_blocks()
+    prompt = passkey_prompt(1900, 31337, 0.4)
+    prompt_ids = snap_llm.get_tokenizer()(prompt).input_ids
+    params = SamplingParams(temperature=0.0, max_tokens=8,
+                            extra_args={"snapkv_budget": budget, "snapkv_score": "critical"})
+    engine.add_request("critical", prompt, params)
+    engine.step()  # the whole prompt prefills in this step and is compacted
+    request_id = internal_id(scheduler, "critical")
+    assert scheduler.requests[request_id].num_computed_tokens == len(prompt_ids)
+    assert len(manager.req_to_blocks[request_id]) == cdiv(budget, BLOCK_SIZE)
+    assert pool.get_num_free_blocks() == free_at_start - cdiv(budget, BLOCK_SIZE)
+    while engine.has_unfinished_requests():
+        engine.step()
+    assert pool.get_num_free_blocks() == free_at_start
+
+    dump = load_dump(dump_dir, "critical")
+    assert dump["score"] == "critical" and dump["budget"] == budget
+    assert sorted(dump["layers"]) == list(range(30))
+    reference = reference_critical_kept_positions(model_dir, prompt_ids, budget, WINDOW)
+    snapkv = reference_kept_positions(model_dir, prompt_ids, budget, WINDOW)
+    differs = 0
+    for layer, kept in dump["layers"].items():
+        assert kept.shape == (3, budget)
+        for head in range(3):
+            chosen = set(kept[head].tolist())
+            overlap = len(chosen & reference[layer][head]) / budget
+            assert overlap >= 0.99, (layer, head, overlap)
+            differs += chosen != snapkv[layer][head]
+    assert differs > 0  # the value stage really changed the selection somewhere
+
+
 def test_bad_request_budget_is_refused_naming_the_field(snap_llm):
     prompt = passkey_prompt(1200, 24680, 0.5)
     with pytest.raises(ValueError, match="snapkv_budget"):

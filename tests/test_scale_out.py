@@ -94,8 +94,13 @@ def rank_dumps(dump_dir: str, request_id: str) -> dict[str, dict]:
     return dumps
 
 
-def generate_with_dumps(llm, dump_dir: str, prompts) -> tuple[list[list[int]], list[dict]]:
-    outputs = llm.generate([as_prompt(p) for p in prompts], greedy(BUDGET, MAX_TOKENS))
+def generate_with_dumps(
+    llm, dump_dir: str, prompts, score: str = "snapkv"
+) -> tuple[list[list[int]], list[dict]]:
+    params = greedy(BUDGET, MAX_TOKENS)
+    if score != "snapkv":
+        params.extra_args["snapkv_score"] = score
+    outputs = llm.generate([as_prompt(p) for p in prompts], params)
     return token_ids(outputs), [rank_dumps(dump_dir, o.request_id) for o in outputs]
 
 
@@ -145,6 +150,12 @@ def single_rank(snap_llm, dump_dir, prompts):
     return generate_with_dumps(snap_llm, dump_dir, prompts)
 
 
+@pytest.fixture(scope="module")
+def single_rank_critical(snap_llm, dump_dir, prompts):
+    """The first prompt with the value-aware rule (``snapkv_score: critical``) on one rank."""
+    return generate_with_dumps(snap_llm, dump_dir, prompts[:1], "critical")
+
+
 def record_batches(scheduler) -> list[tuple[str, set[str]]]:
     """("scheduled", request ids) and ("output", ...) events of the scheduler, in order."""
     events: list[tuple[str, set[str]]] = []
@@ -179,11 +190,11 @@ def requests_in_flight_twice(events) -> set[str]:
 
 
 def run_parallel(
-    model_dir, dump_dir, prompts, vllm_env, bind: str, decode_reference, **parallel
+    model_dir, dump_dir, prompts, vllm_env, bind: str, decode_reference, extra=None, **parallel
 ):
     """Generate on a parallel engine; check blocks mid-decode, decode compressions against the
     reference, and that the pool comes back. Returns the outputs, the dumps and the scheduler's
-    batch events of the (first) generation."""
+    batch events of the (first) generation, and what ``extra(llm)`` returned (None without)."""
     vllm_env("VLLM_CPU_OMP_THREADS_BIND", bind)
     options = {"max_num_batched_tokens": 8192, **parallel}
     config = snapkv_config(dump_dir, decode_interval=DECODE_INTERVAL)
@@ -214,18 +225,37 @@ def run_parallel(
         check_decode_compressions(llm, dump_dir, prompts[2], decode_reference)
         assert stats.decode_compressions == 2
         assert pool.get_num_free_blocks() == free_at_start
-        return (*got, events)
+        return (*got, events, extra(llm) if extra is not None else None)
     finally:
         close_llm(llm)
 
 
 def test_tensor_parallel_ranks_compact_their_own_heads(
-    model_dir, prompts, single_rank, decode_reference, tmp_path, vllm_env
+    model_dir, prompts, single_rank, single_rank_critical, decode_reference, tmp_path, vllm_env
 ):
+    """Also with the value-aware rule (per request): each rank scores its KV head with the
+    o_proj columns it holds (row parallel), and its selection is the single rank's for that
+    head, so the ranks need no communication for it either."""
     expected_ids, expected_dumps = single_rank
-    got_ids, got_dumps, events = run_parallel(
+    got_ids, got_dumps, events, critical = run_parallel(
         model_dir, str(tmp_path), prompts, vllm_env, "0|1|1", decode_reference,
+        extra=lambda llm: generate_with_dumps(llm, str(tmp_path), prompts[:1], "critical"),
         tensor_parallel_size=NUM_KV_HEADS, enforce_eager=True,
+    )
+    (critical_ids,), (critical_ranks,) = critical
+    (expected_critical_ids,), (expected_critical,) = single_rank_critical
+    assert critical_ids == expected_critical_ids
+    assert expected_critical[""]["score"] == "critical"
+    assert sorted(critical_ranks) == [f"tp{r}" for r in range(NUM_KV_HEADS)]
+    assert_same_selection(expected_critical[""]["layers"], {
+        layer: torch.cat([critical_ranks[f"tp{r}"]["layers"][layer] for r in range(NUM_KV_HEADS)])
+        for layer in range(NUM_LAYERS)
+    }, BUDGET)
+    # The rule changed the selection (else this would only repeat the SnapKV check below).
+    snapkv_layers = expected_dumps[0][""]["layers"]
+    assert any(
+        not torch.equal(kept, snapkv_layers[layer])
+        for layer, kept in expected_critical[""]["layers"].items()
     )
     assert not requests_in_flight_twice(events)  # one batch at a time without PP
     assert got_ids == expected_ids
@@ -252,7 +282,7 @@ def test_pipeline_stages_compact_their_own_layers(
     # capturing chunk and its compacting chunk are scheduled back to back, both in the pipeline
     # at once.
     expected_ids, expected_dumps = single_rank
-    got_ids, got_dumps, events = run_parallel(
+    got_ids, got_dumps, events, _ = run_parallel(
         model_dir, str(tmp_path), prompts, vllm_env, "0|1", decode_reference,
         pipeline_parallel_size=2, max_num_batched_tokens=1024, compilation_config=PP_COMPILATION,
     )
@@ -274,7 +304,7 @@ def test_tensor_and_pipeline_parallel_together(
     """TP=3 x PP=2: six ranks, each one KV head of 15 layers (the slowest start here: six
     workers on two cores)."""
     expected_ids, expected_dumps = single_rank
-    got_ids, got_dumps, _ = run_parallel(
+    got_ids, got_dumps, _, _ = run_parallel(
         model_dir, str(tmp_path), prompts, vllm_env, "0|1|1|0|1|1", decode_reference,
         tensor_parallel_size=NUM_KV_HEADS, pipeline_parallel_size=2, max_num_batched_tokens=1024,
         compilation_config=PP_COMPILATION,

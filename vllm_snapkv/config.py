@@ -11,6 +11,8 @@ from typing import Any, Literal, Mapping
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
+from vllm_snapkv.scoring import DEFAULT_SCORE, SCORE_NAMES
+
 #: Key of the plugin's section inside vLLM's ``additional_config``.
 CONFIG_KEY = "kv_compression"
 
@@ -44,6 +46,13 @@ class SnapKVConfig(BaseModel):
         "reach budget + N, compress them back to budget (the last window_size tokens' queries "
         "score them). 0 turns it off; otherwise N >= window_size.",
     )
+    score: str = Field(
+        DEFAULT_SCORE,
+        description="Selection rule: 'snapkv' (the paper's window attention) or 'critical' "
+        "(value-aware, after CriticalKV: half the budget by window attention, the rest by "
+        "window attention times the norm of the value through the output projection). Every "
+        "rule keeps budget entries per KV head; a request may pick another with snapkv_score.",
+    )
     dump_selections_to: str | None = Field(
         None,
         description="Debug: a directory; each compressed request writes <request id>.pt there.",
@@ -67,6 +76,13 @@ class SnapKVConfig(BaseModel):
         if interval and window_size is not None and interval < window_size:
             raise ValueError(f"must be 0 (off) or at least window_size ({window_size})")
         return interval
+
+    @field_validator("score")
+    @classmethod
+    def _score_is_known(cls, score: str) -> str:
+        if score not in SCORE_NAMES:
+            raise ValueError(f"must be one of {', '.join(SCORE_NAMES)}")
+        return score
 
     @field_validator("kernel_size")
     @classmethod
@@ -120,10 +136,11 @@ def config_from_additional(additional_config: Any) -> SnapKVConfig | None:
 #: Per-request keys in ``SamplingParams.extra_args`` (the OpenAI API's ``vllm_xargs``).
 REQUEST_BUDGET_KEY = "snapkv_budget"
 REQUEST_METHOD_KEY = "kv_compression"
+REQUEST_SCORE_KEY = "snapkv_score"
 #: Every ``extra_args`` key that starts with this belongs to the plugin: an unknown one (a typo
 #: such as ``snapkv_bugdet``) is an error, not silently ignored. Other plugins' keys pass.
 REQUEST_KEY_PREFIX = "snapkv_"
-REQUEST_KEYS = (REQUEST_METHOD_KEY, REQUEST_BUDGET_KEY)
+REQUEST_KEYS = (REQUEST_METHOD_KEY, REQUEST_BUDGET_KEY, REQUEST_SCORE_KEY)
 
 
 def _short(value: Any) -> str:
@@ -137,8 +154,9 @@ def request_budget(config: SnapKVConfig, extra_args: Mapping[str, Any] | None) -
 
     A request may lower its budget (``snapkv_budget``) or opt out (``kv_compression: "none"``),
     never raise its memory use above the server's budget. ``kv_compression: "snapkv"`` means the
-    server's setting (the same as leaving it out). Nothing else (window, pooling, dump
-    directory, ...) can be set per request.
+    server's setting (the same as leaving it out). Its selection rule (``snapkv_score``,
+    :func:`request_score`) is checked here too, so one call validates every key. Nothing else
+    (window, pooling, dump directory, ...) can be set per request.
     """
     if not extra_args:
         return config.budget
@@ -157,6 +175,7 @@ def request_budget(config: SnapKVConfig, extra_args: Mapping[str, Any] | None) -
         )
     if method == "none":
         return None
+    request_score(config, extra_args)
     budget = extra_args.get(REQUEST_BUDGET_KEY, config.budget)
     # vllm_xargs values may arrive as strings (``--vllm-xargs`` style clients); only plain ASCII
     # digits convert, so no float, exponent or 4,300-digit string reaches int().
@@ -172,3 +191,15 @@ def request_budget(config: SnapKVConfig, extra_args: Mapping[str, Any] | None) -
             f"{REQUEST_BUDGET_KEY} <= the server's budget ({config.budget}); got {_short(budget)}"
         )
     return budget
+
+
+def request_score(config: SnapKVConfig, extra_args: Mapping[str, Any] | None) -> str:
+    """The selection rule one request compresses with: ``snapkv_score`` (any of
+    :data:`~vllm_snapkv.scoring.SCORE_NAMES`: every rule keeps the same number of entries, so
+    memory is the same) or the server's ``score``."""
+    score = (extra_args or {}).get(REQUEST_SCORE_KEY, config.score)
+    if not isinstance(score, str) or score not in SCORE_NAMES:
+        raise KVCompressionConfigError(
+            f"{REQUEST_SCORE_KEY}: must be one of {', '.join(SCORE_NAMES)}; got {_short(score)}"
+        )
+    return score

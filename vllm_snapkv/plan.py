@@ -82,6 +82,9 @@ class CompressionPlan:
     reused_block_ids: frozenset[int] = frozenset()
     phase: str = "prompt"
     index: int = 0
+    #: The selection rule (``vllm_snapkv.scoring``): the request's ``snapkv_score`` or the
+    #: server's ``score``.
+    score: str = "snapkv"
 
     @property
     def num_sources(self) -> int:

@@ -42,6 +42,14 @@ the cache, ``C`` the budget and ``N = C + outputs`` the rows written::
     write     = 4·e·N·H_kv·D_s + 64·N·H_kv    kept K and V, their concatenation, indices
     bound     = max(selection, write)
 
+A rule with ``T`` score tracks (:mod:`vllm_snapkv.scoring`) keeps ``T`` running tops (the merge
+term times ``T``). A rule that reads values (``critical``) adds to ``selection`` the values
+of one span, ``2·e·P·H_kv·D_s + 16·P·H_kv·D + 64·P·H_kv`` (the stored rows gathered, their
+float32 dequantisation, the projected rows and the indices), and builds each layer's value
+metric once, a separate phase of ``G·D·(e_m·(H_q·D + hidden) + 4·hidden) + 8·G·D²``
+(``G = H_q / H_kv``, ``e_m`` the model's element bytes): ``bound = max(selection, write,
+metric)``.
+
 For Llama-3.1-8B (32/8 heads, head 128, bf16 cache, block 16, W 32, k 7, P 8192) the bound is
 135-136 MiB for C = 1024-4096 (the selection term; write is 34 MiB at C = 4096); measured on the
 standard layout, 83-91 MiB from 8K to 128K tokens, where the dense path held 209 MiB at 8K and
@@ -56,6 +64,14 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
+
+from vllm_snapkv.scoring import (
+    DEFAULT_SCORE,
+    ScoreRule,
+    candidate_counts,
+    keep_by_priority,
+    score_rule,
+)
 
 Pooling = Literal["max", "avg"]
 
@@ -157,9 +173,14 @@ def select_kept_positions(
     pooling: Pooling = "max",
     sinks: torch.Tensor | None = None,
     soft_cap: float | None = None,
+    score: str | ScoreRule = DEFAULT_SCORE,
+    values: torch.Tensor | None = None,
+    value_metric: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Positions each KV head keeps: its top ``budget - W`` prefix positions plus the window.
-    ``sinks`` and ``soft_cap`` as in :func:`window_attention_scores`.
+    """Positions each KV head keeps: ``budget - W`` prefix positions chosen by the ``score`` rule
+    (:mod:`vllm_snapkv.scoring`; the default is the paper's top ``budget - W``) plus the window.
+    ``sinks`` and ``soft_cap`` as in :func:`window_attention_scores`; ``values`` (``[L, H_kv,
+    D]``, as attention sees them) and ``value_metric`` for rules that read values.
 
     Returns a ``LongTensor[H_kv, budget]``, each row ascending; among equal scores the earlier
     position is kept. The caller skips prompts with
@@ -171,10 +192,22 @@ def select_kept_positions(
         raise ValueError(
             f"need window ({num_window}) < budget ({budget}) < prompt length ({prompt_len})"
         )
+    rule = score_rule(score)
     scores = window_attention_scores(window_queries, keys, scale, sinks, soft_cap)
     scores = group_mean(pool_scores(scores, kernel_size, pooling), num_kv_heads)
-    top = top_positions(scores, budget - num_window)
-    window = torch.arange(prompt_len - num_window, prompt_len, device=keys.device)
+    prefix_len = prompt_len - num_window
+    if rule.needs_values and (values is None or value_metric is None):
+        raise ValueError(f"the {rule.name!r} score needs values and value_metric")
+    tracks = rule.score(
+        scores, num_window, values[:prefix_len] if rule.needs_values else None, value_metric
+    )
+    counts = rule.priorities(budget, num_window)
+    candidates = [
+        torch.sort(track, dim=-1, descending=True, stable=True).indices[:, :count]
+        for track, count in zip(tracks, candidate_counts(counts))
+    ]
+    top = keep_by_priority(candidates, counts)
+    window = torch.arange(prefix_len, prompt_len, device=keys.device)
     # top is ascending and every window position is after the prefix: already sorted.
     return torch.cat([top, window.expand(num_kv_heads, -1)], dim=-1)
 
@@ -357,11 +390,17 @@ def select_kept_positions_chunked(
     soft_cap: float | None = None,
     chunk_size: int | None = None,
     block_size: int = 1,
+    score: str | ScoreRule = DEFAULT_SCORE,
+    read_values: KeyReader | None = None,
+    value_metric: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """:func:`select_kept_positions` in bounded memory: keys come from ``read_keys(start, end)``
     (see :data:`KeyReader`), spans of ``chunk_positions(chunk_size, block_size)`` positions
-    starting at block boundaries, each read twice (once per pass).
-    Same result: ``LongTensor[H_kv, budget]``, rows ascending, the top ``budget - W`` prefix
+    starting at block boundaries, each read twice (once per pass); for a rule that reads values,
+    ``read_values(start, end)`` (``[end - start, H_kv, D]``, as attention sees them) once per
+    scored range. Each score track keeps a running top of the positions
+    :func:`~vllm_snapkv.scoring.keep_by_priority` may need, merged span by span.
+    Same result: ``LongTensor[H_kv, budget]``, rows ascending, the rule's ``budget - W`` prefix
     positions per KV head (ties: the earlier position) and the window. No host synchronisation:
     every shape is known from the arguments."""
     num_window = window_queries.shape[0]
@@ -369,14 +408,28 @@ def select_kept_positions_chunked(
         raise ValueError(
             f"need window ({num_window}) < budget ({budget}) < prompt length ({prompt_len})"
         )
+    rule = score_rule(score)
+    if rule.needs_values and (read_values is None or value_metric is None):
+        raise ValueError(f"the {rule.name!r} score needs read_values and value_metric")
     scorer = ChunkedWindowScores(
         window_queries, read_keys, prompt_len, scale, kernel_size, pooling, sinks, soft_cap,
         chunk_size, block_size,
     )
-    top_scores = top = None
+    counts = rule.priorities(budget, num_window)
+    needed = candidate_counts(counts)
+    running: list[tuple[torch.Tensor | None, torch.Tensor | None]] = [(None, None)] * len(counts)
     for start, scores in scorer:
-        top_scores, top = merge_top(top_scores, top, scores, start, budget - num_window)
-    top = top.sort(dim=-1).values
+        values = None
+        if rule.needs_values:
+            values = read_values(start, start + scores.shape[1])
+        tracks = rule.score(scores, num_window, values, value_metric)
+        del values
+        running = [
+            merge_top(top_scores, top, track, start, count)
+            for (top_scores, top), track, count in zip(running, tracks, needed)
+        ]
+        del tracks
+    top = keep_by_priority([top for _, top in running], counts)
     window = torch.arange(prompt_len - num_window, prompt_len, device=top.device)
     return torch.cat([top, window.expand(top.shape[0], -1)], dim=-1)
 
@@ -393,24 +446,49 @@ def compaction_workspace_bytes(
     stored_width: int | None = None,
     num_outputs: int = 0,
     chunk_size: int | None = None,
+    score: str | ScoreRule = DEFAULT_SCORE,
+    hidden_size: int | None = None,
+    model_element_bytes: int = 2,
 ) -> int:
     """Upper bound, in bytes, of the temporary memory of compacting one request in one layer
-    (selection with :func:`select_kept_positions_chunked`, then gathering and writing the kept
-    rows); the formula is in the module docstring. Independent of the prompt length.
-    ``stored_width``: a cache row's width per head for K (default ``head_size``);
+    (selection with :func:`select_kept_positions_chunked` under rule ``score``, then gathering
+    and writing the kept rows); the formula is in the module docstring. Independent of the
+    prompt length. ``stored_width``: a cache row's width per head (default ``head_size``);
     ``num_outputs``: earlier outputs re-prefilled after a preemption, written after the
-    selection."""
+    selection. Rules that read values also need ``hidden_size`` (the output projection's
+    output width) and ``model_element_bytes`` (its dtype), for the one-time value metric."""
     width = head_size if stored_width is None else stored_width
     span = chunk_positions(chunk_size, block_size)
     halo = kernel_size // 2
+    rule = score_rule(score)
+    tracks = len(rule.priorities(budget, window))
     selection = (
         4 * span * num_q_heads * window
         + 8 * span * num_kv_heads * head_size
         + 2 * cache_element_bytes * span * num_kv_heads * width
         + 12 * (span + 2 * halo) * num_q_heads
-        + 48 * num_kv_heads * (budget + span)
+        + 48 * num_kv_heads * (budget + span) * tracks
         + 4 * num_q_heads * window * (head_size + 2)
     )
     rows = budget + num_outputs
     write = 4 * cache_element_bytes * rows * num_kv_heads * width + 64 * rows * num_kv_heads
-    return max(selection, write)
+    metric = 0
+    if rule.needs_values:
+        if hidden_size is None:
+            raise ValueError(f"the {rule.name!r} score's workspace needs hidden_size")
+        selection += (
+            2 * cache_element_bytes * span * num_kv_heads * width
+            + 16 * span * num_kv_heads * head_size
+            + 64 * span * num_kv_heads
+        )
+        group_rows = num_q_heads // num_kv_heads * head_size
+        metric = group_rows * (
+            model_element_bytes * (num_q_heads * head_size + hidden_size) + 4 * hidden_size
+        ) + 8 * group_rows * head_size
+    return max(selection, write, metric)
+
+
+def value_metric_bytes(num_kv_heads: int, head_size: int, num_layers: int) -> int:
+    """Bytes the value metrics of ``num_layers`` compressed layers hold once built
+    (``scoring.value_metric``: ``[H_kv, D, D]`` float32 each), kept by the worker."""
+    return 4 * num_kv_heads * head_size * head_size * num_layers

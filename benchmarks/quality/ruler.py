@@ -6,10 +6,12 @@ samples.
     python -m benchmarks.quality.ruler --tasks niah_single_2,ruler_vt --limit 20 --seq-len 8192
     python -m benchmarks.quality.ruler --limit 2 --kvpress              # + kvpress, same samples
     python -m benchmarks.quality.ruler --smoke                          # one task, 2 samples, 1K
+    python -m benchmarks.quality.ruler --scores snapkv,critical         # + the value-aware rule
 
 One server (``benchmarks.servers``: ``vllm serve --kv-compression snapkv``, budget = the largest
 asked) serves every mode; each request picks its mode through ``vllm_xargs`` (``kv_compression:
-none`` for the full cache, ``snapkv_budget`` for a lower budget). lm_eval runs in its own
+none`` for the full cache, ``snapkv_budget`` for a lower budget, ``snapkv_score`` for another
+selection rule). lm_eval runs in its own
 virtualenv (``.venv-eval``, ``scripts/setup --test``) through ``benchmarks/quality/ruler_eval.py``,
 with the offline data of ``ruler_offline.py``; kvpress in another (``.venv-kvpress``,
 ``scripts/setup --bench``) through ``ruler_kvpress.py``, after the server has stopped.
@@ -17,7 +19,9 @@ with the offline data of ``ruler_offline.py``; kvpress in another (``.venv-kvpre
 Writes into ``--out`` (default ``benchmarks/results/ruler-<model>-<seq len>``): ``samples.jsonl``
 (every prompt, its token ids, the references and each mode's completion and score),
 ``passes.json`` (requests, compressions, prefix-cache hits and seconds per pass), ``scores.csv``,
-``table.md`` and ``ruler.png``; with ``--kvpress`` also ``kvpress.jsonl`` and ``agreement.csv``.
+``table.md`` and ``ruler.png``; with ``--kvpress`` also ``kvpress.jsonl`` and ``agreement.csv``;
+with ``--scores`` naming more rules than ``snapkv`` also ``rules.csv`` (each rule against SnapKV,
+paired per sample).
 """
 
 from __future__ import annotations
@@ -61,6 +65,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--limit", type=int, default=25, help="samples per task (the first N)")
     parser.add_argument("--budgets", default="1/4,1/8,1/16",
                         help="SnapKV budgets: fractions of --seq-len or token counts")
+    parser.add_argument("--scores", default="snapkv",
+                        help="selection rules at every budget, per request (snapkv_score): "
+                        "e.g. snapkv,critical adds the value-aware rule beside SnapKV, on the "
+                        "same samples and server; the extra rules are compared pairwise")
     parser.add_argument("--round-size", type=int, default=8,
                         help="samples per task evaluated in all modes before the next ones "
                         "(their prompts must fit the KV cache for the prefix-cache reuse)")
@@ -90,6 +98,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 
         args.model = str(build_demo_model())
     args.budget_list = [parse_budget(b, args.seq_len) for b in args.budgets.split(",")]
+    args.score_list = [score for score in args.scores.split(",") if score]
+    if "snapkv" not in args.score_list:
+        args.score_list.insert(0, "snapkv")  # the baseline every other rule is compared with
+    args.extra_scores = [score for score in args.score_list if score != "snapkv"]
     if args.out is None:
         args.out = ROOT / "benchmarks" / "results" / f"ruler-{Path(args.model).name}-{args.seq_len}"
     return args
@@ -120,7 +132,8 @@ def run_plugin(args: argparse.Namespace) -> None:
             str(eval_python), "-m", "benchmarks.quality.ruler_eval", "run",
             "--base-url", server.base, "--model", name, "--tokenizer", args.model,
             "--tasks", args.tasks, "--seq-len", str(args.seq_len), "--limit", str(args.limit),
-            "--budgets", ",".join(str(b) for b in budgets), "--round-size", str(args.round_size),
+            "--budgets", ",".join(str(b) for b in budgets), "--scores", ",".join(args.score_list),
+            "--round-size", str(args.round_size),
             "--num-concurrent", str(args.num_concurrent), "--block-size", "128",
             "--out", str(args.out), *(["--resume"] if args.resume else []),
         ], cwd=ROOT, check=True)
@@ -189,6 +202,9 @@ def summarize(args: argparse.Namespace, samples: list[dict], kvpress: list[dict]
                         "same_text": sum(r["outputs"][mode]["text"].strip() == c["text"].strip()
                                          for r, c in pairs),
                     })
+            for rule in args.extra_scores if budget is not None else []:
+                extra = [r["outputs"][f"{rule}-{budget}"]["score"] for r in task_samples]
+                row[rule] = 100 * sum(extra) / len(extra)
             rows.append(row)
     # The mean row: unweighted mean over tasks (RULER's and lm_eval's group aggregate).
     for label, mode, budget in modes:
@@ -196,6 +212,8 @@ def summarize(args: argparse.Namespace, samples: list[dict], kvpress: list[dict]
         mean = {"task": "mean", "budget": label, "budget_tokens": budget or "",
                 "n": sum(r["n"] for r in cells),
                 "plugin": sum(r["plugin"] for r in cells) / len(cells)}
+        for rule in args.extra_scores if budget is not None else []:
+            mean[rule] = sum(r[rule] for r in cells) / len(cells)
         for variant, _ in variants if kvpress else []:
             scored = [r for r in cells if r.get(variant, "") != ""]
             mean[f"{variant} n"] = sum(r[f"{variant} n"] for r in scored)
@@ -215,9 +233,40 @@ def summarize(args: argparse.Namespace, samples: list[dict], kvpress: list[dict]
     return [{key: row.get(key, "") for key in columns} for row in rows], agreement
 
 
+def paired_rules(args: argparse.Namespace, samples: list[dict]) -> list[dict]:
+    """Each extra rule against SnapKV on the same samples, per task and budget and over all
+    tasks: both means, the paired difference (rule - SnapKV, points) and its standard error
+    (sample standard deviation of the per-sample differences / sqrt(n)), and the share of the
+    full cache's lead over SnapKV the rule closed (gap closed)."""
+    out = []
+    tasks = list(dict.fromkeys(row["task"] for row in samples))
+    for rule in args.extra_scores:
+        for label, budget in args.budget_list:
+            groups = [(task, [r for r in samples if r["task"] == task]) for task in tasks]
+            groups.append(("all", samples))
+            for task, rows in groups:
+                full = [100 * r["outputs"][FULL]["score"] for r in rows]
+                base = [100 * r["outputs"][f"snapkv-{budget}"]["score"] for r in rows]
+                other = [100 * r["outputs"][f"{rule}-{budget}"]["score"] for r in rows]
+                n = len(rows)
+                diffs = [b - a for a, b in zip(base, other)]
+                mean_diff = sum(diffs) / n
+                variance = sum((d - mean_diff) ** 2 for d in diffs) / (n - 1) if n > 1 else 0.0
+                gap = sum(full) / n - sum(base) / n
+                out.append({
+                    "rule": rule, "budget": label, "task": task, "n": n,
+                    "full": round(sum(full) / n, 1), "snapkv": round(sum(base) / n, 1),
+                    rule: round(sum(other) / n, 1), "diff": round(mean_diff, 2),
+                    "se": round((variance / n) ** 0.5, 2),
+                    "gap_closed": round(mean_diff / gap, 2) if gap > 0 else "",
+                })
+    return out
+
+
 def wide_table(rows: list[dict], args: argparse.Namespace, variants: list[str]) -> str:
     labels = [FULL] + [label for label, _ in args.budget_list]
     header = ["task", "n"] + [f"plugin {label}" for label in labels]
+    header += [f"{rule} {label}" for rule in args.extra_scores for label in labels]
     header += [f"{variant} {label}" for variant in variants for label in labels]
     table = []
     for task in dict.fromkeys(r["task"] for r in rows):
@@ -225,6 +274,8 @@ def wide_table(rows: list[dict], args: argparse.Namespace, variants: list[str]) 
         line = {"task": task, "n": cells[FULL]["n"]}
         for label in labels:
             line[f"plugin {label}"] = _score(cells[label]["plugin"])
+            for rule in args.extra_scores:
+                line[f"{rule} {label}"] = _score(cells[label].get(rule, ""))
             for variant in variants:
                 line[f"{variant} {label}"] = _score(cells[label].get(variant, ""))
         table.append(line)
@@ -307,6 +358,13 @@ def main(argv=None) -> list[dict]:
                  "same_text: identical completion; full: no compression on either side; "
                  "scores over the samples both ran, the all rows unweighted over tasks):\n\n")
         text += markdown_table(agreement)
+    if args.extra_scores:
+        paired = paired_rules(args, samples)
+        write_csv(args.out / "rules.csv", paired)
+        text += ("\n\nSelection rules against SnapKV on the same samples (diff: mean of the "
+                 "per-sample differences, rule - SnapKV, in points; se: its standard error; "
+                 "gap_closed: diff / (full - SnapKV)):\n\n")
+        text += markdown_table(paired)
     (args.out / "table.md").write_text(text + "\n")
     plot(rows, args, args.out / "ruler.png")
     print(text)

@@ -1,5 +1,6 @@
 """lm-evaluation-harness's RULER tasks against a running `vllm serve` with the plugin: the full
-cache (every request opts out) and SnapKV at several budgets, through lm_eval's Python API
+cache (every request opts out) and SnapKV at several budgets (optionally with other selection
+rules, ``--scores``, each per request through ``vllm_xargs``), through lm_eval's Python API
 (``simple_evaluate``, model ``local-completions``). Runs in lm_eval's own virtualenv (``.venv-eval``,
 made by ``scripts/setup --test``): it talks HTTP only. ``benchmarks/quality/ruler.py`` starts the
 server and calls this; run it by hand against your own server the same way.
@@ -51,14 +52,21 @@ ALL_TASKS = (
 FULL = "full"
 
 
-def mode_name(budget: int | None) -> str:
-    return FULL if budget is None else f"snapkv-{budget}"
+def mode_name(budget: int | None, score: str = "snapkv") -> str:
+    """``full``, ``snapkv-<budget>``, or ``<rule>-<budget>`` for another selection rule."""
+    return FULL if budget is None else f"{score}-{budget}"
 
 
-def request_kwargs(budget: int | None) -> dict:
+def request_kwargs(budget: int | None, score: str = "snapkv") -> dict:
     """Generation kwargs lm_eval passes into each request body: the plugin's per-request options
-    (``vllm_xargs``) and no seed (see the module docstring)."""
-    xargs = {"kv_compression": "none"} if budget is None else {"snapkv_budget": budget}
+    (``vllm_xargs``: the budget and, for another rule than the paper's, ``snapkv_score``) and no
+    seed (see the module docstring)."""
+    if budget is None:
+        xargs: dict = {"kv_compression": "none"}
+    else:
+        xargs = {"snapkv_budget": budget}
+        if score != "snapkv":
+            xargs["snapkv_score"] = score
     return {"vllm_xargs": xargs, "seed": None}
 
 
@@ -113,7 +121,12 @@ def run(args: argparse.Namespace) -> None:
     from vllm_snapkv.plan import frees_blocks
 
     budgets = [int(b) for b in args.budgets.split(",") if b]
-    modes: list[int | None] = [None, *budgets]
+    scores = [s for s in args.scores.split(",") if s]
+    # Every rule at every budget, on the same samples: the compressed passes of all rules hit
+    # the full pass's prompt blocks.
+    modes: list[tuple[int | None, str]] = [(None, "snapkv")] + [
+        (budget, score) for budget in budgets for score in scores
+    ]
     metric_key = str(args.seq_len)
     progress(f"building RULER tasks at {args.seq_len} tokens: {args.tasks}")
     # The tasks draw their samples from the global generators while they are built: seeded as
@@ -142,7 +155,7 @@ def run(args: argparse.Namespace) -> None:
     if args.resume and (args.out / "passes.json").exists():
         rows = {(r["task"], r["doc_id"]): r for r in _read_jsonl(args.out / "samples.jsonl")}
         passes = json.loads((args.out / "passes.json").read_text())
-    mode_names = {mode_name(budget) for budget in modes}
+    mode_names = {mode_name(budget, score) for budget, score in modes}
     for task_name in args.tasks.split(","):
         task = tasks[task_name]
         count = min(args.limit, len(task.eval_docs))
@@ -157,13 +170,13 @@ def run(args: argparse.Namespace) -> None:
         kind = scoring_kind(task)
         for start in range(0, count, args.round_size):
             indices = list(range(start, min(count, start + args.round_size)))
-            for budget in modes:
-                name = mode_name(budget)
+            for budget, rule in modes:
+                name = mode_name(budget, rule)
                 progress(f"{task_name} samples {indices[0]}-{indices[-1]}: {name}")
                 before, began = _metrics(args.base_url), time.monotonic()
                 result = simple_evaluate(
                     model=lm, tasks=[task], samples={task_name: indices}, task_manager=manager,
-                    gen_kwargs=request_kwargs(budget), log_samples=True, bootstrap_iters=0,
+                    gen_kwargs=request_kwargs(budget, rule), log_samples=True, bootstrap_iters=0,
                     verbosity="WARNING",
                 )
                 seconds, after = time.monotonic() - began, _metrics(args.base_url)
@@ -196,6 +209,7 @@ def run(args: argparse.Namespace) -> None:
                     )
                 passes.append({
                     "task": task_name, "first_sample": indices[0], "mode": name, "budget": budget,
+                    "score": rule,
                     "requests": len(indices), "compressed": counted, "seconds": round(seconds, 1),
                     "preemptions": _counter_delta(before, after, "vllm:num_preemptions_total"),
                     "prompt_tokens": _counter_delta(before, after, "vllm:prompt_tokens_total"),
@@ -243,6 +257,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     runner.add_argument("--seq-len", type=int, default=4096)
     runner.add_argument("--limit", type=int, default=500, help="samples per task (first N)")
     runner.add_argument("--budgets", default="", help="SnapKV budgets in tokens, comma-separated")
+    runner.add_argument("--scores", default="snapkv",
+                        help="selection rules run at every budget (snapkv_score per request), "
+                        "comma-separated, e.g. snapkv,critical")
     runner.add_argument("--round-size", type=int, default=8,
                         help="samples per round; the KV cache must hold a round's prompts")
     runner.add_argument("--num-concurrent", type=int, default=4)

@@ -139,8 +139,8 @@ def scoring_options(impl: Any) -> dict[str, Any]:
 
 def layout_for(impl: Any, layer: Any) -> PagedKVLayout:
     """The layout of ``layer``'s cache, from the implementation vLLM runs for it: its cache dtype
-    (``impl.kv_cache_dtype``) and, for fp8 caches, the layer's K scale the scores dequantise
-    with."""
+    (``impl.kv_cache_dtype``) and, for fp8 caches, the layer's K and V scales the scores
+    dequantise with."""
     backend = backend_of(impl)
     if backend is None:
         raise UnsupportedAttentionBackend(f"no KV layout for {type(impl).__name__}")
@@ -148,12 +148,17 @@ def layout_for(impl: Any, layer: Any) -> PagedKVLayout:
         from vllm_snapkv.adapter.layouts.cpu import CpuPackedLayout
 
         return CpuPackedLayout(
-            layer.isa, kv_cache_dtype=impl.kv_cache_dtype, k_scale=layer._k_scale_float
+            layer.isa,
+            kv_cache_dtype=impl.kv_cache_dtype,
+            k_scale=layer._k_scale_float,
+            v_scale=layer._v_scale_float,
         )
     from vllm_snapkv.adapter.layouts.standard import StandardLayout, stored_fp8_format
 
     return StandardLayout(
-        stored_fp8_format(backend.name, impl.kv_cache_dtype), k_scale=layer._k_scale_float
+        stored_fp8_format(backend.name, impl.kv_cache_dtype),
+        k_scale=layer._k_scale_float,
+        v_scale=layer._v_scale_float,
     )
 
 

@@ -16,7 +16,12 @@ from typing import Any
 import torch
 
 from vllm_snapkv.adapter.attention import scoring_options
-from vllm_snapkv.adapter.layouts import PagedKVLayout, PagedTokens, read_key_span
+from vllm_snapkv.adapter.layouts import (
+    PagedKVLayout,
+    PagedTokens,
+    read_key_span,
+    read_value_span,
+)
 from vllm_snapkv.plan import CompressionPlan, WindowCapture
 from vllm_snapkv.selection import select_kept_positions_chunked
 
@@ -61,9 +66,13 @@ def compact_layer(
     group_id: int,
     kernel_size: int,
     pooling: str,
+    score: str = "snapkv",
+    value_metric: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Compact ``job``'s request in this layer; returns the kept entry indices ``[H_kv, budget]``
-    (prompt positions for a prompt compression)."""
+    """Compact ``job``'s request in this layer with selection rule ``score``
+    (``vllm_snapkv.scoring``; ``value_metric``: the layer's, for rules that read values);
+    returns the kept entry indices ``[H_kv, budget]`` (prompt positions for a prompt
+    compression)."""
     plan = job.plan
     source = job.sources[group_id]
     if window_queries.shape[0] != plan.window_size:
@@ -77,8 +86,12 @@ def compact_layer(
         keys = read_key_span(layout, kv_cache, source, start, end)
         return layout.scoring_keys(keys[:, :, :head_size])
 
+    def read_scoring_values(start: int, end: int) -> torch.Tensor:
+        values = read_value_span(layout, kv_cache, source, start, end)
+        return layout.scoring_values(values[:, :, :head_size])
+
     # Bounded workspace, whatever the prompt length (selection.compaction_workspace_bytes):
-    # keys are scored a span of blocks at a time, never copied whole.
+    # keys (and values, for value-aware rules) are scored a span at a time, never copied whole.
     kept = select_kept_positions_chunked(
         window_queries,
         read_scoring_keys,
@@ -88,6 +101,9 @@ def compact_layer(
         kernel_size,
         pooling,
         block_size=source.block_size,
+        score=score,
+        read_values=read_scoring_values,
+        value_metric=value_metric,
         **scoring_options(impl),
     )
     num_heads = kept.shape[0]
@@ -119,6 +135,7 @@ def write_selection_dump(directory: str, job: CompactionJob, suffix: str) -> Non
             "prompt_len" if plan.phase == "prompt" else "num_scored": plan.num_scored,
             "window_end": plan.window_end,
             "budget": plan.budget,
+            "score": plan.score,
             "layers": {index: job.kept[index].cpu() for index in sorted(job.kept)},
         },
         os.path.join(directory, f"{name}.pt"),

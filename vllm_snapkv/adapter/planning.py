@@ -24,7 +24,12 @@ from vllm.v1.request import Request
 
 from vllm_snapkv.adapter.block_accounting import swap_in_targets
 from vllm_snapkv.adapter.groups import CompressedGroups
-from vllm_snapkv.config import KVCompressionConfigError, SnapKVConfig, request_budget
+from vllm_snapkv.config import (
+    KVCompressionConfigError,
+    SnapKVConfig,
+    request_budget,
+    request_score,
+)
 from vllm_snapkv.metrics import CompressionStats, StatsPublisher
 from vllm_snapkv.plan import (
     CompressionPlan,
@@ -62,6 +67,8 @@ class RequestCompression:
     window_captured_from: int | None = None
     #: Compressions so far (the next plan's ``index``).
     index: int = 0
+    #: Selection rule of every compression of the request (``snapkv_score`` or the server's).
+    score: str = "snapkv"
 
 
 @dataclass
@@ -85,16 +92,16 @@ class SchedulerCompression:
     def block_size(self) -> int:
         return self.groups.block_size
 
-    def budget_for(self, request: Request) -> int | None:
-        """The request's budget, or None when it is not compressed."""
+    def settings_for(self, request: Request) -> tuple[int | None, str]:
+        """The request's budget (None when it is not compressed) and selection rule."""
         extra_args = request.sampling_params.extra_args if request.sampling_params else None
         try:
-            return request_budget(self.config, extra_args)
+            return request_budget(self.config, extra_args), request_score(self.config, extra_args)
         except KVCompressionConfigError as error:
             # Frontends validate these; a request that slipped through keeps its full cache
             # rather than failing the engine for everyone.
             logger.warning("SnapKV: request %s not compressed: %s", request.request_id, error)
-            return None
+            return None, self.config.score
 
     # --- reading ----------------------------------------------------------------------------
 
@@ -134,13 +141,14 @@ class SchedulerCompression:
     # --- transitions (the only code that changes a record) ---------------------------------
 
     def _start(self, request: Request) -> RequestCompression:
-        budget = self.budget_for(request)
+        budget, score = self.settings_for(request)
         prompt_len = request.num_prompt_tokens
         if budget is not None and frees_blocks(prompt_len, budget, 0, self.block_size):
             # Decided on the prompt alone, so a preempted request's re-prefill decides as its
             # first prefill did.
-            return RequestCompression(budget, "prompt", prompt_len)
-        return RequestCompression(budget, "decode", self._decode_point(budget, evicted=0))
+            return RequestCompression(budget, "prompt", prompt_len, score=score)
+        point = self._decode_point(budget, evicted=0)
+        return RequestCompression(budget, "decode", point, score=score)
 
     def _decode_point(self, budget: int | None, evicted: int) -> int | None:
         """Where a request holding ``logical - evicted`` entries reaches the decode threshold;
@@ -270,6 +278,7 @@ def _plan_prompt(
         target_block_ids={},
         phase="prompt",
         index=record.index,
+        score=record.score,
     )
 
 
@@ -309,4 +318,5 @@ def _plan_decode(
         target_block_ids={},
         phase="decode",
         index=record.index,
+        score=record.score,
     )

@@ -7,9 +7,9 @@ Patched (vLLM 0.32; contract tests in tests/test_contract.py):
 - ``EngineArgs.from_cli_args`` (post): merge the flags into ``additional_config["kv_compression"]``
   (argparse values outside the dataclass fields are otherwise dropped) and validate them, naming
   the flag; the merged config is written back to the namespace for extra API server processes.
-- ``InputProcessor._validate_params`` (post): reject a bad ``snapkv_budget``/``kv_compression`` in
-  a request's ``extra_args`` (``vllm_xargs``) with vLLM's validation error, which the OpenAI server
-  answers with HTTP 400 while it keeps serving everyone else.
+- ``InputProcessor._validate_params`` (post): reject a bad ``snapkv_budget``/``snapkv_score``/
+  ``kv_compression`` in a request's ``extra_args`` (``vllm_xargs``) with vLLM's validation
+  error, which the OpenAI server answers with HTTP 400 while it keeps serving everyone else.
 - ``SamplingParams._verify_extra_args`` (pre): vLLM rejects integers outside 64 bits while it builds
   the sampling params, before any plugin sees them, naming only ``extra_args``; an out-of-range
   ``snapkv_*`` value is named by its own key instead.
@@ -35,6 +35,7 @@ from vllm_snapkv.config import (
     parse_config,
     request_budget,
 )
+from vllm_snapkv.scoring import SCORE_NAMES
 
 #: config field -> (flag, argparse options). ``kv_compression`` maps to ``method``.
 FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -44,6 +45,7 @@ FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
     "kernel_size": ("--snapkv-kernel-size", {"type": int, "metavar": "N"}),
     "pooling": ("--snapkv-pooling", {"choices": ["max", "avg"]}),
     "decode_interval": ("--snapkv-decode-interval", {"type": int, "metavar": "N"}),
+    "score": ("--snapkv-score", {"choices": list(SCORE_NAMES)}),
     "dump_selections_to": ("--snapkv-dump-selections-to", {"metavar": "DIR"}),
 }
 #: vLLM's ``--help=KEYWORD`` prints a whole group when its title equals the keyword (case

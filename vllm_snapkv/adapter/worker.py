@@ -46,6 +46,7 @@ from vllm_snapkv.adapter.attention import (
 from vllm_snapkv.adapter.compaction import CompactionJob, compact_layer, write_selection_dump
 from vllm_snapkv.adapter.groups import CompressedGroups
 from vllm_snapkv.adapter.layouts import PagedKVLayout, PagedTokens
+from vllm_snapkv.adapter.output_projection import find_output_projection, rank_projection
 from vllm_snapkv.adapter.physical import (
     PHYSICAL_PATCHES,
     STEP_STATE_ATTR,
@@ -57,6 +58,7 @@ from vllm_snapkv.adapter.scheduler import DIRECTIVES_ATTR
 from vllm_snapkv.adapter.window_ring import WindowQueryRing
 from vllm_snapkv.config import SnapKVConfig, config_from_additional
 from vllm_snapkv.plan import StepDirectives
+from vllm_snapkv.scoring import DEFAULT_SCORE, score_rule, value_metric
 from vllm_snapkv.timing import CompactionClock
 
 # Under the "vllm" logger tree so vLLM's handlers and VLLM_LOGGING_LEVEL apply.
@@ -110,6 +112,15 @@ class WorkerCompression:
         self.ring: WindowQueryRing | None = None
         #: Device time spent selecting and compacting (all layers, all requests), for benchmarks.
         self.clock = CompactionClock()
+        #: Compressed layer name -> the output projection its heads feed (value-aware rules,
+        #: ``adapter.output_projection``); found by :meth:`find_output_projections`.
+        self.output_projections: dict[str, Any] = {}
+        #: Why value-aware rules cannot run on this model (None: they can).
+        self.value_rules_unavailable: str | None = None
+        #: Layer name -> its value metric ``[H_kv, D, D]`` (``scoring.value_metric``), built at
+        #: the layer's first value-aware compaction and kept (``4·H_kv·D²`` bytes per layer,
+        #: held in vLLM's profiling run by ``workspace``).
+        self.value_metrics: dict[str, torch.Tensor] = {}
 
     def check_layers(self, runner: GPUModelRunner) -> None:
         """Refuse (at engine start) any layer of a compressed group SnapKV cannot compact."""
@@ -132,6 +143,26 @@ class WorkerCompression:
                 setattr(attention_group, STEP_STATE_ATTR, self)
         if self.config.decode_interval:
             self.ring = self._make_ring(runner, forward_context)
+
+    def find_output_projections(self, runner: GPUModelRunner) -> None:
+        """Locate every compressed layer's output projection (value-aware rules); a server
+        whose default rule reads values refuses to start without them (a request asking for
+        such a rule on this model falls back to the paper's rule, logged)."""
+        forward_context = runner.compilation_config.static_forward_context
+        model = runner.get_model()
+        for name in self.groups.group_of_layer:
+            impl = forward_context[name].impl
+            projection, reason = find_output_projection(model, name, impl.num_heads, impl.head_size)
+            if projection is None:
+                self.value_rules_unavailable = reason
+                self.output_projections.clear()
+                break
+            self.output_projections[name] = projection
+        if self.value_rules_unavailable and score_rule(self.config.score).needs_values:
+            raise RuntimeError(
+                f"kv_compression.score={self.config.score!r} needs each attention layer's output "
+                f"projection, but {self.value_rules_unavailable}. Choose score 'snapkv'."
+            )
 
     def _make_ring(self, runner: GPUModelRunner, forward_context: dict) -> WindowQueryRing:
         """One ring per compressed layer, sized for every running request (``max_num_seqs``);
@@ -309,10 +340,32 @@ class WorkerCompression:
     def _compact(
         self, impl, layer, job: CompactionJob, window_queries, kv_cache, group_id: int
     ) -> torch.Tensor:
+        score, metric = job.plan.score, None
+        if score_rule(score).needs_values:
+            metric = self._value_metric(impl, layer, kv_cache.device)
+            if metric is None:
+                logger.warning_once(
+                    "SnapKV: selection rule %r needs the layers' output projections, but %s; "
+                    "such requests are scored with 'snapkv'", score, self.value_rules_unavailable,
+                )
+                score = DEFAULT_SCORE
         return compact_layer(
             self._layout(impl, layer), impl, layer, job, window_queries, kv_cache, group_id,
-            self.config.kernel_size, self.config.pooling,
+            self.config.kernel_size, self.config.pooling, score, metric,
         )
+
+    def _value_metric(self, impl, layer, device: torch.device) -> torch.Tensor | None:
+        """The layer's ``scoring.value_metric`` (built once), or None without its projection."""
+        metric = self.value_metrics.get(layer.layer_name)
+        if metric is None:
+            projection = self.output_projections.get(layer.layer_name)
+            if projection is None:
+                return None
+            metric = self.value_metrics[layer.layer_name] = value_metric(
+                rank_projection(projection), impl.num_heads, impl.num_kv_heads, impl.head_size,
+                self.query_dtype, device,
+            )
+        return metric
 
     @property
     def compaction_seconds(self) -> float:
@@ -419,6 +472,7 @@ def _patch_initialize_kv_cache(original):
         if state is not None:
             state.check_layers(self)
             state.attach(self)
+            state.find_output_projections(self)
         return result
 
     return initialize_kv_cache
@@ -485,6 +539,7 @@ def worker_report(worker: Any) -> dict[str, Any]:
         "v1_runner": isinstance(runner, GPUModelRunner),
         "compression": state is not None,
         "backends": sorted(state.backend_names) if state is not None else [],
+        "value_rules_unavailable": state.value_rules_unavailable if state is not None else None,
     }
 
 

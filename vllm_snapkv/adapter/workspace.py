@@ -24,7 +24,8 @@ import torch
 from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
 from vllm_snapkv.config import SnapKVConfig, config_from_additional
-from vllm_snapkv.selection import compaction_workspace_bytes
+from vllm_snapkv.scoring import SCORE_NAMES
+from vllm_snapkv.selection import compaction_workspace_bytes, value_metric_bytes
 
 #: Block size vLLM's CUDA backends default to when the cache config names none yet.
 DEFAULT_CUDA_BLOCK_SIZE = 16
@@ -34,21 +35,33 @@ PROFILED_DEVICE_TYPES = frozenset({"cuda"})
 
 
 def compaction_workspace_of(vllm_config: Any, config: SnapKVConfig) -> int:
-    """The workspace bound for this model on this rank (its query and KV heads)."""
+    """The workspace bound for this model on this rank (its query and KV heads): the largest
+    over every selection rule (any request may pick one), plus the value metrics the
+    value-aware rules keep per layer once built."""
     model, parallel, cache = (
         vllm_config.model_config, vllm_config.parallel_config, vllm_config.cache_config
     )
     element_bytes = 1 if cache.cache_dtype.startswith("fp8") else model.dtype.itemsize
-    return compaction_workspace_bytes(
-        model.get_num_attention_heads(parallel),
-        model.get_num_kv_heads(parallel),
-        model.get_head_size(),
-        config.window_size,
-        config.budget,
-        config.kernel_size,
-        cache.block_size or DEFAULT_CUDA_BLOCK_SIZE,
-        element_bytes,
+    workspace = max(
+        compaction_workspace_bytes(
+            model.get_num_attention_heads(parallel),
+            model.get_num_kv_heads(parallel),
+            model.get_head_size(),
+            config.window_size,
+            config.budget,
+            config.kernel_size,
+            cache.block_size or DEFAULT_CUDA_BLOCK_SIZE,
+            element_bytes,
+            score=score,
+            hidden_size=model.get_hidden_size(),
+            model_element_bytes=model.dtype.itemsize,
+        )
+        for score in SCORE_NAMES
     )
+    metrics = value_metric_bytes(
+        model.get_num_kv_heads(parallel), model.get_head_size(), model.get_num_layers(parallel)
+    )
+    return workspace + metrics
 
 
 def decode_window_buffer_of(vllm_config: Any, config: SnapKVConfig) -> int:

@@ -115,6 +115,12 @@ class PagedKVLayout(Protocol):
         otherwise (the scorer computes in float32 whatever the dtype)."""
         ...
 
+    def scoring_values(self, values: torch.Tensor) -> torch.Tensor:
+        """``values`` (rows of :meth:`gather_values`) as attention sees them, for value-aware
+        selection rules: dequantised to float32 with the layer's V scale for an fp8 cache;
+        ``values`` itself otherwise."""
+        ...
+
     def gather_keys(
         self, kv_cache: torch.Tensor, tokens: PagedTokens, positions: torch.Tensor
     ) -> torch.Tensor:
@@ -145,3 +151,12 @@ def read_key_span(
     blocks holding them (one copy of at most ``end - start + 2 * block_size`` rows), sliced."""
     sub, offset = tokens.span(start, end)
     return layout.read_keys(kv_cache, sub)[offset:]
+
+
+def read_value_span(
+    layout: PagedKVLayout, kv_cache: torch.Tensor, tokens: PagedTokens, start: int, end: int
+) -> torch.Tensor:
+    """V of tokens ``[start, end)`` as ``[end - start, H, dim]``: ``layout.gather_values`` of
+    exactly those entries (one copy of ``end - start`` rows per head)."""
+    positions = torch.arange(start, end, device=tokens.block_ids.device)
+    return layout.gather_values(kv_cache, tokens, positions[:, None].expand(-1, kv_cache.shape[1]))

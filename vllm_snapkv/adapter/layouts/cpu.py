@@ -197,15 +197,17 @@ def write_packed(
 
 class CpuPackedLayout:
     """:class:`~vllm_snapkv.adapter.layouts.PagedKVLayout` of one CPU attention layer: its ISA
-    packing, its cache dtype and (for fp8) the K scale scores dequantise with. CPU kernel blocks
-    are the scheduler's blocks, so block ids index the cache directly."""
+    packing, its cache dtype and (for fp8) the K and V scales scores dequantise with. CPU kernel
+    blocks are the scheduler's blocks, so block ids index the cache directly."""
 
     name = "cpu"
 
-    def __init__(self, isa: str, kv_cache_dtype: str = "auto", k_scale: float = 1.0):
+    def __init__(
+        self, isa: str, kv_cache_dtype: str = "auto", k_scale: float = 1.0, v_scale: float = 1.0
+    ):
         if isa not in SUPPORTED_ISAS:
             _unpack(torch.zeros(1, 1, 16, 32), isa)  # raises, naming the ISA
-        self.isa, self.k_scale = isa, k_scale
+        self.isa, self.k_scale, self.v_scale = isa, k_scale, v_scale
         self.fp8_format = fp8_format(kv_cache_dtype)
 
     def read_keys(self, kv_cache: torch.Tensor, tokens: PagedTokens) -> torch.Tensor:
@@ -213,6 +215,9 @@ class CpuPackedLayout:
 
     def scoring_keys(self, keys: torch.Tensor) -> torch.Tensor:
         return dequantised(keys, self.fp8_format, self.k_scale)
+
+    def scoring_values(self, values: torch.Tensor) -> torch.Tensor:
+        return dequantised(values, self.fp8_format, self.v_scale)
 
     def gather_keys(
         self, kv_cache: torch.Tensor, tokens: PagedTokens, positions: torch.Tensor

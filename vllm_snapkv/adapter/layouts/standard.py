@@ -44,12 +44,15 @@ def stored_fp8_format(backend: str, kv_cache_dtype: str) -> torch.dtype | None:
 class StandardLayout:
     """:class:`~vllm_snapkv.adapter.layouts.PagedKVLayout` of the standard layout. ``fp8_format``:
     the float8 type an fp8 cache's bytes encode (None: not quantised); ``k_scale``: the layer's
-    per-tensor K scale, which scores dequantise with."""
+    per-tensor K scale, which scores dequantise with; ``v_scale``: its V scale (value-aware
+    selection rules)."""
 
     name = "standard"
 
-    def __init__(self, fp8_format: torch.dtype | None = None, k_scale: float = 1.0):
-        self.fp8_format, self.k_scale = fp8_format, k_scale
+    def __init__(
+        self, fp8_format: torch.dtype | None = None, k_scale: float = 1.0, v_scale: float = 1.0
+    ):
+        self.fp8_format, self.k_scale, self.v_scale = fp8_format, k_scale, v_scale
 
     @staticmethod
     def _locate(kv_cache: torch.Tensor, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -68,6 +71,9 @@ class StandardLayout:
 
     def scoring_keys(self, keys: torch.Tensor) -> torch.Tensor:
         return dequantised(keys, self.fp8_format, self.k_scale)
+
+    def scoring_values(self, values: torch.Tensor) -> torch.Tensor:
+        return dequantised(values, self.fp8_format, self.v_scale)
 
     def _gather(self, kv_cache, tokens: PagedTokens, positions: torch.Tensor, values: bool):
         blocks, offsets = self._locate(kv_cache, tokens.slots(positions))

@@ -1,0 +1,284 @@
+"""Selection rules (vllm_snapkv/scoring.py): the value-aware 'critical' rule against a naive
+reference written here (loops, float64, explicit two stages), chunked == dense for every rule,
+the generic keep step, and the value metric under a tensor-parallel split of W_o."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+import torch
+
+from test_selection import make_inputs, random_case, reference_window_scores
+from vllm_snapkv.scoring import (
+    SCORE_NAMES,
+    CriticalScore,
+    keep_by_priority,
+    projected_value_norms,
+    score_rule,
+    value_metric,
+)
+from vllm_snapkv.selection import (
+    group_mean,
+    pool_scores,
+    select_kept_positions,
+    select_kept_positions_chunked,
+    top_positions,
+    window_attention_scores,
+)
+
+
+def reference_group_scores(q_win, keys, scale, kernel_size, pooling):
+    """SnapKV's score with loops: window sums, pooled per query head, averaged per KV head."""
+    num_window, num_q_heads, _ = q_win.shape
+    prompt_len, num_kv_heads, _ = keys.shape
+    group, prefix, half = num_q_heads // num_kv_heads, prompt_len - num_window, kernel_size // 2
+    totals = reference_window_scores(q_win, keys, scale)
+    pooled = torch.zeros_like(totals)
+    for head in range(num_q_heads):
+        for pos in range(prefix):
+            lo, hi = max(0, pos - half), min(prefix, pos + half + 1)
+            if pooling == "max":
+                pooled[head, pos] = totals[head, lo:hi].max()
+            else:
+                pooled[head, pos] = totals[head, lo:hi].sum() / kernel_size
+    return torch.stack(
+        [pooled[h * group : (h + 1) * group].mean(dim=0) for h in range(num_kv_heads)]
+    )
+
+
+def reference_value_norm(value, w_o, query_heads, head_size):
+    """RMS over the query heads of ||W_o^q v||_2, W_o^q the head's columns of W_o."""
+    squares = [
+        (w_o[:, q * head_size : (q + 1) * head_size].double() @ value.double()).norm() ** 2
+        for q in query_heads
+    ]
+    return math.sqrt(sum(squares) / len(squares))
+
+
+def reference_critical(q_win, keys, values, w_o, budget, scale, kernel_size, pooling):
+    """CriticalKV's two stages, written out: stage 1 keeps the SnapKV top of half the budget
+    (window counted in it), stage 2 the best of the rest by (attention / W + 1e-4) * norm."""
+    num_window, num_q_heads, head_size = q_win.shape
+    prompt_len, num_kv_heads, _ = keys.shape
+    group, prefix = num_q_heads // num_kv_heads, prompt_len - num_window
+    scores = reference_group_scores(q_win, keys, scale, kernel_size, pooling)
+    first = min(max(int(budget * 0.5) - num_window, 0), budget - num_window)
+    kept = []
+    for h in range(num_kv_heads):
+        heads = range(h * group, (h + 1) * group)
+        attention = scores[h].tolist()
+        # sorted() is stable: among equal scores the earlier position comes first.
+        stage1 = sorted(range(prefix), key=lambda p: -attention[p])[:first]
+        weighted = [
+            (attention[p] / num_window + 1e-4) * reference_value_norm(values[p, h], w_o, heads,
+                                                                       head_size)
+            for p in range(prefix)
+        ]
+        rest = [p for p in sorted(range(prefix), key=lambda p: -weighted[p]) if p not in stage1]
+        chosen = set(stage1) | set(rest[: budget - num_window - first])
+        kept.append(sorted(chosen) + list(range(prefix, prompt_len)))
+    return torch.tensor(kept)
+
+
+def critical_inputs(seed, window, q_heads, kv_heads, length, dim=16, hidden=40):
+    q, k = make_inputs(seed, window, q_heads, kv_heads, length, dim)
+    gen = torch.Generator().manual_seed(seed + 1)
+    # Values of very different sizes, so the second stage has something to prefer.
+    v = torch.randn(length, kv_heads, dim, generator=gen) * torch.rand(length, kv_heads, 1,
+                                                                       generator=gen) * 3
+    w_o = torch.randn(hidden, q_heads * dim, generator=gen) / math.sqrt(q_heads * dim)
+    metric = value_metric(lambda x: x @ w_o.T, q_heads, kv_heads, dim, torch.float32, "cpu")
+    return q, k, v, w_o, metric
+
+
+@pytest.mark.parametrize("pooling", ["max", "avg"])
+@pytest.mark.parametrize("kernel_size", [1, 7])
+@pytest.mark.parametrize("q_heads,kv_heads", [(4, 4), (6, 2), (9, 3)])
+@pytest.mark.parametrize("budget", [6, 20, 41])  # first stage empty, small, most of the budget
+def test_critical_matches_the_naive_two_stage_reference(pooling, kernel_size, q_heads, kv_heads,
+                                                        budget):
+    window, length = 5, 60
+    q, k, v, w_o, metric = critical_inputs(kernel_size * 10 + q_heads + budget, window, q_heads,
+                                           kv_heads, length)
+    scale = 1 / math.sqrt(q.shape[-1])
+    got = select_kept_positions(q, k, budget, scale, kernel_size, pooling, score="critical",
+                                values=v, value_metric=metric)
+    want = reference_critical(q, k, v, w_o, budget, scale, kernel_size, pooling)
+    assert got.shape == (kv_heads, budget) and got.dtype == torch.long
+    assert torch.equal(got, want)
+    # The rule is not SnapKV in disguise: the value stage changes what is kept.
+    snapkv = select_kept_positions(q, k, budget, scale, kernel_size, pooling)
+    if budget - window - max(int(budget * 0.5) - window, 0) > 2:
+        assert not torch.equal(got, snapkv)
+
+
+def test_projected_value_norms_are_the_rms_of_per_head_projections():
+    q, k, v, w_o, metric = critical_inputs(3, 4, 6, 2, 30, dim=8, hidden=24)
+    got = projected_value_norms(v, metric)
+    assert got.shape == (2, 30) and got.dtype == torch.float32
+    for h in range(2):
+        for p in range(30):
+            want = reference_value_norm(v[p, h], w_o, range(3 * h, 3 * h + 3), 8)
+            assert got[h, p].item() == pytest.approx(want, rel=1e-4)
+
+
+def test_value_metric_of_a_tensor_parallel_rank_is_its_slice_of_the_whole():
+    """o_proj is row parallel: rank r holds the columns [r * H_q/tp * D, (r+1) * H_q/tp * D) of
+    W_o (``RowParallelLinear.weight_loader`` narrows the input dim by the rank), the output
+    dimension whole, and its local query heads are the same contiguous range. Each rank's metric,
+    from its own columns only, equals its KV heads' rows of the unsharded metric."""
+    q_heads, kv_heads, dim, hidden, tp = 8, 4, 16, 48, 2
+    gen = torch.Generator().manual_seed(5)
+    w_o = torch.randn(hidden, q_heads * dim, generator=gen)
+    whole = value_metric(lambda x: x @ w_o.T, q_heads, kv_heads, dim, torch.float32, "cpu")
+    shard = q_heads * dim // tp
+    for rank in range(tp):
+        local = w_o.narrow(1, rank * shard, shard)  # what the rank loads
+        metric = value_metric(lambda x: x @ local.T, q_heads // tp, kv_heads // tp, dim,
+                              torch.float32, "cpu")
+        per_rank = kv_heads // tp
+        torch.testing.assert_close(metric, whole[rank * per_rank : (rank + 1) * per_rank])
+
+
+def test_value_metric_reads_the_projection_through_its_forward_in_bfloat16():
+    """The CPU build drops ``o_proj.weight`` after repacking; the metric comes from applying the
+    projection to unit rows (here a bfloat16 ``nn.Linear``), exact for unit rows."""
+    gen = torch.Generator().manual_seed(8)
+    w_o = torch.randn(32, 4 * 8, generator=gen).bfloat16()
+    linear = torch.nn.Linear(32, 32, bias=False).bfloat16()
+    linear.weight.data = w_o
+    got = value_metric(linear, 4, 2, 8, torch.bfloat16, "cpu")
+    want = value_metric(lambda x: x.float() @ w_o.float().T, 4, 2, 8, torch.float32, "cpu")
+    torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("seed", range(24))
+def test_chunked_selection_equals_the_dense_one_for_every_rule(seed):
+    case = random_case(seed)
+    chunk_size, block_size = case.pop("chunk_size"), case.pop("block_size")
+    keys = case["keys"]
+    length, kv_heads, dim = keys.shape
+    q_heads = case["window_queries"].shape[1]
+    gen = torch.Generator().manual_seed(1000 + seed)
+    values = (torch.randn(length, kv_heads, dim, generator=gen) * 2).to(keys.dtype)
+    w_o = torch.randn(24, q_heads * dim, generator=gen)
+    metric = value_metric(lambda x: x @ w_o.T, q_heads, kv_heads, dim, torch.float32, "cpu")
+    value_reads = []
+
+    def read_values(start, end):
+        value_reads.append((start, end))
+        return values[start:end]
+
+    for score in SCORE_NAMES:
+        value_reads.clear()
+        want = select_kept_positions(**case, score=score, values=values, value_metric=metric)
+        got = select_kept_positions_chunked(
+            case["window_queries"], lambda s, e: keys[s:e], length, case["budget"],
+            case["scale"], case["kernel_size"], case["pooling"], case["sinks"], case["soft_cap"],
+            chunk_size, block_size, score=score, read_values=read_values, value_metric=metric,
+        )
+        assert torch.equal(got, want), score
+        if score_rule(score).needs_values:
+            # The prefix read once, in consecutive ranges; never the window.
+            prefix = length - case["window_queries"].shape[0]
+            assert value_reads[0][0] == 0 and value_reads[-1][1] == prefix
+            assert all(a[1] == b[0] for a, b in zip(value_reads, value_reads[1:]))
+        else:
+            assert value_reads == []
+
+
+def test_default_rule_is_the_paper_rule_unchanged():
+    q, k = make_inputs(4, 8, 6, 2, 300)
+    default = select_kept_positions(q, k, 100, 0.25, 7, "max")
+    assert torch.equal(select_kept_positions(q, k, 100, 0.25, 7, "max", score="snapkv"), default)
+    scores = group_mean(pool_scores(window_attention_scores(q, k, 0.25), 7, "max"), 2)
+    assert torch.equal(default[:, :92], top_positions(scores, 92))
+
+
+def test_every_rule_keeps_exactly_the_budget_per_head():
+    q, k, v, w_o, metric = critical_inputs(6, 8, 6, 2, 400)
+    for budget in (9, 16, 17, 100, 399):
+        for score in SCORE_NAMES:
+            kept = select_kept_positions(q, k, budget, 0.25, 7, "max", score=score, values=v,
+                                         value_metric=metric)
+            assert kept.shape == (2, budget)
+            assert all(len(set(row.tolist())) == budget for row in kept)
+
+
+def test_unknown_rule_and_missing_values_are_refused():
+    q, k = make_inputs(1, 4, 4, 2, 50)
+    with pytest.raises(ValueError, match="score must be one of snapkv, critical; got 'h2o'"):
+        select_kept_positions(q, k, 20, 0.25, score="h2o")
+    with pytest.raises(ValueError, match="'critical' score needs values and value_metric"):
+        select_kept_positions(q, k, 20, 0.25, score="critical")
+    with pytest.raises(ValueError, match="needs read_values and value_metric"):
+        select_kept_positions_chunked(q, lambda s, e: k[s:e], 50, 20, 0.25, score="critical")
+
+
+def test_critical_priorities_count_the_window_in_the_first_stage():
+    rule = CriticalScore()
+    assert rule.priorities(512, 32) == (224, 256)  # kvpress: int(0.5 * 512) with the window in
+    assert rule.priorities(40, 32) == (0, 8)
+    assert sum(rule.priorities(1000, 7)) == 993
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_keep_by_priority_against_a_naive_merge(seed):
+    rng = random.Random(seed)
+    heads, length = rng.randint(1, 4), rng.randint(5, 80)
+    counts = tuple(rng.randint(0, length // 3) for _ in range(rng.randint(1, 3)))
+    if sum(counts) == 0:
+        counts = (1,)
+    gen = torch.Generator().manual_seed(seed)
+    # Few distinct values: ties between and inside tracks.
+    tracks = torch.randint(0, 5, (len(counts), heads, length), generator=gen).float()
+    candidates = [
+        torch.sort(track, dim=-1, descending=True, stable=True).indices for track in tracks
+    ]
+    got = keep_by_priority(candidates, counts)
+    for h in range(heads):
+        kept: list[int] = []
+        for t, count in enumerate(counts):
+            order = sorted(range(length), key=lambda p: -tracks[t, h, p].item())
+            kept += [p for p in order if p not in kept][:count]
+        assert got[h].tolist() == sorted(kept)
+
+
+def test_a_model_without_a_readable_output_projection_refuses_only_a_value_aware_default():
+    """The worker looks up ``<attention module>.o_proj`` for every compressed layer at start.
+    Here it is a plain ``nn.Linear`` (not vLLM's row-parallel layer): the reason is kept; a
+    server whose default rule reads values refuses to start, naming it; a SnapKV server starts
+    (a request asking for 'critical' there is scored with 'snapkv', logged)."""
+    from types import SimpleNamespace
+
+    from vllm_snapkv.adapter.groups import CompressedGroups
+    from vllm_snapkv.adapter.worker import WorkerCompression
+    from vllm_snapkv.config import parse_config
+
+    layer_name = "model.layers.0.self_attn.attn"
+    model = torch.nn.Module()
+    model.model = torch.nn.Module()
+    model.model.layers = torch.nn.ModuleList([torch.nn.Module()])
+    model.model.layers[0].self_attn = torch.nn.Module()
+    model.model.layers[0].self_attn.o_proj = torch.nn.Linear(64, 64)
+    impl = SimpleNamespace(num_heads=4, head_size=16)
+    runner = SimpleNamespace(
+        get_model=lambda: model,
+        compilation_config=SimpleNamespace(
+            static_forward_context={layer_name: SimpleNamespace(impl=impl)}
+        ),
+    )
+    groups = CompressedGroups(group_ids=(0,), block_size=16, group_of_layer={layer_name: 0},
+                              hybrid=False)
+    state = WorkerCompression(parse_config({}), groups)
+    state.find_output_projections(runner)
+    assert state.output_projections == {}
+    assert "model.layers.0.self_attn (Module) has no RowParallelLinear o_proj" in (
+        state.value_rules_unavailable
+    )
+    critical = WorkerCompression(parse_config({"score": "critical"}), groups)
+    with pytest.raises(RuntimeError, match="score='critical' needs each attention layer's output "
+                       "projection, but model.layers.0.self_attn"):
+        critical.find_output_projections(runner)

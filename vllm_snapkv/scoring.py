@@ -1,0 +1,191 @@
+"""Selection rules: how the prefix positions of one layer are scored before the generic top-C
+step. Pure torch, no vLLM import.
+
+A rule (a :class:`ScoreRule`) only scores; keeping positions is generic
+(:func:`keep_by_priority`, used by both ``selection.select_kept_positions`` and
+``selection.select_kept_positions_chunked``). Scores come in *priority tracks*: track ``t``
+contributes its best ``counts[t]`` positions among those no earlier track took. One track is the
+plain top-``(C - W)``; two tracks express a two-stage rule such as CriticalKV's. Every rule keeps
+exactly ``C`` entries per KV head (the window included), so blocks stay ``ceil(C / bs)``.
+
+Rules (:data:`SCORE_RULES`, chosen by ``--snapkv-score`` or per request ``snapkv_score``):
+
+- ``snapkv`` (:class:`SnapKVScore`, the default): the paper's window attention, pooled and
+  averaged per GQA group. Unchanged, so the plugin keeps matching the reference.
+- ``critical`` (:class:`CriticalScore`): value-aware, after CriticalKV (Feng et al. 2025,
+  arXiv:2502.03805) as kvpress's ``CriticalKVPress`` mixes it. Stage 1 keeps the SnapKV top of
+  ``first_stage_ratio`` of the budget (the window counted in it, as kvpress counts it); stage 2
+  fills the rest by ``(attention / W + epsilon) * ||W_o v||``: an entry whose value the output
+  projection maps to a large vector moves the layer's output more, at equal attention.
+
+``||W_o v||`` here is the root mean square, over the query heads ``q`` sharing the KV head, of
+``||W_o^q v||_2`` (``W_o^q``: the ``[hidden, D]`` columns of the output projection that head
+``q``'s output meets). kvpress takes the mean of L1 norms; the L2 form is
+``sqrt(v^T M_h v)`` with ``M_h = mean_q W_o^q^T W_o^q`` (:func:`value_metric`, ``[H_kv, D, D]``
+per layer, built once), which costs ``D^2`` per position and KV head instead of ``D * hidden *
+G`` and holds no ``[positions, hidden]`` intermediate.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from typing import ClassVar
+
+import torch
+
+
+class ScoreRule(ABC):
+    """One selection rule: :meth:`score` rates positions; :meth:`priorities` says how many each
+    score track contributes. Stateless; rules needing the layer's values set
+    :attr:`needs_values`."""
+
+    name: ClassVar[str]
+    #: The rule reads the scored entries' values (dequantised as attention sees them) and the
+    #: layer's value metric (:func:`value_metric`).
+    needs_values: ClassVar[bool] = False
+
+    def priorities(self, budget: int, window: int) -> tuple[int, ...]:
+        """Positions each score track contributes, in priority order; they sum to the prefix
+        budget ``budget - window``."""
+        return (budget - window,)
+
+    @abstractmethod
+    def score(
+        self,
+        attention: torch.Tensor,
+        window: int,
+        values: torch.Tensor | None = None,
+        metric: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """``[tracks, H_kv, n]`` float32 scores of ``n`` consecutive prefix positions.
+
+        Args:
+            attention: ``[H_kv, n]`` SnapKV's score of those positions: window attention summed
+                over the ``window`` queries, pooled, averaged per GQA group.
+            window: the number of window queries.
+            values: ``[n, H_kv, D]`` their values as attention sees them (rules with
+                :attr:`needs_values` only).
+            metric: ``[H_kv, D, D]`` the layer's :func:`value_metric` (idem).
+        """
+
+
+class SnapKVScore(ScoreRule):
+    """The paper's rule: the top ``C - W`` positions by pooled window attention."""
+
+    name = "snapkv"
+
+    def score(self, attention, window, values=None, metric=None):
+        return attention.unsqueeze(0)
+
+
+class CriticalScore(ScoreRule):
+    """CriticalKV's two stages (see the module docstring). ``first_stage_ratio`` and
+    ``epsilon`` are kvpress's defaults; ``epsilon`` is on the scale of attention averaged over
+    the window (kvpress's SnapKV score), hence ``attention / window``."""
+
+    name = "critical"
+    needs_values = True
+    first_stage_ratio = 0.5
+    epsilon = 1e-4
+
+    def priorities(self, budget, window):
+        prefix_budget = budget - window
+        first = min(max(int(budget * self.first_stage_ratio) - window, 0), prefix_budget)
+        return (first, prefix_budget - first)
+
+    def score(self, attention, window, values=None, metric=None):
+        if values is None or metric is None:
+            raise ValueError("the 'critical' score needs the values and the layer's value metric")
+        weighted = (attention / window + self.epsilon) * projected_value_norms(values, metric)
+        return torch.stack([attention, weighted])
+
+
+#: Every rule by name; the first is the default.
+SCORE_RULES: dict[str, ScoreRule] = {rule.name: rule for rule in (SnapKVScore(), CriticalScore())}
+SCORE_NAMES: tuple[str, ...] = tuple(SCORE_RULES)
+DEFAULT_SCORE = "snapkv"
+
+
+def score_rule(rule: str | ScoreRule) -> ScoreRule:
+    """The rule named ``rule`` (or ``rule`` itself); raises naming the allowed names."""
+    if isinstance(rule, ScoreRule):
+        return rule
+    try:
+        return SCORE_RULES[rule]
+    except KeyError:
+        raise ValueError(f"score must be one of {', '.join(SCORE_NAMES)}; got {rule!r}") from None
+
+
+def projected_value_norms(values: torch.Tensor, metric: torch.Tensor) -> torch.Tensor:
+    """``[H_kv, n]``: ``sqrt(v^T M_h v)`` for each value ``v`` (``[n, H_kv, D]``, any float
+    dtype) of KV head ``h``, in float32."""
+    v = values.float().permute(1, 0, 2)  # [H_kv, n, D]
+    projected = torch.matmul(v, metric)
+    return projected.mul_(v).sum(dim=-1).clamp_(min=0).sqrt_()
+
+
+def value_metric(
+    project: Callable[[torch.Tensor], torch.Tensor],
+    num_q_heads: int,
+    num_kv_heads: int,
+    head_size: int,
+    dtype: torch.dtype,
+    device: torch.device | str,
+) -> torch.Tensor:
+    """``[H_kv, D, D]`` float32: ``M_h = mean_q W_o^q^T W_o^q`` over the query heads ``q`` of KV
+    head ``h``, so that ``v^T M_h v`` is the mean over those heads of ``||W_o^q v||^2``.
+
+    ``project(x)`` is ``x W_o^T`` for rows ``x`` of width ``H_q * D`` (the attention output of
+    this rank's query heads, in ``dtype``): the output projection without its bias and, under
+    tensor parallelism, without the all-reduce (the rank's partial product, which involves only
+    its own heads' columns). Passing unit rows through it reads ``W_o`` however the layer stores
+    it (CPU builds repack linear weights and drop the plain matrix). One KV head's ``G * D``
+    rows at a time, so the transient memory is ``O(G * D * (H_q * D + hidden))``."""
+    if num_q_heads % num_kv_heads:
+        raise ValueError(f"H_q={num_q_heads} is not a multiple of H_kv={num_kv_heads}")
+    group = num_q_heads // num_kv_heads
+    width = num_q_heads * head_size
+    rows = group * head_size
+    metric = torch.empty(num_kv_heads, head_size, head_size, dtype=torch.float32, device=device)
+    for kv_head in range(num_kv_heads):
+        unit = torch.zeros(rows, width, dtype=dtype, device=device)
+        unit[:, kv_head * rows : (kv_head + 1) * rows].fill_diagonal_(1)
+        columns = project(unit).float().view(group, head_size, -1)  # [G, D, hidden]: W_o^q^T
+        del unit
+        metric[kv_head] = torch.matmul(columns, columns.transpose(1, 2)).mean(dim=0)
+    return metric
+
+
+def candidate_counts(counts: tuple[int, ...]) -> tuple[int, ...]:
+    """Positions of each track's own order that :func:`keep_by_priority` may need: its count
+    plus all earlier tracks' (those may have taken that many of its best)."""
+    total, out = 0, []
+    for count in counts:
+        total += count
+        out.append(total)
+    return tuple(out)
+
+
+def keep_by_priority(candidates: list[torch.Tensor], counts: tuple[int, ...]) -> torch.Tensor:
+    """The generic keep step. ``candidates[t]``: ``[H, >= candidate_counts(counts)[t]]``
+    positions of track ``t``, best first (ties: the earlier position). Track 0 keeps its first
+    ``counts[0]``; each later track its first ``counts[t]`` not kept yet. Returns ``[H,
+    sum(counts)]`` positions, each row ascending. No host synchronisation."""
+    kept: torch.Tensor | None = None
+    for track, count in zip(candidates, counts):
+        if count == 0:
+            continue
+        if kept is None:
+            chosen = track[:, :count]
+        else:
+            # Membership by binary search in the ascending kept rows: O(H * (k + n)) memory.
+            track = track.contiguous()
+            at = torch.searchsorted(kept, track).clamp_(max=kept.shape[1] - 1)
+            taken = kept.gather(1, at) == track
+            # A stable sort puts the free candidates first, in their order.
+            order = torch.sort(taken.to(torch.uint8), dim=1, stable=True).indices[:, :count]
+            chosen = track.gather(1, order)
+        kept = chosen if kept is None else torch.cat([kept, chosen], dim=1)
+        kept = kept.sort(dim=1).values
+    return kept
