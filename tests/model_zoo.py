@@ -306,7 +306,12 @@ def _select(
 
 
 def reference_kept_positions_for(
-    model_dir: str, prompt_ids: list[int], budget: int, window: int, kernel_size: int = 7
+    model_dir: str,
+    prompt_ids: list[int],
+    budget: int,
+    window: int,
+    kernel_size: int = 7,
+    lora_dir: str | None = None,
 ) -> dict[int, list[set[int]]]:
     """Dense SnapKV selection per full-attention layer (keyed by layer index, as vLLM's
     ``extract_layer_index`` gives it): per KV head, the set of kept prompt positions.
@@ -314,6 +319,8 @@ def reference_kept_positions_for(
     Query and key states are captured where transformers hands them to the attention function,
     so they are post-RoPE and post-QK-norm for every family without per-family code. Models whose
     attention does not dispatch through ``AttentionInterface`` (the ALiBi ones) are refused.
+    With ``lora_dir``, the model runs with that peft LoRA adapter applied (its queries and keys
+    are the adapted projections').
     """
     if len(prompt_ids) <= budget or budget <= window:
         raise ValueError(f"need window < budget < prompt length, got {window}, {budget}, "
@@ -328,6 +335,10 @@ def reference_kept_positions_for(
     model = AutoModelForCausalLM.from_pretrained(
         model_dir, dtype=torch.float32, attn_implementation=_CAPTURE
     )
+    if lora_dir is not None:
+        import peft
+
+        model = peft.PeftModel.from_pretrained(model, lora_dir)
     with torch.no_grad():
         model(torch.tensor([prompt_ids]), use_cache=False)
     by_layer = {
@@ -340,3 +351,76 @@ def reference_kept_positions_for(
         probs = _window_scores(module, query, key, kwargs, window)
         kept[layer] = _select(probs, key.shape[1], budget, window, kernel_size)
     return kept
+
+
+# --- LoRA adapters ------------------------------------------------------------------------------
+
+#: Modules a test adapter adapts: the attention projections, so the adapter changes the queries
+#: and keys SnapKV scores with (vLLM applies an adapter to its fused ``qkv_proj``).
+LORA_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
+LORA_RANK = 8
+LORA_ALPHA = 16
+#: Standard deviation of the random LoRA A and B factors (peft initialises B to zero, which
+#: would make the adapter a no-op). Chosen so that ``alpha / r * B @ A`` moves the projections
+#: by a visible fraction of the base weights (the selection differs from the base model's),
+#: without drowning them.
+LORA_INIT_STD = {"A": 0.05, "B": 0.05}
+
+
+def _lora_fingerprint(base_dir: str, seed: int) -> str:
+    import peft
+
+    base = json.loads((Path(base_dir) / "config.json").read_text())
+    recipe = {
+        "base": base,
+        "base_weights": (Path(base_dir) / "model.safetensors").stat().st_size,
+        "seed": seed,
+        "rank": LORA_RANK,
+        "alpha": LORA_ALPHA,
+        "targets": LORA_TARGET_MODULES,
+        "init": LORA_INIT_STD,
+        "peft": peft.__version__,
+        "torch": torch.__version__.split("+")[0],
+    }
+    return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:10]
+
+
+def build_lora_adapter(base_dir: str, seed: int) -> str:
+    """A random-weight LoRA adapter (peft format) for the model in ``base_dir``, built once into
+    ``<cache>/lora/<base folder name>-<hash>``: rank :data:`LORA_RANK` on
+    :data:`LORA_TARGET_MODULES`, A and B drawn from a normal of :data:`LORA_INIT_STD` with
+    ``seed``. Races resolve as in :func:`build_tiny_model`."""
+    import peft
+
+    target = DEFAULT_CACHE / "lora" / f"{Path(base_dir).name}-{_lora_fingerprint(base_dir, seed)}"
+    if (target / "adapter_config.json").is_file():
+        return str(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+        config = peft.LoraConfig(
+            r=LORA_RANK,
+            lora_alpha=LORA_ALPHA,
+            target_modules=list(LORA_TARGET_MODULES),
+            lora_dropout=0.0,
+            bias="none",
+            init_lora_weights=False,
+        )
+        adapted = peft.get_peft_model(model, config)
+        generator = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for name, param in adapted.named_parameters():
+                for factor, std in LORA_INIT_STD.items():
+                    if f".lora_{factor}." in name:
+                        param.copy_(torch.randn(param.shape, generator=generator) * std)
+        adapted.save_pretrained(staging)
+        make_world_readable(staging)
+        try:
+            os.replace(staging, target)
+        except OSError:
+            if not (target / "adapter_config.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return str(target)

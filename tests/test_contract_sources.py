@@ -230,6 +230,21 @@ FACTS = [
     ("vllm.entrypoints.launchers.api_server.entry", "build_async_engine_client",
      "AsyncEngineArgs.from_cli_args(args)",
      "extra API server processes parse the namespace the plugin writes its config back to"),
+    # LoRA (tests/test_lora.py): the plugin has no LoRA code; these make it correct.
+    ("vllm.lora.layers.column_parallel_linear", "ColumnParallelLinearWithLoRA.forward",
+     "output_parallel = self.apply(input_, bias)",
+     "a LoRA-wrapped qkv_proj returns the adapted projection, so the attention hook scores "
+     "adapted queries and the cache holds adapted keys"),
+    ("vllm.lora.layers.base_linear", "BaseLinearLayerWithLoRA._apply_lora_to_output",
+     "self.punica_wrapper.add_lora_linear(",
+     "the adapter's delta joins the projection output, before RoPE and attention"),
+    ("vllm.v1.core.kv_cache_utils", "_gen_lora_extra_hash_keys",
+     'return [("lora", lora_request.lora_name, lora_request.lora_path)]',
+     "block hashes carry the adapter: prefix-cache hits (the source blocks a compression "
+     "leaves cached) stay per adapter"),
+    ("vllm.v1.core.kv_cache_utils", "generate_block_hash_extra_keys",
+     "lora_extra_keys = _gen_lora_extra_hash_keys(request)",
+     "every block's hash includes the adapter's keys"),
 ]
 
 

@@ -78,12 +78,19 @@ class DecodeSnapKVReference:
         decode_interval: int = 0,
         kernel_size: int = 7,
         block_size: int = 128,
+        lora_dir: str | None = None,
     ):
+        """``lora_dir``: a peft LoRA adapter the model runs with (queries and keys are then the
+        adapted projections')."""
         from transformers import AutoModelForCausalLM
 
         self.model = AutoModelForCausalLM.from_pretrained(
             model_dir, dtype=torch.float32, attn_implementation="sdpa"
         ).eval()
+        if lora_dir is not None:
+            import peft
+
+            self.model = peft.PeftModel.from_pretrained(self.model, lora_dir).eval()
         self.budget, self.window, self.kernel_size = budget, window_size, kernel_size
         self.block_size = block_size
         self.interval = decode_interval
