@@ -19,7 +19,21 @@ import time
 
 import pytest
 
-from conftest import as_prompt, close_llm, internal_id, make_llm, scheduler_of, snapkv_config
+import glob
+import os
+
+import torch
+
+from conftest import (
+    as_prompt,
+    assert_same_selection,
+    close_llm,
+    internal_id,
+    make_llm,
+    scheduler_of,
+    snapkv_config,
+)
+from vllm_snapkv.adapter.scheduler import DIRECTIVES_ATTR
 from vllm_snapkv.plan import cdiv, decode_threshold
 
 pytestmark = pytest.mark.engine
@@ -79,10 +93,23 @@ def generation():
     return SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
 
 
+def kept_entries(dump_dir: str, request_id: str) -> list[dict]:
+    """Every compression's kept entries of one request, in order: its prompt compression's
+    dump (if any), then its decode compressions'."""
+    prompt = glob.glob(os.path.join(dump_dir, f"{request_id}.pt"))
+    decode = sorted(
+        glob.glob(os.path.join(dump_dir, "decode", f"{request_id}.*.pt")),
+        key=lambda path: int(path.rsplit(".", 2)[-2]),
+    )
+    return [torch.load(path)["layers"] for path in prompt + decode]
+
+
 class Run:
     """One batch generated step by step: the tokens, how many each step added (more than one:
     accepted drafts), the most blocks each request held in the compressed group while decoding,
     compressions."""
+
+    SUFFIX = {False: "-plain", True: "-speculative"}
 
     def __init__(self, llm, prompts: dict[str, list[int]], speculate: bool):
         scheduler = scheduler_of(llm)
@@ -96,24 +123,56 @@ class Run:
         if not speculate:
             # Drafts never reach the scheduler: one token a step, as without speculation.
             scheduler.update_draft_token_ids = lambda draft_token_ids: None
+        #: (request, phase, window end, entries scored) of every compression, as planned.
+        self.compressions: list[tuple[str, str, int, int]] = []
+        names: dict[str, str] = {}
+        state = scheduler._snapkv
+        record_compression = state.compressed
+
+        def compressed(request_id, plan):
+            self.compressions.append(
+                (names[request_id], plan.phase, plan.window_end, plan.num_scored)
+            )
+            return record_compression(request_id, plan)
+
+        state.compressed = compressed
+        #: Draft tokens scheduled beside a compression of the same request (must stay 0), and
+        #: beside a window capture (speculation goes on up to the point).
+        self.drafts_when_compressing = self.drafts_when_capturing = 0
+        update_after_schedule = scheduler._update_after_schedule
+
+        def count_drafts(output):
+            update_after_schedule(output)
+            directives = getattr(output, DIRECTIVES_ATTR)
+            for request_id, drafts in output.scheduled_spec_decode_tokens.items():
+                if request_id in directives.plans:
+                    self.drafts_when_compressing += len(drafts)
+                if request_id in directives.captures:
+                    self.drafts_when_capturing += len(drafts)
+
+        scheduler._update_after_schedule = count_drafts
+        self.request_ids: dict[str, str] = {}
         try:
             for name, ids in prompts.items():
-                engine.add_request(name, as_prompt(ids), generation())
-            ids = {name: internal_id(scheduler, name) for name in prompts}
+                engine.add_request(name + self.SUFFIX[speculate], as_prompt(ids), generation())
+            ids = {
+                name: internal_id(scheduler, name + self.SUFFIX[speculate]) for name in prompts
+            }
+            self.request_ids = ids
+            names.update({request_id: name for name, request_id in ids.items()})
             self.tokens: dict[str, list[int]] = {}
             self.accepted = {name: 0 for name in prompts}
             self.max_blocks = {name: 0 for name in prompts}
             lengths = {name: 0 for name in prompts}
             while engine.has_unfinished_requests():
                 for output in engine.step():
+                    name = output.request_id.removesuffix(self.SUFFIX[speculate])
                     tokens = list(output.outputs[0].token_ids)
-                    if lengths[output.request_id]:  # not the prompt's step
-                        self.accepted[output.request_id] += (
-                            len(tokens) - lengths[output.request_id] - 1
-                        )
-                    lengths[output.request_id] = len(tokens)
+                    if lengths[name]:  # not the prompt's step
+                        self.accepted[name] += len(tokens) - lengths[name] - 1
+                    lengths[name] = len(tokens)
                     if output.finished:
-                        self.tokens[output.request_id] = tokens
+                        self.tokens[name] = tokens
                 for name, request_id in ids.items():
                     request = scheduler.requests.get(request_id)
                     if request is not None and request.num_output_tokens:  # decoding
@@ -121,6 +180,9 @@ class Run:
                         self.max_blocks[name] = max(self.max_blocks[name], held)
         finally:
             scheduler.__dict__.pop("update_draft_token_ids", None)
+            scheduler.__dict__.pop("_update_after_schedule", None)
+            state.__dict__.pop("compressed", None)
+        self.compressions.sort()
         self.prompt_compressions = stats.compressed_requests - prompts_before
         self.decode_compressions = stats.decode_compressions - decodes_before
         assert pool.get_num_free_blocks() == free_at_start
@@ -138,17 +200,33 @@ def speculative(spec_llm, prompts) -> Run:
 
 
 def test_speculative_greedy_tokens_equal_plain_greedy_with_the_same_compression(
-    plain, speculative, prompts
+    plain, speculative, prompts, spec_dump_dir
 ):
-    """Prompt compression (``long``) and decode compressions (both): the same tokens, the same
-    number of compressions, and drafts really were accepted (many steps added several tokens)."""
+    """Prompt compression (``long``) and decode compressions (both): the same compressions (phase,
+    position, entries scored), the same tokens, and drafts really were accepted (many steps
+    added several tokens)."""
     assert plain.accepted == {"long": 0, "short": 0}
     for name in prompts:
         assert speculative.accepted[name] >= MAX_TOKENS // 4, (name, speculative.accepted)
+    # No draft in a compressing step, while drafts run up to the points; each compression where
+    # it is without speculation, over the same entries, keeping the same ones; the same tokens.
+    assert speculative.drafts_when_compressing == 0
+    assert speculative.drafts_when_capturing > 0
+    assert speculative.compressions == plain.compressions
     assert speculative.tokens == plain.tokens
     assert plain.prompt_compressions == speculative.prompt_compressions == 1
     # long: its 256 kept entries reach 384 twice in 300 tokens; short (~200) reaches it once.
     assert plain.decode_compressions == speculative.decode_compressions == 3
+    long_len = len(prompts["long"])
+    for name in prompts:
+        expected = kept_entries(spec_dump_dir, plain.request_ids[name])
+        got = kept_entries(spec_dump_dir, speculative.request_ids[name])
+        assert len(got) == len(expected) == len([c for c in plain.compressions if c[0] == name])
+        for before, after in zip(expected, got):
+            assert_same_selection(before, after, BUDGET)
+    assert [c[1:3] for c in plain.compressions if c[0] == "long"] == [
+        ("decode", long_len + INTERVAL), ("decode", long_len + 2 * INTERVAL), ("prompt", long_len)
+    ]
 
 
 def test_blocks_stay_within_the_decode_threshold_while_speculating(speculative):
