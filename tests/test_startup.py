@@ -75,7 +75,7 @@ def _config_with(**changes):
         ({"speculative_config": _spec("ngram_gpu")}, "method 'ngram_gpu'"),
         ({"speculative_config": _spec("ngram", 8)}, None),
         ({"speculative_config": _spec("ngram", 30)}, None),  # window_size 32
-        ({"speculative_config": _spec("ngram", 31)}, "num_speculative_tokens=31 with window_size=32"),
+        ({"speculative_config": _spec("ngram", 31)}, "num_speculative_tokens=31 with window_"),
         ({"use_mla": True}, "MLA attention"),
         ({"is_attention_free": True}, "attention-free"),
         ({"is_encoder_decoder": True}, "encoder-decoder"),

@@ -46,7 +46,9 @@ def unsupported_features(vllm_config: VllmConfig) -> list[str]:
             f"platform {current_platform.device_name!r} (this release supports CPU and CUDA)"
         )
     if vllm_config.speculative_config is not None:
-        reasons += speculative_reasons(vllm_config.speculative_config, vllm_config.additional_config)
+        reasons += speculative_reasons(
+            vllm_config.speculative_config, vllm_config.additional_config
+        )
     if vllm_config.kv_transfer_config is not None:
         reasons.append("KV transfer connectors")
     if model.runner_type != "generate":
