@@ -245,7 +245,26 @@ FACTS = [
     ("vllm.v1.core.kv_cache_utils", "generate_block_hash_extra_keys",
      "lora_extra_keys = _gen_lora_extra_hash_keys(request)",
      "every block's hash includes the adapter's keys"),
+    # Speculative decoding (n-gram; docs/architecture.md, "Speculative decoding").
+    (_SCHED, "Scheduler.schedule", "spec_token_ids = spec_token_ids[:num_scheduled_spec_tokens]",
+     "vLLM schedules only the drafts that fit the chunk the plugin cut before a compression point"),
+    (_SCHED, "Scheduler.update_from_output", "request.num_computed_tokens -= num_rejected",
+     "rejected drafts roll back num_computed_tokens, from which slots and seq_lens are made"),
+    (_SCHED, "Scheduler._preempt_request", "request.spec_token_ids = []",
+     "a preempted request's drafts are dropped: its re-prefill chunks hold none"),
+    (_SCHED, "Scheduler.update_draft_token_ids", "if request.is_prefill_chunk:",
+     "prefill chunks get no drafts: a prompt compression's step never holds drafts"),
+    (_SCHED, "Scheduler.schedule", "padded_num_tokens = 1 + self.num_spec_tokens",
+     "resumed one-token chunks get placeholder drafts (why num_speculative_tokens <= window - 2)"),
 ]
+
+
+@pytest.mark.parametrize("minor", SUPPORTED_VLLM_MINORS)
+def test_drafts_are_trimmed_to_the_chunk_after_the_plugin_cut_it(minor):
+    schedule = function_source(minor, _SCHED, "Scheduler.schedule")
+    cut = schedule.index("num_new_tokens = self._reserve_prefill_lookahead(")
+    trim = schedule.index("spec_token_ids = spec_token_ids[:num_scheduled_spec_tokens]")
+    assert cut < trim, f"vLLM {minor}: drafts are trimmed before the running chunk is final"
 
 
 @pytest.mark.parametrize("minor", SUPPORTED_VLLM_MINORS)

@@ -14,6 +14,7 @@ from vllm_snapkv.plan import (
     cdiv,
     frees_blocks,
     prefix_hit_limit,
+    speculative_chunk_end,
 )
 
 
@@ -226,3 +227,21 @@ def test_adapter_modules_import_each_other_without_a_circle():
 
     for name in sorted(edges):
         assert cycle_from(name, [name]) is None, cycle_from(name, [name])
+
+
+@pytest.mark.parametrize(
+    "point,num_known,chunk,expected_end",
+    [
+        (400, 351, (350, 354), 354),  # drafts 351..353 well before the point
+        (400, 397, (396, 400), 399),  # a draft would lie at 399 = point - 1: stop before it
+        (400, 398, (397, 401), 399),  # ... and past the point
+        (400, 399, (398, 402), 399),  # 398 known, the draft at 399 is cut: [398, 399)
+        (400, 400, (399, 403), 400),  # 399 known: [399, 400), the compressing step, no drafts
+        (400, 500, (390, 420), 420),  # no drafts (a re-prefill): the prompt-end split applies
+        (400, 402, (401, 405), 405),  # the point is behind the chunk
+    ],
+)
+def test_drafts_stop_before_the_last_position_of_a_compression_point(
+    point, num_known, chunk, expected_end
+):
+    assert speculative_chunk_end(point, num_known, *chunk) == expected_end

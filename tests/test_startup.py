@@ -26,6 +26,12 @@ def test_bad_setting_fails_at_start_naming_its_field(model_dir, settings, field)
         make_llm(model_dir, enforce_eager=True, additional_config={"kv_compression": settings})
 
 
+def _spec(method: str, num_speculative_tokens: int = 3):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(method=method, num_speculative_tokens=num_speculative_tokens)
+
+
 def _config_with(**changes):
     """A stand-in VllmConfig of a plain Llama on CPU, with ``changes`` applied."""
     from types import SimpleNamespace
@@ -52,6 +58,7 @@ def _config_with(**changes):
         cache_config=SimpleNamespace(cache_dtype=changes.pop("kv_cache_dtype", "auto")),
         speculative_config=changes.pop("speculative_config", None),
         kv_transfer_config=None,
+        additional_config={"kv_compression": {"method": "snapkv", "window_size": 32}},
         use_v2_model_runner=changes.pop("v2", False),
     )
     for key, value in changes.items():
@@ -63,7 +70,12 @@ def _config_with(**changes):
     "changes,reason",
     [
         ({}, None),
-        ({"speculative_config": object()}, "speculative decoding"),
+        ({"speculative_config": _spec("eagle")}, "speculative decoding method 'eagle'"),
+        ({"speculative_config": _spec("draft_model")}, "method 'draft_model'"),
+        ({"speculative_config": _spec("ngram_gpu")}, "method 'ngram_gpu'"),
+        ({"speculative_config": _spec("ngram", 8)}, None),
+        ({"speculative_config": _spec("ngram", 30)}, None),  # window_size 32
+        ({"speculative_config": _spec("ngram", 31)}, "num_speculative_tokens=31 with window_"),
         ({"use_mla": True}, "MLA attention"),
         ({"is_attention_free": True}, "attention-free"),
         ({"is_encoder_decoder": True}, "encoder-decoder"),

@@ -251,3 +251,27 @@ def test_a_window_with_a_position_never_captured_is_refused():
     run_step(runner, state, 20, [])
     with pytest.raises(RuntimeError, match=r"window positions \[18, 21\) but only \[20, 21\)"):
         run_step(runner, state, 21, [])
+
+
+def test_rolled_back_draft_positions_are_rewritten_by_their_recomputation():
+    """Speculative decoding: a verification step writes queries of draft positions; rejected
+    drafts roll back, and the next step recomputes those positions. The capture continues the
+    window (no gap) and the ring holds the recomputed queries, not the rejected ones."""
+    from vllm_snapkv.adapter.window_ring import WindowQueryRing
+
+    ring = WindowQueryRing(WINDOW, MAX_SEQS, CpuGpuBuffer(MAX_TOKENS, dtype=torch.int64,
+                                                          device="cpu"))
+    ring.add_layer(LAYER, HEADS, HEAD_SIZE, torch.float32, "cpu")
+
+    def verify(first_position: int, values: list[float]) -> None:
+        ring.begin_step()
+        ring.capture("a", 0, first_position, len(values))
+        ring.end_step()
+        rows = torch.tensor(values).view(-1, 1, 1).expand(-1, HEADS, HEAD_SIZE)
+        ring.write(LAYER, rows)
+
+    verify(18, [18.0, 19.0, 20.0])  # 18 known, drafts at 19 and 20
+    verify(19, [119.0, 120.0, 121.0])  # the draft at 19 was rejected: 19.. recomputed
+    assert ring.captured("a") == (18, 22)
+    read = ring.read(LAYER, ring.window_rows("a", 18, 22, "cpu"))
+    assert read[:, 0, 0].tolist() == [18.0, 119.0, 120.0, 121.0]

@@ -36,6 +36,26 @@ def decode_threshold(budget: int, decode_interval: int, block_size: int) -> int:
     return max(budget + decode_interval, cdiv(budget, block_size) * block_size + 1)
 
 
+def speculative_chunk_end(
+    point: int, num_known_tokens: int, chunk_start: int, chunk_end: int
+) -> int:
+    """End of a chunk ``[chunk_start, chunk_end)`` whose positions from ``num_known_tokens`` on
+    are draft tokens (speculative decoding), cut so that no draft lies at or after position
+    ``point - 1``.
+
+    A request compresses at ``point`` in the step whose chunk ends there, scoring entries
+    ``[0, point)`` with the queries of ``[point - window, point)``. Drafts may be rejected, which
+    rolls ``num_computed_tokens`` back: were position ``point - 1`` a draft, the compaction
+    would score (and keep) the KV and queries of tokens that are then replaced. So drafts stop
+    before ``point - 1``; the step that reaches the point computes only known tokens (a plain
+    decode step, ``[point - 1, point)``, or a re-prefill chunk ending at the point), and
+    compresses exactly where non-speculative decoding does."""
+    if chunk_end <= num_known_tokens or chunk_start >= point:
+        return chunk_end  # no drafts, or the point is behind the chunk
+    limit = point if num_known_tokens >= point else point - 1
+    return min(chunk_end, limit)
+
+
 @dataclass(frozen=True)
 class WindowCapture:
     """Buffer the queries of window positions ``[window_end - window_size, window_end)`` that

@@ -46,7 +46,9 @@ def unsupported_features(vllm_config: VllmConfig) -> list[str]:
             f"platform {current_platform.device_name!r} (this release supports CPU and CUDA)"
         )
     if vllm_config.speculative_config is not None:
-        reasons.append("speculative decoding (the drafter computes its own positions and slots)")
+        reasons += speculative_reasons(
+            vllm_config.speculative_config, vllm_config.additional_config
+        )
     if vllm_config.kv_transfer_config is not None:
         reasons.append("KV transfer connectors")
     if model.runner_type != "generate":
@@ -103,6 +105,42 @@ def unsupported_features(vllm_config: VllmConfig) -> list[str]:
             "SnapKV hooks the V1 runner)"
         )
     return reasons
+
+
+#: Speculative decoding methods served with SnapKV: drafters that keep no KV cache of their own.
+SUPPORTED_SPECULATIVE_METHODS = ("ngram",)
+
+
+def speculative_reasons(speculative_config: Any, additional_config: Any) -> list[str]:
+    """Why a speculative decoding configuration cannot run with SnapKV (empty: it can).
+
+    N-gram speculation proposes drafts from the request's own tokens on the host: the target
+    model verifies them in the compressed cache like any multi-token step (README, "Speculative
+    decoding"). A draft model, EAGLE/EAGLE-3, MTP, DFlash or another model-based drafter runs
+    attention layers of its own, with positions and slots it derives from the target's (logical)
+    positions and KV cache layers SnapKV would have to compact with the target's; neither has
+    been built. ``ngram_gpu`` (CUDA tensors, optimistic draft counts), suffix decoding, Medusa
+    and MLP speculators keep no KV either, but have not run with SnapKV.
+    """
+    method = getattr(speculative_config, "method", None)
+    if method not in SUPPORTED_SPECULATIVE_METHODS:
+        return [
+            f"speculative decoding method {method!r} (supported with SnapKV: "
+            f"{', '.join(SUPPORTED_SPECULATIVE_METHODS)}; drafters with their own KV cache "
+            "layers, such as draft_model, eagle, eagle3 and mtp, are not compacted with the "
+            "target's)"
+        ]
+    config = config_from_additional(additional_config)
+    num_drafts = getattr(speculative_config, "num_speculative_tokens", None) or 0
+    if config is not None and num_drafts > config.window_size - 2:
+        # A resumed request whose chunk vLLM pads with placeholder drafts (one known token + k
+        # placeholders) starts at least window_size tokens before its next compression point;
+        # its placeholders stay before the point's last position only for k <= window_size - 2.
+        return [
+            f"num_speculative_tokens={num_drafts} with window_size={config.window_size} "
+            f"(at most window_size - 2 = {config.window_size - 2} draft tokens per step)"
+        ]
+    return []
 
 
 def alibi_family(hf_config: Any) -> str | None:

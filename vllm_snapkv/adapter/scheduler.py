@@ -8,7 +8,9 @@ tests/test_contract_sources.py):
   captures, allocate targets, release sources, attach :class:`StepDirectives` to the output.
 - ``Scheduler._get_local_prefix_cache_hit``: keep the observation window out of prefix-cache hits.
 - ``Scheduler._reserve_prefill_lookahead`` (post): end a preempted request's re-prefill chunks at
-  its compression points, so its earlier outputs are recomputed over the compressed cache.
+  its compression points, so its earlier outputs are recomputed over the compressed cache; cut a
+  speculative-decoding chunk so its draft tokens stop before the next compression point
+  (``plan.speculative_chunk_end``). vLLM schedules only the drafts that fit the chunk.
 - ``Scheduler._preempt_request`` / ``_free_request``: forget per-request state.
 What compresses when (the per-scheduler state and step planning): ``planning``. Block accounting
 of compressed groups (targets, block swap, physical counts): ``block_accounting``.
@@ -29,6 +31,7 @@ from vllm_snapkv.adapter.block_accounting import share_evicted_counts
 from vllm_snapkv.adapter.groups import CompressedGroups
 from vllm_snapkv.adapter.planning import SchedulerCompression, plan_step
 from vllm_snapkv.config import config_from_additional
+from vllm_snapkv.plan import speculative_chunk_end
 from vllm_snapkv.metrics import publishers_from_environment
 
 # Under the "vllm" logger tree so vLLM's handlers and VLLM_LOGGING_LEVEL apply.
@@ -132,10 +135,19 @@ def _patch_split_at_compression_points(original):
     ) -> int:
         num_new_tokens = original(self, request, num_computed_tokens, num_new_tokens)
         state = _state(self)
-        if state is None or num_new_tokens <= 1 or _split_crashes_vllm(request):
+        if state is None or num_new_tokens <= 1:
             return num_new_tokens
         point = state.next_compression_point(request)
-        if point is not None and num_computed_tokens < point < num_computed_tokens + num_new_tokens:
+        if point is None:
+            return num_new_tokens
+        chunk_end = num_computed_tokens + num_new_tokens
+        if request.spec_token_ids and chunk_end > request.num_tokens:
+            # Draft tokens (n-gram speculation) in the chunk: they stop before the point.
+            return (
+                speculative_chunk_end(point, request.num_tokens, num_computed_tokens, chunk_end)
+                - num_computed_tokens
+            )
+        if num_computed_tokens < point < chunk_end and not _split_crashes_vllm(request):
             return point - num_computed_tokens
         return num_new_tokens
 

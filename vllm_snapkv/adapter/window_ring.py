@@ -112,8 +112,10 @@ class WindowQueryRing:
             return
         base = self.slot(request_id) * self.window_size
         first, end = self._captured.get(request_id, (first_position, first_position))
-        if end != first_position:  # not where the last capture ended: a new window
+        if not first <= first_position <= end:  # not inside or right after the last: a new window
             first = first_position
+        # Starting before ``end``: speculative decoding rejected drafts and rolled back; these
+        # rows overwrite the rejected tokens' queries, and what lies past them is stale.
         self._captured[request_id] = (first, first_position + num_rows)
         positions = np.arange(first_position, first_position + num_rows)
         self.rows.np[first_row : first_row + num_rows] = base + positions % self.window_size
