@@ -187,9 +187,10 @@ def main(argv=None) -> None:
     parser.add_argument("--smoke", action="store_true", help="tiny sizes for the test suite")
     args = parser.parse_args(argv)
     if args.smoke:
-        args.budget, args.decode_interval, args.generate, args.bucket = 256, 128, 300, 100
-        args.requests, args.throughput_tokens, args.kv_blocks = 3, 300, 12
-        args.throughput_budget, args.throughput_interval = 256, 128
+        # Two decode compressions in 160 tokens (threshold 192 entries, then every 64).
+        args.budget, args.decode_interval, args.generate, args.bucket = 128, 64, 160, 50
+        args.requests, args.throughput_tokens, args.kv_blocks = 3, 160, 12
+        args.throughput_budget, args.throughput_interval = 128, 64
     progress("part 1: one long generation, full cache vs decode compression")
     summary = part1(args)
     progress("part 2: throughput at equal KV memory")
