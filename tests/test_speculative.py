@@ -3,7 +3,7 @@
 One engine: n-gram speculation with 3 draft tokens a step, SnapKV budget 256, window 32,
 decode_interval 128, block size 128, chunks of 512 tokens (the decode threshold is 384 entries,
 so a request holds at most 3 blocks while it generates). It needs its own engine: speculation is
-an engine setting, and no other module's engine speculates.
+an engine setting (test_speculative_draft.py has the draft-model one).
 
 The non-speculative reference runs on the same engine with the drafts dropped before they reach
 the scheduler (``Scheduler.update_draft_token_ids``): vLLM then schedules one token a step per
