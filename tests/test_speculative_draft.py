@@ -236,3 +236,15 @@ def test_drafter_layers_outside_a_compressed_group_are_refused():
     }
     assert set(layers.group_of.values()) == {0}
     assert DrafterLayers.of(set(), groups, list(groups)) is None
+    # A drafter layer with other KV heads than its target layer (a group of its own).
+    from types import SimpleNamespace
+
+    def layer(num_kv_heads):
+        return SimpleNamespace(impl=SimpleNamespace(num_kv_heads=num_kv_heads, head_size=64))
+
+    context = {**{name: layer(3) for name in groups}, **{name: layer(3) for name in drafter}}
+    targets = {i: f"model.layers.{i}.self_attn.attn" for i in range(4)}
+    layers.check_heads(context, targets)
+    context["draft_model.model.layers.1.self_attn.attn"] = layer(1)
+    with pytest.raises(UnsupportedDrafter, match=r"layers\.1\.self_attn\.attn has 1 KV heads"):
+        layers.check_heads(context, targets)

@@ -20,7 +20,8 @@ selection.
 
 What this module does:
 - :class:`DrafterLayers`: which layers are the drafter's, and whose selection each one takes;
-  refuses (at engine start, naming the layer) a drafter layer outside a compressed group.
+  refuses (at engine start, naming the layer) a drafter layer outside a compressed group, or
+  with other KV heads or head size than its target layer.
 - :func:`compact_drafter_layers`: after the drafter ran in a compressing step, move each of its
   layers' kept entries into the plan's targets (the same targets as the target's layers).
 - Proposer patches (vLLM 0.32; contract tests in tests/test_contract.py): the drafter computes
@@ -89,6 +90,24 @@ class DrafterLayers:
                 for depth, name in enumerate(drafters)
             },
         )
+
+
+    def check_heads(self, forward_context: dict, target_names: dict[int, str]) -> None:
+        """Refuse (at engine start) a drafter layer whose KV heads or head size differ from its
+        shared target layer's (a drafter in a full-attention group of its own, with another
+        spec): the shared selection has one row per target KV head."""
+        for name, shared in self.shares.items():
+            drafter = forward_context[name].impl
+            target = forward_context[target_names[shared]].impl
+            mine = (drafter.num_kv_heads, drafter.head_size)
+            theirs = (target.num_kv_heads, target.head_size)
+            if mine != theirs:
+                raise UnsupportedDrafter(
+                    f"kv_compression: the draft model's attention layer {name} has "
+                    f"{mine[0]} KV heads of size {mine[1]}, its target layer "
+                    f"{target_names[shared]} {theirs[0]} of size {theirs[1]}; SnapKV compresses "
+                    "a drafter with the target's KV layout only. Turn compression off for it."
+                )
 
 
 def drafter_layer_names(runner: GPUModelRunner) -> set[str]:

@@ -163,6 +163,10 @@ class WorkerCompression:
         for name in self.target_layers:
             setattr(forward_context[name].impl, STEP_STATE_ATTR, self)
         if self.drafter is not None:
+            self.drafter.check_heads(
+                forward_context,
+                {extract_layer_index(name): name for name in self.target_layers},
+            )
             # The drafter's slot hooks read this step's evicted offsets.
             setattr(runner.drafter, STEP_STATE_ATTR, self)
         setattr(runner.cudagraph_dispatcher, STEP_STATE_ATTR, self)
