@@ -47,6 +47,7 @@ from vllm.v1.spec_decode.llm_base_proposer import PADDING_SLOT_ID, SpecDecodeBas
 from vllm.v1.spec_decode.utils import compute_new_slot_mapping
 from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
+from vllm_snapkv.adapter.compaction import CompactionJob, move_kept_entries
 from vllm_snapkv.adapter.physical import STEP_STATE_ATTR
 
 
@@ -117,13 +118,11 @@ def drafter_layer_names(runner: GPUModelRunner) -> set[str]:
 
 
 def compact_drafter_layers(
-    drafter: DrafterLayers, jobs: list, forward_context: dict, layout_of: Any
+    drafter: DrafterLayers, jobs: list[CompactionJob], forward_context: dict, layout_of: Any
 ) -> None:
     """Move every drafter layer's entries that its shared target layer kept (``job.kept``) into
     each job's targets. Runs after the drafter wrote the compressing chunk, before the block
     swap; reads the same sources the target's layers read (still the request's block list)."""
-    from vllm_snapkv.adapter.compaction import move_kept_entries
-
     for job in jobs:
         for name, shared in drafter.shares.items():
             layer = forward_context[name]
