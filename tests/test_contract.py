@@ -501,3 +501,32 @@ def test_output_projection_facts_the_value_rules_read():
     init = source(RowParallelLinear.__init__)
     assert "self.input_size_per_partition = divide(input_size, self.tp_size)" in init
     assert "self.quant_method" in source(RowParallelLinear.forward)
+
+
+def test_draft_model_facts_the_drafter_hooks_read():
+    """``adapter.drafter``: the CPU runner and the draft-model proposer run the patched base
+    methods; the drafter's metadata can take new slots; what the hooks read exists."""
+    from vllm.v1.attention.backend import CommonAttentionMetadata
+    from vllm.v1.spec_decode.draft_model import DraftModelProposer
+    from vllm.v1.spec_decode.llm_base_proposer import SpecDecodeBaseProposer
+    from vllm.v1.worker.cpu_model_runner import CPUModelRunner
+
+    assert "sample_tokens" not in CPUModelRunner.__dict__
+    for name in ("set_inputs_first_pass", "_update_positions_dependent_metadata"):
+        assert name not in DraftModelProposer.__dict__
+    assert "cad" in params(inspect.unwrap(SpecDecodeBaseProposer.set_inputs_first_pass))
+    assert params(inspect.unwrap(SpecDecodeBaseProposer._update_positions_dependent_metadata)) == [
+        "self", "positions", "common_attn_metadata", "batch_size", "input_batch_size",
+        "block_size",
+    ]
+    assert "slot_mapping" in {f.name for f in dataclasses.fields(CommonAttentionMetadata)}
+    assert callable(CommonAttentionMetadata.replace)
+    init = source(SpecDecodeBaseProposer.__init__)
+    for attribute in ("self.needs_extra_input_slots =", "self.net_num_new_slots_per_request =",
+                      "self._slot_mapping_buffer =", "self.max_model_len ="):
+        assert attribute in init
+    # The drafter's positions buffer holds the target's RoPE (logical) positions, in both
+    # first-pass paths; the draft model's slots are derived from it.
+    first_pass = source(SpecDecodeBaseProposer.set_inputs_first_pass)
+    assert "self._set_positions(num_tokens, target_positions)" in first_pass
+    assert "out_positions_ptr=self.positions," in first_pass

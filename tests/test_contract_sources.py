@@ -259,6 +259,57 @@ FACTS = [
 ]
 
 
+_PROPOSER = "vllm.v1.spec_decode.llm_base_proposer"
+
+#: Draft-model speculative decoding (docs/architecture.md, "Speculative decoding with a draft
+#: model"; adapter/drafter.py), as FACTS.
+DRAFTER_FACTS = [
+    (_RUNNER, "GPUModelRunner.sample_tokens", "self._draft_token_ids = self.propose_draft_token_ids(",
+     "the drafter runs (and writes its KV) inside sample_tokens, after the target's forward: "
+     "the sample_tokens post-hook compacts its layers after it"),
+    ("vllm.v1.spec_decode.draft_model", "DraftModelProposer._get_model", 'prefix="draft_model"',
+     "the drafter's layers are named draft_model.*, apart from the target's"),
+    (_PROPOSER, "SpecDecodeBaseProposer.load_model", "self._draft_attn_layer_names = {",
+     "the runner's drafter names its attention layers (DrafterLayers reads them)"),
+    (_PROPOSER, "SpecDecodeBaseProposer.initialize_attn_backend",
+     "self.validate_same_kv_cache_group(kv_cache_config)",
+     "all drafter layers sit in one KV cache group (with the target's spec: the target's)"),
+    (_PROPOSER, "SpecDecodeBaseProposer.set_inputs_first_pass",
+     "new_slot_mapping = compute_new_slot_mapping(",
+     "a draft model's first pass computes its slots from positions (made physical after it)"),
+    (_PROPOSER, "SpecDecodeBaseProposer.set_inputs_first_pass",
+     "new_positions=self.positions[:total_num_output_tokens],",
+     "...from the (logical) positions in self.positions"),
+    (_PROPOSER, "SpecDecodeBaseProposer.set_inputs_first_pass",
+     "return total_num_output_tokens, token_indices_to_sample, new_cad",
+     "the first pass returns (tokens, indices to sample, metadata with the slots)"),
+    (_PROPOSER, "SpecDecodeBaseProposer.propose", "self.set_inputs_first_pass(",
+     "propose takes its first pass's metadata from set_inputs_first_pass"),
+    (_PROPOSER, "SpecDecodeBaseProposer.propose", "common_attn_metadata.slot_mapping",
+     "...and the first forward's slot mapping from that metadata"),
+    (_PROPOSER, "SpecDecodeBaseProposer._update_positions_dependent_metadata",
+     "common_attn_metadata.slot_mapping = self._slot_mapping_buffer[:batch_size]",
+     "each further draft's slots are in _slot_mapping_buffer (rewritten in place after it)"),
+    (_PROPOSER, "SpecDecodeBaseProposer._update_positions_dependent_metadata",
+     "seq_lens=common_attn_metadata.seq_lens,",
+     "the drafter's seq_lens are the target's (physical), advanced by one per draft"),
+    ("vllm.v1.spec_decode.utils", "compute_new_slot_mapping",
+     "block_nums = cad.block_table_tensor.view(-1)[block_table_indices]",
+     "slots = block table at position // block_size (so positions must be physical)"),
+    ("vllm.config.vllm", "VllmConfig.num_lookahead_tokens",
+     "if speculative_config.use_eagle() or speculative_config.uses_draft_model():",
+     "a model drafter reserves lookahead slots (the test's block bound adds them)"),
+]
+
+
+@pytest.mark.parametrize("minor", SUPPORTED_VLLM_MINORS)
+@pytest.mark.parametrize(
+    "module,function,line,why", DRAFTER_FACTS, ids=[f"{f[1]}:{f[2][:30]}" for f in DRAFTER_FACTS]
+)
+def test_drafter_fact_holds(minor, module, function, line, why):
+    assert line in function_source(minor, module, function), f"vLLM {minor}: {why}"
+
+
 @pytest.mark.parametrize("minor", SUPPORTED_VLLM_MINORS)
 def test_drafts_are_trimmed_to_the_chunk_after_the_plugin_cut_it(minor):
     schedule = function_source(minor, _SCHED, "Scheduler.schedule")

@@ -3,7 +3,7 @@
 One engine: n-gram speculation with 3 draft tokens a step, SnapKV budget 256, window 32,
 decode_interval 128, block size 128, chunks of 512 tokens (the decode threshold is 384 entries,
 so a request holds at most 3 blocks while it generates). It needs its own engine: speculation is
-an engine setting, and no other module's engine speculates.
+an engine setting (test_speculative_draft.py has the draft-model one).
 
 The non-speculative reference runs on the same engine with the drafts dropped before they reach
 the scheduler (``Scheduler.update_draft_token_ids``): vLLM then schedules one token a step per
@@ -19,11 +19,7 @@ import time
 
 import pytest
 
-import glob
-import os
-
-import torch
-
+import speculation
 from conftest import (
     as_prompt,
     assert_same_selection,
@@ -33,7 +29,7 @@ from conftest import (
     scheduler_of,
     snapkv_config,
 )
-from vllm_snapkv.adapter.scheduler import DIRECTIVES_ATTR
+from speculation import Run, kept_entries, repetitive_prompt
 from vllm_snapkv.plan import cdiv, decode_threshold
 
 pytestmark = pytest.mark.engine
@@ -43,10 +39,6 @@ NUM_DRAFTS = 3
 THRESHOLD = decode_threshold(BUDGET, INTERVAL, BLOCK)
 MAX_BLOCKS = cdiv(THRESHOLD, BLOCK)
 MAX_TOKENS = 300
-
-#: Text the model continues by repeating it: n-gram drafts from the prompt are accepted.
-VERSE = "The quick brown fox jumps over the lazy dog, and the dog sleeps in the warm sun. "
-
 
 @pytest.fixture(scope="module")
 def spec_dump_dir(tmp_path_factory) -> str:
@@ -73,10 +65,6 @@ def spec_llm(model_dir: str, spec_dump_dir: str):
     close_llm(llm)
 
 
-def repetitive_prompt(tokenizer, num_verses: int) -> list[int]:
-    return tokenizer("Copy this text exactly, again and again:\n" + VERSE * num_verses).input_ids
-
-
 @pytest.fixture(scope="module")
 def prompts(spec_llm) -> dict[str, list[int]]:
     """``long``: ~1000 tokens, compressed at its prompt's end, then at 128-token intervals;
@@ -88,115 +76,17 @@ def prompts(spec_llm) -> dict[str, list[int]]:
 
 
 def generation():
-    from vllm import SamplingParams
-
-    return SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
-
-
-def kept_entries(dump_dir: str, request_id: str) -> list[dict]:
-    """Every compression's kept entries of one request, in order: its prompt compression's
-    dump (if any), then its decode compressions'."""
-    prompt = glob.glob(os.path.join(dump_dir, f"{request_id}.pt"))
-    decode = sorted(
-        glob.glob(os.path.join(dump_dir, "decode", f"{request_id}.*.pt")),
-        key=lambda path: int(path.rsplit(".", 2)[-2]),
-    )
-    return [torch.load(path)["layers"] for path in prompt + decode]
-
-
-class Run:
-    """One batch generated step by step: the tokens, how many each step added (more than one:
-    accepted drafts), the most blocks each request held in the compressed group while decoding,
-    compressions."""
-
-    SUFFIX = {False: "-plain", True: "-speculative"}
-
-    def __init__(self, llm, prompts: dict[str, list[int]], speculate: bool):
-        scheduler = scheduler_of(llm)
-        manager = scheduler.kv_cache_manager.coordinator.single_type_managers[0]
-        pool = scheduler.kv_cache_manager.block_pool
-        stats = scheduler._snapkv.stats
-        engine = llm.llm_engine
-        llm.reset_prefix_cache()
-        free_at_start = pool.get_num_free_blocks()
-        prompts_before, decodes_before = stats.compressed_requests, stats.decode_compressions
-        if not speculate:
-            # Drafts never reach the scheduler: one token a step, as without speculation.
-            scheduler.update_draft_token_ids = lambda draft_token_ids: None
-        #: (request, phase, window end, entries scored) of every compression, as planned.
-        self.compressions: list[tuple[str, str, int, int]] = []
-        names: dict[str, str] = {}
-        state = scheduler._snapkv
-        record_compression = state.compressed
-
-        def compressed(request_id, plan):
-            self.compressions.append(
-                (names[request_id], plan.phase, plan.window_end, plan.num_scored)
-            )
-            return record_compression(request_id, plan)
-
-        state.compressed = compressed
-        #: Draft tokens scheduled beside a compression of the same request (must stay 0), and
-        #: beside a window capture (speculation goes on up to the point).
-        self.drafts_when_compressing = self.drafts_when_capturing = 0
-        update_after_schedule = scheduler._update_after_schedule
-
-        def count_drafts(output):
-            update_after_schedule(output)
-            directives = getattr(output, DIRECTIVES_ATTR)
-            for request_id, drafts in output.scheduled_spec_decode_tokens.items():
-                if request_id in directives.plans:
-                    self.drafts_when_compressing += len(drafts)
-                if request_id in directives.captures:
-                    self.drafts_when_capturing += len(drafts)
-
-        scheduler._update_after_schedule = count_drafts
-        self.request_ids: dict[str, str] = {}
-        try:
-            for name, ids in prompts.items():
-                engine.add_request(name + self.SUFFIX[speculate], as_prompt(ids), generation())
-            ids = {
-                name: internal_id(scheduler, name + self.SUFFIX[speculate]) for name in prompts
-            }
-            self.request_ids = ids
-            names.update({request_id: name for name, request_id in ids.items()})
-            self.tokens: dict[str, list[int]] = {}
-            self.accepted = {name: 0 for name in prompts}
-            self.max_blocks = {name: 0 for name in prompts}
-            lengths = {name: 0 for name in prompts}
-            while engine.has_unfinished_requests():
-                for output in engine.step():
-                    name = output.request_id.removesuffix(self.SUFFIX[speculate])
-                    tokens = list(output.outputs[0].token_ids)
-                    if lengths[name]:  # not the prompt's step
-                        self.accepted[name] += len(tokens) - lengths[name] - 1
-                    lengths[name] = len(tokens)
-                    if output.finished:
-                        self.tokens[name] = tokens
-                for name, request_id in ids.items():
-                    request = scheduler.requests.get(request_id)
-                    if request is not None and request.num_output_tokens:  # decoding
-                        held = len(manager.req_to_blocks[request_id])
-                        self.max_blocks[name] = max(self.max_blocks[name], held)
-        finally:
-            scheduler.__dict__.pop("update_draft_token_ids", None)
-            scheduler.__dict__.pop("_update_after_schedule", None)
-            state.__dict__.pop("compressed", None)
-        self.compressions.sort()
-        self.prompt_compressions = stats.compressed_requests - prompts_before
-        self.decode_compressions = stats.decode_compressions - decodes_before
-        assert pool.get_num_free_blocks() == free_at_start
-        assert not scheduler._snapkv.requests
+    return speculation.generation(MAX_TOKENS)
 
 
 @pytest.fixture(scope="module")
 def plain(spec_llm, prompts) -> Run:
-    return Run(spec_llm, prompts, speculate=False)
+    return Run(spec_llm, prompts, speculate=False, max_tokens=MAX_TOKENS)
 
 
 @pytest.fixture(scope="module")
 def speculative(spec_llm, prompts) -> Run:
-    return Run(spec_llm, prompts, speculate=True)
+    return Run(spec_llm, prompts, speculate=True, max_tokens=MAX_TOKENS)
 
 
 def test_speculative_greedy_tokens_equal_plain_greedy_with_the_same_compression(

@@ -26,10 +26,12 @@ def test_bad_setting_fails_at_start_naming_its_field(model_dir, settings, field)
         make_llm(model_dir, enforce_eager=True, additional_config={"kv_compression": settings})
 
 
-def _spec(method: str, num_speculative_tokens: int = 3):
+def _spec(method: str, num_speculative_tokens: int = 3, **options):
     from types import SimpleNamespace
 
-    return SimpleNamespace(method=method, num_speculative_tokens=num_speculative_tokens)
+    return SimpleNamespace(
+        method=method, num_speculative_tokens=num_speculative_tokens, **options
+    )
 
 
 def _config_with(**changes):
@@ -71,7 +73,14 @@ def _config_with(**changes):
     [
         ({}, None),
         ({"speculative_config": _spec("eagle")}, "speculative decoding method 'eagle'"),
-        ({"speculative_config": _spec("draft_model")}, "method 'draft_model'"),
+        ({"speculative_config": _spec("eagle3")}, "method 'eagle3'"),
+        ({"speculative_config": _spec("mtp")}, "method 'mtp'"),
+        ({"speculative_config": _spec("draft_model")}, None),
+        ({"speculative_config": _spec("draft_model", 31)}, "num_speculative_tokens=31"),
+        ({"speculative_config": _spec("draft_model", parallel_drafting=True)},
+         "draft_model with parallel_drafting"),
+        ({"speculative_config": _spec("draft_model"), "pp": 2},
+         "draft_model with pipeline_parallel_size=2"),
         ({"speculative_config": _spec("ngram_gpu")}, "method 'ngram_gpu'"),
         ({"speculative_config": _spec("ngram", 8)}, None),
         ({"speculative_config": _spec("ngram", 30)}, None),  # window_size 32

@@ -106,16 +106,27 @@ def compact_layer(
         value_metric=value_metric,
         **scoring_options(impl),
     )
+    move_kept_entries(layout, job, kept, kv_cache, group_id)
+    return kept
+
+
+def move_kept_entries(
+    layout: PagedKVLayout, job: CompactionJob, kept: torch.Tensor, kv_cache: torch.Tensor,
+    group_id: int,
+) -> None:
+    """Write the stored entries ``kept`` (``[H_kv, budget]``) of ``job``'s sources, then its
+    verbatim outputs, into the plan's targets, in the layer's layout."""
+    plan = job.plan
     num_heads = kept.shape[0]
     outputs = torch.arange(plan.num_scored, plan.num_sources, device=kept.device)
     # Slot i of head h holds stored entry per_slot[i, h]: the selection, then earlier outputs.
     per_slot = torch.cat([kept, outputs.expand(num_heads, -1)], dim=1).T
     # Both gathers are copies taken before the write: targets may be reused sources
     # (in-place compaction).
+    source = job.sources[group_id]
     kept_keys = layout.gather_keys(kv_cache, source, per_slot)
     kept_values = layout.gather_values(kv_cache, source, per_slot)
     layout.write(kv_cache, kept_keys, kept_values, job.target_slots[group_id])
-    return kept
 
 
 def write_selection_dump(directory: str, job: CompactionJob, suffix: str) -> None:

@@ -47,7 +47,9 @@ def unsupported_features(vllm_config: VllmConfig) -> list[str]:
         )
     if vllm_config.speculative_config is not None:
         reasons += speculative_reasons(
-            vllm_config.speculative_config, vllm_config.additional_config
+            vllm_config.speculative_config,
+            vllm_config.additional_config,
+            parallel.pipeline_parallel_size,
         )
     if vllm_config.kv_transfer_config is not None:
         reasons.append("KV transfer connectors")
@@ -107,29 +109,44 @@ def unsupported_features(vllm_config: VllmConfig) -> list[str]:
     return reasons
 
 
-#: Speculative decoding methods served with SnapKV: drafters that keep no KV cache of their own.
-SUPPORTED_SPECULATIVE_METHODS = ("ngram",)
+#: Speculative decoding methods served with SnapKV: n-gram (no KV of its own) and a draft model
+#: whose attention layers compress with the target's (``adapter.drafter``).
+SUPPORTED_SPECULATIVE_METHODS = ("ngram", "draft_model")
 
 
-def speculative_reasons(speculative_config: Any, additional_config: Any) -> list[str]:
+def speculative_reasons(
+    speculative_config: Any, additional_config: Any, pipeline_parallel_size: int = 1
+) -> list[str]:
     """Why a speculative decoding configuration cannot run with SnapKV (empty: it can).
 
     N-gram speculation proposes drafts from the request's own tokens on the host: the target
     model verifies them in the compressed cache like any multi-token step (README, "Speculative
-    decoding"). A draft model, EAGLE/EAGLE-3, MTP, DFlash or another model-based drafter runs
-    attention layers of its own, with positions and slots it derives from the target's (logical)
-    positions and KV cache layers SnapKV would have to compact with the target's; neither has
-    been built. ``ngram_gpu`` (CUDA tensors, optimistic draft counts), suffix decoding, Medusa
-    and MLP speculators keep no KV either, but have not run with SnapKV.
+    decoding"). A draft model's layers sit in the target's KV cache group: they keep the
+    entries the target keeps, at the same stored positions, and compute their slots from
+    physical positions (docs/architecture.md, "Speculative decoding with a draft model").
+    EAGLE/EAGLE-3, MTP, DFlash and the other hidden-state drafters also run attention layers of
+    their own, but have not run with SnapKV (no such checkpoint here); ``ngram_gpu``, suffix
+    decoding, Medusa and MLP speculators keep no KV, but have not run with SnapKV either.
     """
     method = getattr(speculative_config, "method", None)
     if method not in SUPPORTED_SPECULATIVE_METHODS:
         return [
             f"speculative decoding method {method!r} (supported with SnapKV: "
-            f"{', '.join(SUPPORTED_SPECULATIVE_METHODS)}; drafters with their own KV cache "
-            "layers, such as draft_model, eagle, eagle3 and mtp, are not compacted with the "
-            "target's)"
+            f"{', '.join(SUPPORTED_SPECULATIVE_METHODS)}; eagle, eagle3, mtp, dflash and the "
+            "other drafters have not run with compression)"
         ]
+    if method == "draft_model":
+        if getattr(speculative_config, "parallel_drafting", False):
+            return [
+                "draft_model with parallel_drafting (all drafts in one pass, with padding "
+                "slots; not run with SnapKV)"
+            ]
+        if pipeline_parallel_size > 1:
+            return [
+                f"draft_model with pipeline_parallel_size={pipeline_parallel_size} (vLLM runs "
+                "the whole draft model on the last stage, whose drafter layers would share the "
+                "selection of target layers on other stages)"
+            ]
     config = config_from_additional(additional_config)
     num_drafts = getattr(speculative_config, "num_speculative_tokens", None) or 0
     if config is not None and num_drafts > config.window_size - 2:

@@ -44,6 +44,12 @@ from vllm_snapkv.adapter.attention import (
     unquantised_queries,
 )
 from vllm_snapkv.adapter.compaction import CompactionJob, compact_layer, write_selection_dump
+from vllm_snapkv.adapter.drafter import (
+    DRAFTER_PATCHES,
+    DrafterLayers,
+    compact_drafter_layers,
+    drafter_layer_names,
+)
 from vllm_snapkv.adapter.groups import CompressedGroups
 from vllm_snapkv.adapter.layouts import PagedKVLayout, PagedTokens
 from vllm_snapkv.adapter.output_projection import find_output_projection, rank_projection
@@ -51,6 +57,7 @@ from vllm_snapkv.adapter.physical import (
     PHYSICAL_PATCHES,
     STEP_STATE_ATTR,
     LogicalLengths,
+    evicted_offsets_buffer,
     make_lengths_physical,
     swap_block_lists,
 )
@@ -83,14 +90,31 @@ class WorkerCompression:
         groups: CompressedGroups,
         dump_suffix: str = "",
         query_dtype: torch.dtype = torch.float32,
+        drafter_layers: set[str] = frozenset(),
     ):
         self.config = config
         #: The model's dtype: queries vLLM quantised for an fp8 cache are buffered in it.
         self.query_dtype = query_dtype
         self.groups = groups
+        #: The target model's compressed layers -> group (a draft model's layers excluded: they
+        #: take the target's selection after the drafter ran, ``adapter.drafter``).
+        self.target_layers = {
+            name: group for name, group in groups.group_of_layer.items()
+            if name not in drafter_layers
+        }
+        self.drafter = DrafterLayers.of(
+            set(drafter_layers), groups.group_of_layer, list(self.target_layers)
+        )
+        #: The runner's attention layers by name (vLLM's static forward context), at attach.
+        self.forward_context: dict[str, Any] = {}
+        #: Compressing jobs of this step whose drafter layers are still to compact.
+        self.drafter_jobs: list[CompactionJob] = []
+        #: Evicted tokens per batch row of this step (device), from ``_prepare_inputs`` to the
+        #: end of ``sample_tokens`` (the drafter's slots); None without compressed requests.
+        self.row_offsets: torch.Tensor | None = None
         # A pipeline stage's KV cache config names only the layers it runs: each stage compacts
         # its own layers, and checks it compacted all of them.
-        self.num_layers = groups.num_layers
+        self.num_layers = len(self.target_layers)
         self.block_size = groups.block_size  # the scheduler's (manager) block size
         #: Appended to dump names so ranks holding other heads or layers do not collide.
         self.dump_suffix = dump_suffix
@@ -135,8 +159,16 @@ class WorkerCompression:
         groups (logical lengths). Other layers' implementations carry none: vLLM runs them
         unchanged."""
         forward_context = runner.compilation_config.static_forward_context
-        for name in self.groups.group_of_layer:
+        self.forward_context = forward_context
+        for name in self.target_layers:
             setattr(forward_context[name].impl, STEP_STATE_ATTR, self)
+        if self.drafter is not None:
+            self.drafter.check_heads(
+                forward_context,
+                {extract_layer_index(name): name for name in self.target_layers},
+            )
+            # The drafter's slot hooks read this step's evicted offsets.
+            setattr(runner.drafter, STEP_STATE_ATTR, self)
         setattr(runner.cudagraph_dispatcher, STEP_STATE_ATTR, self)
         for attention_groups in runner.attn_groups:
             for attention_group in attention_groups:
@@ -150,7 +182,7 @@ class WorkerCompression:
         such a rule on this model falls back to the paper's rule, logged)."""
         forward_context = runner.compilation_config.static_forward_context
         model = runner.get_model()
-        for name in self.groups.group_of_layer:
+        for name in self.target_layers:
             impl = forward_context[name].impl
             projection, reason = find_output_projection(model, name, impl.num_heads, impl.head_size)
             if projection is None:
@@ -173,7 +205,7 @@ class WorkerCompression:
             runner.max_num_reqs,
             runner._make_buffer(runner.max_num_tokens, dtype=torch.int64),
         )
-        for name in sorted(self.groups.group_of_layer, key=extract_layer_index):
+        for name in sorted(self.target_layers, key=extract_layer_index):
             impl = forward_context[name].impl
             ring.add_layer(name, impl.num_heads, impl.head_size, self.query_dtype, runner.device)
         return ring
@@ -200,6 +232,16 @@ class WorkerCompression:
         self.pending_swaps.pop(request_id, None)
         self._release_window(request_id)
 
+    def end_drafter_step(self, compact: bool) -> None:
+        """After ``sample_tokens`` (the drafter ran, or had nothing to run): compact the drafter
+        layers of this step's compressions (``compact``: the step did not fail)."""
+        jobs, self.drafter_jobs, self.row_offsets = self.drafter_jobs, [], None
+        if compact and jobs:
+            device = next(iter(jobs[0].target_slots.values())).device
+            started = self.clock.start(device)
+            compact_drafter_layers(self.drafter, jobs, self.forward_context, self._layout)
+            self.clock.stop(started, device)
+
     def _release_window(self, request_id: str) -> None:
         self.window_queries.pop(request_id, None)
         if self.ring is not None:
@@ -208,6 +250,10 @@ class WorkerCompression:
     # --- step phases, in call order ---------------------------------------------------------
 
     def before_update_states(self, runner: GPUModelRunner, scheduler_output: Any) -> None:
+        if self.drafter_jobs:
+            # vLLM skipped sample_tokens after a compressing step (it returned the step's output
+            # from execute_model): no KV was written since, so the sources still hold it.
+            self.end_drafter_step(compact=True)
         for request_id in scheduler_output.finished_req_ids:
             self.forget(request_id)
         for request_id in scheduler_output.scheduled_cached_reqs.resumed_req_ids:
@@ -234,6 +280,10 @@ class WorkerCompression:
         self.logical_lengths = make_lengths_physical(
             runner, scheduler_output, request_ids, directives.evicted, self.groups
         )
+        self.row_offsets = None
+        if self.drafter is not None and any(directives.evicted.get(r) for r in request_ids):
+            # What make_lengths_physical copied to the device (adapter.physical).
+            self.row_offsets = evicted_offsets_buffer(runner).gpu[: len(request_ids)]
         ring = self.ring
         if ring is not None:
             ring.begin_step()
@@ -385,6 +435,8 @@ class WorkerCompression:
                     f"{self.num_layers} attention layers; its KV cache would be inconsistent"
                 )
             self.pending_swaps[job.request_id] = job.plan.target_block_ids
+            if self.drafter is not None:
+                self.drafter_jobs.append(job)
             if self.config.dump_selections_to:
                 write_selection_dump(self.config.dump_selections_to, job, self.dump_suffix)
 
@@ -406,6 +458,7 @@ def _create_state(runner: GPUModelRunner) -> WorkerCompression | None:
         CompressedGroups.of(runner.kv_cache_config),
         dump_suffix=_rank_suffix(runner.parallel_config),
         query_dtype=runner.model_config.dtype,
+        drafter_layers=drafter_layer_names(runner),
     )
 
 
@@ -551,5 +604,6 @@ WORKER_PATCHES = (
     (GPUModelRunner, "execute_model", _patch_execute_model),
     (CudagraphDispatcher, "dispatch", _patch_cudagraph_dispatch),
     *PHYSICAL_PATCHES,
+    *DRAFTER_PATCHES,
     *((impl, "forward", _patch_attention_forward) for _, impl in loaded_impls()),
 )
