@@ -62,14 +62,26 @@ def pytest_configure(config: pytest.Config) -> None:
     os.environ["OMP_NUM_THREADS"] = str(len(mine))
 
 
+#: Modules that must be the first to start an in-process engine in their process: vLLM keeps one
+#: process-wide distributed state, built for the first engine's model, and creates the expert-
+#: parallel group only when that model is a mixture of experts; a later MoE engine (the gpt-oss
+#: and Qwen3-Next families) then fails to load ("expert parallel group is not initialized").
+#: xdist's loadfile scheduler gives each worker the first unit of the queue before any other.
+FIRST_IN_A_FRESH_PROCESS = ("test_architectures.py",)
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     if getattr(config, "workerinput", None) is None:
-        return  # one process: collection order
+        return  # one process: collection order (test_architectures.py comes first)
     # xdist workers: longest module first (``--dist loadfile --no-loadscope-reorder`` hands
     # modules out in this order), tests of a module in collection order.
     recorded = _recorded_times()
     position = {item: i for i, item in enumerate(items)}
-    items.sort(key=lambda item: (-recorded.get(item.path.name, 0.0), position[item]))
+    items.sort(key=lambda item: (
+        item.path.name not in FIRST_IN_A_FRESH_PROCESS,
+        -recorded.get(item.path.name, 0.0),
+        position[item],
+    ))
 
 
 @contextmanager
