@@ -92,7 +92,6 @@ class DrafterLayers:
             },
         )
 
-
     def check_heads(self, forward_context: dict, target_names: dict[int, str]) -> None:
         """Refuse (at engine start) a drafter layer whose KV heads or head size differ from its
         shared target layer's (a drafter in a full-attention group of its own, with another
@@ -219,7 +218,7 @@ def _patch_update_positions(original):
 def _patch_sample_tokens(original):
     @functools.wraps(original)
     def sample_tokens(self: GPUModelRunner, *args: Any, **kwargs: Any):
-        state = self.__dict__.get("_snapkv")
+        state = self.__dict__.get(STEP_STATE_ATTR)
         try:
             result = original(self, *args, **kwargs)
         except BaseException:
