@@ -102,6 +102,8 @@ class ModuleClock:
     def __init__(self) -> None:
         self.seconds: dict[str, float] = defaultdict(float)
         self.tests: dict[str, int] = defaultdict(int)
+        # Per test: lane, start and stop (epoch s) of setup to teardown, to see what overlapped.
+        self.spans: dict[str, list] = {}
 
     @pytest.hookimpl
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
@@ -109,6 +111,10 @@ class ModuleClock:
         self.seconds[name] += report.duration
         if report.when == "call" or (report.when == "setup" and report.skipped):
             self.tests[name] += 1
+        lane = getattr(getattr(report, "node", None), "gateway", None)
+        span = self.spans.setdefault(report.nodeid, [getattr(lane, "id", "main"), report.start,
+                                                     report.stop])
+        span[1], span[2] = min(span[1], report.start), max(span[2], report.stop)
 
     @pytest.hookimpl
     def pytest_terminal_summary(self, terminalreporter) -> None:
@@ -126,7 +132,9 @@ class ModuleClock:
         out = os.environ.get("VLLM_SNAPKV_TEST_TIMES")
         if out:
             Path(out).write_text(json.dumps(
-                {"seconds": {k: round(v, 1) for k, v in sorted(self.seconds.items())}}, indent=1
+                {"seconds": {k: round(v, 1) for k, v in sorted(self.seconds.items())},
+                 "spans": {k: [lane, round(start, 1), round(stop, 1)]
+                           for k, (lane, start, stop) in self.spans.items()}}, indent=1
             ) + "\n")
 
 
