@@ -25,7 +25,9 @@ import subprocess
 import sys
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -364,11 +366,28 @@ def start_with_worker_process(model_dir):
     )
 
 
+@contextmanager
+def no_worker_left_behind() -> Iterator[None]:
+    """A refused start shuts its workers down: no child process it spawned outlives it (each
+    held ~2 GiB until this process ended, before the refusal shut the executor down)."""
+    import psutil
+
+    this = psutil.Process()
+    before = {child.pid for child in this.children(recursive=True)}
+    yield
+    spawned = [c for c in this.children(recursive=True) if c.pid not in before]
+    _, alive = psutil.wait_procs(spawned, timeout=30)
+    # The spawn start method's resource tracker lives as long as this process, by design.
+    alive = [c for c in alive if "resource_tracker" not in " ".join(c.cmdline())]
+    assert not alive, [(c.pid, c.cmdline()) for c in alive]
+
+
 def test_engine_refuses_a_worker_that_did_not_load_the_plugin(
     model_dir, worker_processes, vllm_env
 ):
     vllm_env("VLLM_PLUGINS", "")  # the worker's allow-list leaves the plugin out
-    with pytest.raises(RuntimeError, match="rank 0 has no SnapKV worker state"):
+    with no_worker_left_behind(), pytest.raises(RuntimeError,
+                                                match="rank 0 has no SnapKV worker state"):
         start_with_worker_process(model_dir)
 
 
@@ -396,7 +415,9 @@ def test_engine_refuses_a_worker_that_cannot_import_the_plugin(
     # resolves vllm_snapkv through its own import finder).
     (tmp_path / "sitecustomize.py").write_text(BROKEN_INSTALL)
     monkeypatch.setenv("PYTHONPATH", f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
-    with pytest.raises(RuntimeError, match="could not run the SnapKV start-up check") as error:
+    with no_worker_left_behind(), pytest.raises(
+        RuntimeError, match="could not run the SnapKV start-up check"
+    ) as error:
         start_with_worker_process(model_dir)
     assert "is broken on this node" in str(error.value)
 

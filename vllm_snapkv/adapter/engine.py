@@ -250,6 +250,20 @@ def check_worker_reports(reports: list[dict[str, Any]]) -> None:
         )
 
 
+def collect_worker_reports(executor: Any) -> list[dict[str, Any]]:
+    """Every worker's :func:`worker_report`; raise naming the cause when the check cannot run."""
+    try:
+        return executor.collective_rpc(worker_report)
+    except Exception as error:
+        # E.g. vllm_snapkv missing or broken in a worker's environment (another node): the
+        # check itself cannot be unpickled there.
+        raise RuntimeError(
+            "kv_compression: refusing to start: could not run the SnapKV start-up check on "
+            "every worker (is vllm-snapkv installed and importable in each worker's "
+            f"environment, on every node?): {error}"
+        ) from error
+
+
 def _patch_create_engine_config(original):
     @functools.wraps(original)
     def create_engine_config(self: EngineArgs, *args: Any, **kwargs: Any) -> VllmConfig:
@@ -268,16 +282,14 @@ def _patch_initialize_kv_caches(original):
         result = original(self, *args, **kwargs)
         if config_from_additional(self.vllm_config.additional_config) is not None:
             try:
-                reports = self.model_executor.collective_rpc(worker_report)
-            except Exception as error:
-                # E.g. vllm_snapkv missing or broken in a worker's environment (another node):
-                # the check itself cannot be unpickled there.
-                raise RuntimeError(
-                    "kv_compression: refusing to start: could not run the SnapKV start-up check "
-                    "on every worker (is vllm-snapkv installed and importable in each worker's "
-                    f"environment, on every node?): {error}"
-                ) from error
-            check_worker_reports(reports)
+                reports = collect_worker_reports(self.model_executor)
+                check_worker_reports(reports)
+            except Exception:
+                # vLLM's engine core does not shut its executor down when its start fails: an
+                # in-process engine core (VLLM_ENABLE_V1_MULTIPROCESSING=0) would leave the
+                # worker processes it spawned running (and holding their memory) in the caller.
+                self.model_executor.shutdown()
+                raise
             logger.info(
                 "SnapKV: compression active on %d worker(s); attention backends: %s",
                 len(reports),
