@@ -22,7 +22,7 @@ from vllm_snapkv.adapter.layouts.cpu import CpuPackedLayout, read_keys, read_kv
 from vllm_snapkv.adapter.layouts.standard import StandardLayout
 from vllm_snapkv.adapter.worker import WorkerCompression
 from vllm_snapkv.plan import CompressionPlan
-from vllm_snapkv.scoring import value_metric
+from vllm_snapkv.scoring import SCORE_NAMES, value_metric
 from vllm_snapkv.selection import compaction_workspace_bytes, select_kept_positions
 
 sys.path.insert(0, str(Path(__file__).parents[1]))  # the repository root: benchmarks/
@@ -127,7 +127,7 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("score", ["snapkv", "critical"])
+@pytest.mark.parametrize("score", SCORE_NAMES)
 @pytest.mark.parametrize("layout_name,cache_dtype,dtype,chunk,kernel_size,pooling,extras", CASES)
 def test_worker_compaction_is_the_dense_selection_moved_in_place(
     monkeypatch, layout_name, cache_dtype, dtype, chunk, kernel_size, pooling, extras, score

@@ -171,14 +171,15 @@ def test_kept_positions_match_dense_transformers_reference(
             assert overlap >= 0.99, (layer, head, overlap)
 
 
-def reference_critical_kept_positions(
+def reference_rule_kept_positions(
     model_dir: str, prompt_ids: list[int], budget: int, window: int, kernel_size: int = 7
-) -> dict:
-    """The 'critical' rule from transformers' eager forward of the same weights, written out
-    here: post-RoPE Q/K, V (the v_proj outputs) and each layer's o_proj weight captured from the
-    HF Llama layers; SnapKV's pooled group-mean window attention; per KV head the RMS over its
-    query heads of ||W_o^q v||; stage 1 the attention top of budget / 2 (window counted), stage
-    2 the rest by (attention / W + 1e-4) * norm."""
+) -> dict[str, dict]:
+    """The 'critical' and 'chunk' rules from transformers' eager forward of the same weights,
+    written out here: post-RoPE Q/K, V (the v_proj outputs) and each layer's o_proj weight
+    captured from the HF Llama layers; SnapKV's pooled group-mean window attention. 'critical':
+    per KV head the RMS over its query heads of ||W_o^q v||; stage 1 the attention top of
+    budget / 2 (window counted), stage 2 the rest by (attention / W + 1e-4) * norm. 'chunk':
+    aligned chunks of 10 prefix positions ranked by their mean attention, taken whole."""
     import math
 
     import transformers.models.llama.modeling_llama as llama
@@ -210,7 +211,7 @@ def reference_critical_kept_positions(
         for hook in hooks:
             hook.remove()
 
-    kept = {}
+    critical, chunk = {}, {}
     for layer, ((q, k), v) in enumerate(zip(captured, values)):
         num_q_heads, length, dim = q.shape
         num_kv_heads = k.shape[0]
@@ -223,7 +224,7 @@ def reference_critical_kept_positions(
         w_o = model.model.layers[layer].self_attn.o_proj.weight.double()  # [hidden, H_q * D]
         v = v.view(length, num_kv_heads, dim)[:prefix].double()
         first = max(budget // 2 - window, 0)
-        kept[layer] = []
+        critical[layer], chunk[layer] = [], []
         for h in range(num_kv_heads):
             squares = [
                 (v[:, h] @ w_o[:, qh * dim : (qh + 1) * dim].T).norm(dim=-1) ** 2
@@ -234,52 +235,68 @@ def reference_critical_kept_positions(
             weighted = (attention[h] / window + 1e-4) * norms
             order = weighted.sort(descending=True, stable=True).indices.tolist()
             rest = [p for p in order if p not in set(stage1)][: budget - window - first]
-            kept[layer].append(set(stage1) | set(rest) | set(range(prefix, length)))
-    return kept
+            critical[layer].append(set(stage1) | set(rest) | set(range(prefix, length)))
+            chunks = [range(start, min(start + 10, prefix)) for start in range(0, prefix, 10)]
+            means = [attention[h, c.start : c.stop].mean().item() for c in chunks]
+            ranked = sorted(range(len(chunks)), key=lambda i: -means[i])
+            taken = [p for i in ranked for p in chunks[i]][: budget - window]
+            chunk[layer].append(set(taken) | set(range(prefix, length)))
+    return {"critical": critical, "chunk": chunk}
 
 
-def test_critical_rule_per_request_keeps_budget_blocks_and_matches_its_reference(
+def test_other_rules_per_request_keep_budget_blocks_and_match_their_references(
     snap_llm, dump_dir, model_dir
 ):
-    """``snapkv_score: critical`` through ``extra_args`` on the shared SnapKV engine: the request
-    holds ceil(C / bs) blocks like any SnapKV request, its dump names the rule, and every
-    layer's kept positions match the rule computed from transformers' forward (so the worker
-    found o_proj through vLLM's CPU-repacked linear and read V from the packed cache)."""
+    """``snapkv_score: critical`` and ``chunk`` through ``extra_args`` on the shared SnapKV
+    engine, the same prompt: each request holds ceil(C / bs) blocks like any SnapKV request, its
+    dump names the rule, and every layer's kept positions match the rule computed from
+    transformers' forward (for 'critical', the worker found o_proj through vLLM's CPU-repacked
+    linear and read V from the packed cache). 'chunk' keeps whole aligned chunks of 10 but for
+    one cut chunk per head; it may differ from the float64 reference by one chunk at the cut
+    (near-equal chunk means round either way), hence 95 % there."""
     budget = 256
     engine = snap_llm.llm_engine
     scheduler = scheduler_of(snap_llm)
     manager = scheduler.kv_cache_manager.coordinator.single_type_managers[0]
     pool = scheduler.kv_cache_manager.block_pool
-    snap_llm.reset_prefix_cache()
-    free_at_start = pool.get_num_free_blocks()
     prompt = passkey_prompt(1900, 31337, 0.4)
     prompt_ids = snap_llm.get_tokenizer()(prompt).input_ids
-    params = SamplingParams(temperature=0.0, max_tokens=8,
-                            extra_args={"snapkv_budget": budget, "snapkv_score": "critical"})
-    engine.add_request("critical", prompt, params)
-    engine.step()  # the whole prompt prefills in this step and is compacted
-    request_id = internal_id(scheduler, "critical")
-    assert scheduler.requests[request_id].num_computed_tokens == len(prompt_ids)
-    assert len(manager.req_to_blocks[request_id]) == cdiv(budget, BLOCK_SIZE)
-    assert pool.get_num_free_blocks() == free_at_start - cdiv(budget, BLOCK_SIZE)
-    while engine.has_unfinished_requests():
-        engine.step()
-    assert pool.get_num_free_blocks() == free_at_start
+    for rule in ("critical", "chunk"):
+        snap_llm.reset_prefix_cache()
+        free_at_start = pool.get_num_free_blocks()
+        params = SamplingParams(temperature=0.0, max_tokens=8,
+                                extra_args={"snapkv_budget": budget, "snapkv_score": rule})
+        engine.add_request(rule, prompt, params)
+        engine.step()  # the whole prompt prefills in this step and is compacted
+        request_id = internal_id(scheduler, rule)
+        assert scheduler.requests[request_id].num_computed_tokens == len(prompt_ids)
+        assert len(manager.req_to_blocks[request_id]) == cdiv(budget, BLOCK_SIZE)
+        assert pool.get_num_free_blocks() == free_at_start - cdiv(budget, BLOCK_SIZE)
+        while engine.has_unfinished_requests():
+            engine.step()
+        assert pool.get_num_free_blocks() == free_at_start
 
-    dump = load_dump(dump_dir, "critical")
-    assert dump["score"] == "critical" and dump["budget"] == budget
-    assert sorted(dump["layers"]) == list(range(30))
-    reference = reference_critical_kept_positions(model_dir, prompt_ids, budget, WINDOW)
+    references = reference_rule_kept_positions(model_dir, prompt_ids, budget, WINDOW)
     snapkv = reference_kept_positions(model_dir, prompt_ids, budget, WINDOW)
-    differs = 0
-    for layer, kept in dump["layers"].items():
-        assert kept.shape == (3, budget)
-        for head in range(3):
-            chosen = set(kept[head].tolist())
-            overlap = len(chosen & reference[layer][head]) / budget
-            assert overlap >= 0.99, (layer, head, overlap)
-            differs += chosen != snapkv[layer][head]
-    assert differs > 0  # the value stage really changed the selection somewhere
+    prefix = len(prompt_ids) - WINDOW
+    for rule, least_overlap in (("critical", 0.99), ("chunk", 0.95)):
+        dump = load_dump(dump_dir, rule)
+        assert dump["score"] == rule and dump["budget"] == budget
+        assert sorted(dump["layers"]) == list(range(30))
+        differs = 0
+        for layer, kept in dump["layers"].items():
+            assert kept.shape == (3, budget)
+            for head in range(3):
+                chosen = set(kept[head].tolist())
+                overlap = len(chosen & references[rule][layer][head]) / budget
+                assert overlap >= least_overlap, (rule, layer, head, overlap)
+                differs += chosen != snapkv[layer][head]
+                if rule == "chunk":
+                    cut = [start for start in range(0, prefix, 10)
+                           if 0 < len(chosen & set(range(start, min(start + 10, prefix))))
+                           < min(10, prefix - start)]
+                    assert len(cut) <= 1, (layer, head, cut)
+        assert differs > 0  # the rule really changed the selection somewhere
 
 
 def test_bad_request_budget_is_refused_naming_the_field(snap_llm):

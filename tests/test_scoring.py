@@ -13,6 +13,7 @@ import torch
 from test_selection import make_inputs, random_case, reference_window_scores
 from vllm_snapkv.scoring import (
     SCORE_NAMES,
+    ChunkScore,
     CriticalScore,
     keep_by_priority,
     projected_value_norms,
@@ -114,6 +115,77 @@ def test_critical_matches_the_naive_two_stage_reference(pooling, kernel_size, q_
         assert not torch.equal(got, snapkv)
 
 
+def reference_chunk(q_win, keys, budget, scale, kernel_size, pooling, chunk):
+    """ChunkKV's rule, written out: aligned chunks of the prefix ranked by their mean SnapKV
+    score (ties: the earlier chunk), taken whole in that order until ``budget - W`` positions,
+    the last one cut to its first positions."""
+    num_window = q_win.shape[0]
+    prompt_len, num_kv_heads, _ = keys.shape
+    prefix = prompt_len - num_window
+    scores = reference_group_scores(q_win, keys, scale, kernel_size, pooling)
+    kept = []
+    for h in range(num_kv_heads):
+        chunks = [list(range(start, min(start + chunk, prefix)))
+                  for start in range(0, prefix, chunk)]
+        means = [sum(scores[h, p].item() for p in c) / len(c) for c in chunks]
+        order = sorted(range(len(chunks)), key=lambda i: -means[i])
+        chosen = [p for i in order for p in chunks[i]][: budget - num_window]
+        kept.append(sorted(chosen) + list(range(prefix, prompt_len)))
+    return torch.tensor(kept)
+
+
+@pytest.mark.parametrize("pooling", ["max", "avg"])
+@pytest.mark.parametrize("kernel_size", [1, 7])
+@pytest.mark.parametrize("q_heads,kv_heads", [(4, 4), (9, 3)])
+@pytest.mark.parametrize("budget,length", [(6, 60), (27, 60), (44, 97)])  # 1, 2.2, 3.9 chunks
+def test_chunk_matches_the_naive_whole_chunk_reference(pooling, kernel_size, q_heads, kv_heads,
+                                                       budget, length):
+    window, chunk = 5, ChunkScore.chunk_size
+    q, k = make_inputs(kernel_size * 10 + q_heads + budget, window, q_heads, kv_heads, length)
+    scale = 1 / math.sqrt(q.shape[-1])
+    got = select_kept_positions(q, k, budget, scale, kernel_size, pooling, score="chunk")
+    want = reference_chunk(q, k, budget, scale, kernel_size, pooling, chunk)
+    assert got.shape == (kv_heads, budget) and got.dtype == torch.long
+    assert torch.equal(got, want)
+    # Whole aligned chunks, except one cut chunk per head that keeps its first positions.
+    for row in got[:, : budget - window].tolist():
+        per_chunk = {}
+        for position in row:
+            per_chunk.setdefault(position // chunk, []).append(position)
+        partial = [c for c, kept in per_chunk.items()
+                   if len(kept) < min(chunk, length - window - c * chunk)]
+        assert len(partial) <= 1
+        for c, kept in per_chunk.items():
+            assert kept == list(range(c * chunk, c * chunk + len(kept)))
+    if budget - window > chunk:
+        assert not torch.equal(got, select_kept_positions(q, k, budget, scale, kernel_size,
+                                                          pooling))
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_chunked_ranges_of_an_aligned_rule_start_and_end_on_its_chunks(seed):
+    """The chunked path hands ``score`` ranges on chunk boundaries (the last may end at the
+    prefix's end), whatever the span and block sizes: a range never splits a chunk."""
+    case = random_case(seed)
+    chunk_size, block_size = case.pop("chunk_size"), case.pop("block_size")
+    keys = case["keys"]
+    prefix = keys.shape[0] - case["window_queries"].shape[0]
+    ranges = []
+
+    class RecordingChunkScore(ChunkScore):
+        def score(self, attention, window, values=None, metric=None):
+            ranges.append(attention.shape[1])
+            return super().score(attention, window, values, metric)
+
+    select_kept_positions_chunked(
+        case["window_queries"], lambda s, e: keys[s:e], keys.shape[0], case["budget"],
+        case["scale"], case["kernel_size"], case["pooling"], case["sinks"], case["soft_cap"],
+        chunk_size, block_size, score=RecordingChunkScore(),
+    )
+    assert sum(ranges) == prefix
+    assert all(n % ChunkScore.chunk_size == 0 for n in ranges[:-1])
+
+
 def test_projected_value_norms_are_the_rms_of_per_head_projections():
     q, k, v, w_o, metric = critical_inputs(3, 4, 6, 2, 30, dim=8, hidden=24)
     got = projected_value_norms(v, metric)
@@ -209,7 +281,7 @@ def test_every_rule_keeps_exactly_the_budget_per_head():
 
 def test_unknown_rule_and_missing_values_are_refused():
     q, k = make_inputs(1, 4, 4, 2, 50)
-    with pytest.raises(ValueError, match="score must be one of snapkv, critical; got 'h2o'"):
+    with pytest.raises(ValueError, match="score must be one of snapkv, critical, chunk; got 'h2o'"):
         select_kept_positions(q, k, 20, 0.25, score="h2o")
     with pytest.raises(ValueError, match="'critical' score needs values and value_metric"):
         select_kept_positions(q, k, 20, 0.25, score="critical")

@@ -12,6 +12,12 @@ Rules (:data:`SCORE_RULES`, chosen by ``--snapkv-score`` or per request ``snapkv
 
 - ``snapkv`` (:class:`SnapKVScore`, the default): the paper's window attention, pooled and
   averaged per GQA group. Unchanged, so the plugin keeps matching the reference.
+- ``chunk`` (:class:`ChunkScore`): whole chunks, after ChunkKV (Liu et al. 2025,
+  arXiv:2502.00299). Prefix positions are grouped in aligned chunks of ``chunk_size``; every
+  position scores its chunk's mean SnapKV score, so the top keeps whole chunks (the last one cut
+  at the budget keeps its earliest positions). A fact the window attends to survives with its
+  neighbours: a number written one digit token at a time keeps all its digits, where per-token
+  pooling keeps the few around the attention peak.
 - ``critical`` (:class:`CriticalScore`): value-aware, after CriticalKV (Feng et al. 2025,
   arXiv:2502.03805) as kvpress's ``CriticalKVPress`` mixes it. Stage 1 keeps the SnapKV top of
   ``first_stage_ratio`` of the budget (the window counted in it, as kvpress counts it); stage 2
@@ -41,6 +47,12 @@ class ScoreRule(ABC):
     :attr:`needs_values`."""
 
     name: ClassVar[str]
+    #: :meth:`score` sees ranges that start at a multiple of this position and end at one or at
+    #: the prefix's end (the chunked path emits its ranges so), for rules scoring aligned groups.
+    alignment: ClassVar[int] = 1
+    #: Bytes :meth:`score` allocates per scored position and KV head beyond its inputs (the
+    #: compaction workspace bound, ``selection.compaction_workspace_bytes``, adds them).
+    score_bytes_per_position: ClassVar[int] = 0
     #: The rule reads the scored entries' values (dequantised as attention sees them) and the
     #: layer's value metric (:func:`value_metric`).
     needs_values: ClassVar[bool] = False
@@ -79,6 +91,35 @@ class SnapKVScore(ScoreRule):
         return attention.unsqueeze(0)
 
 
+class ChunkScore(ScoreRule):
+    """ChunkKV's rule (see the module docstring): each position scores the mean of its aligned
+    chunk. ``chunk_size`` is ChunkKV's default. In a decode compression the scored entries are
+    the stored ones, in their (ascending logical) order, so a chunk there is ``chunk_size``
+    consecutive stored entries."""
+
+    name = "chunk"
+    chunk_size: ClassVar[int] = 10
+    alignment = chunk_size
+    score_bytes_per_position = 12  # float32: the padded scores, the repeated means, the track
+
+    def score(self, attention, window, values=None, metric=None):
+        heads, length = attention.shape
+        size = self.chunk_size
+        chunks = -(-length // size)
+        padded = torch.nn.functional.pad(attention, (0, chunks * size - length))
+        padded = padded.view(heads, chunks, size)
+        # Summed one column at a time (elementwise adds in a fixed order, zeros padding a short
+        # last chunk): the same bits however many chunks a range holds, so the chunked path
+        # equals the dense one.
+        total = padded[:, :, 0].clone()
+        for column in range(1, size):
+            total += padded[:, :, column]
+        counts = torch.full((chunks,), float(size), device=attention.device)
+        counts[-1] = length - (chunks - 1) * size
+        means = total / counts
+        return means.repeat_interleave(size, dim=1)[:, :length].unsqueeze(0)
+
+
 class CriticalScore(ScoreRule):
     """CriticalKV's two stages (see the module docstring). ``first_stage_ratio`` and
     ``epsilon`` are kvpress's defaults; ``epsilon`` is on the scale of attention averaged over
@@ -102,7 +143,9 @@ class CriticalScore(ScoreRule):
 
 
 #: Every rule by name; the first is the default.
-SCORE_RULES: dict[str, ScoreRule] = {rule.name: rule for rule in (SnapKVScore(), CriticalScore())}
+SCORE_RULES: dict[str, ScoreRule] = {
+    rule.name: rule for rule in (SnapKVScore(), CriticalScore(), ChunkScore())
+}
 SCORE_NAMES: tuple[str, ...] = tuple(SCORE_RULES)
 DEFAULT_SCORE = "snapkv"
 

@@ -36,13 +36,17 @@ the cache, ``C`` the budget and ``N = C + outputs`` the rows written::
     selection = 4·P·H_q·W             logits of one span (normalised in place)
               + 8·P·H_kv·D            its keys in float32 (x2: fp8 dequantisation holds two)
               + 2·e·P·H_kv·D_s        the stored rows read (x2: gather, then reorder: CPU amx)
-              + 12·(P + 2h)·H_q       window sums (with the carried halo) and pooled scores
+              + 12·(P + 2h + a)·H_q   window sums (with the carried halo) and pooled scores
               + 48·H_kv·(C + P)       running top merged with a span (scores, positions, sort)
               + 4·H_q·W·(D + 2)       scaled window queries, running max and sum
     write     = 4·e·N·H_kv·D_s + 64·N·H_kv    kept K and V, their concatenation, indices
     bound     = max(selection, write)
 
-A rule with ``T`` score tracks (:mod:`vllm_snapkv.scoring`) keeps ``T`` running tops (the merge
+``a`` is the rule's alignment minus one (:attr:`~vllm_snapkv.scoring.ScoreRule.alignment`:
+a rule scoring aligned chunks sees ranges ending at chunk boundaries, so up to ``a`` more sums
+are carried; 0 for SnapKV); a rule allocating ``s`` bytes per scored position and KV head
+(:attr:`~vllm_snapkv.scoring.ScoreRule.score_bytes_per_position`: 12 for ``chunk``, 0 for the
+others) adds ``s·(P + a + 1)·H_kv``. A rule with ``T`` score tracks (:mod:`vllm_snapkv.scoring`) keeps ``T`` running tops (the merge
 term times ``T``). A rule that reads values (``critical``) adds to ``selection`` the values
 of one span, ``2·e·P·H_kv·D_s + 16·P·H_kv·D + 64·P·H_kv`` (the stored rows gathered, their
 float32 dequantisation, the projected rows and the indices), and builds each layer's value
@@ -246,6 +250,7 @@ class ChunkedWindowScores:
         soft_cap: float | None = None,
         chunk_size: int | None = None,
         block_size: int = 1,
+        alignment: int = 1,
     ):
         num_window = window_queries.shape[0]
         if num_window > prompt_len:
@@ -259,6 +264,9 @@ class ChunkedWindowScores:
         self.scale, self.kernel_size, self.pooling = scale, kernel_size, pooling
         self.sinks, self.soft_cap = sinks, soft_cap
         self.step = chunk_positions(chunk_size, block_size)
+        if alignment < 1:
+            raise ValueError(f"alignment must be >= 1, got {alignment}")
+        self.alignment = alignment
         self.queries: torch.Tensor | None = None  # [H_kv, G * W, D], scaled, float32
         self.num_kv_heads = 0
 
@@ -329,14 +337,15 @@ class ChunkedWindowScores:
         ``group_mean(pool_scores(window_attention_scores(...)))``.
 
         Each position's window sum is computed once: pooling a span also needs the ``k // 2``
-        sums after it, so a range is emitted one halo late, and the last ``2·(k // 2)`` sums are
-        carried to the next span. (Recomputing a halo in the next span would run another
+        sums after it, so a range is emitted one halo late (and, with an ``alignment`` above
+        1, ends at a multiple of it unless it is the last), and the sums from ``k // 2`` before
+        the next range's first position are carried to the next span. (Recomputing a halo in the next span would run another
         matmul shape, which may round differently and split a max-pooling plateau of equal
         scores.)"""
         running_max, total = self._normaliser()
         running_max, total = running_max.unsqueeze(-1), total.unsqueeze(-1)
         halo = self.kernel_size // 2
-        carried = None  # window sums of the last 2·halo positions before the span
+        carried = None  # window sums from position emitted - halo to the span
         emitted = 0  # positions [0, emitted) are out
         for start, end in _spans(0, self.prefix_len, self.step):
             probs = self._logits(start, end).sub_(running_max).exp_().div_(total)
@@ -345,15 +354,19 @@ class ChunkedWindowScores:
             if carried is not None:
                 sums = torch.cat([carried, sums], dim=1)
             first = end - sums.shape[1]  # the position of sums[:, 0]
-            # Positions up to end - halo see all their neighbours (or the prefix's true end).
-            last = self.prefix_len if end == self.prefix_len else end - halo
+            # Positions up to end - halo see all their neighbours (or the prefix's true end);
+            # a range ends at a multiple of the alignment (a rule's chunk) except the last.
+            last = self.prefix_len
+            if end < self.prefix_len:
+                last = end - halo - (end - halo) % self.alignment
             if last > emitted:
                 pooled = pool_scores(sums, self.kernel_size, self.pooling)
                 pooled = pooled[:, emitted - first : last - first]
                 yield emitted, group_mean(pooled, self.num_kv_heads)
                 del pooled
                 emitted = last
-            carried = sums[:, max(0, sums.shape[1] - 2 * halo) :] if halo else None
+            keep_from = max(0, emitted - halo - first)
+            carried = sums[:, keep_from:] if keep_from < sums.shape[1] else None
 
 
 def merge_top(
@@ -413,7 +426,7 @@ def select_kept_positions_chunked(
         raise ValueError(f"the {rule.name!r} score needs read_values and value_metric")
     scorer = ChunkedWindowScores(
         window_queries, read_keys, prompt_len, scale, kernel_size, pooling, sinks, soft_cap,
-        chunk_size, block_size,
+        chunk_size, block_size, rule.alignment,
     )
     counts = rule.priorities(budget, num_window)
     needed = candidate_counts(counts)
@@ -466,7 +479,8 @@ def compaction_workspace_bytes(
         4 * span * num_q_heads * window
         + 8 * span * num_kv_heads * head_size
         + 2 * cache_element_bytes * span * num_kv_heads * width
-        + 12 * (span + 2 * halo) * num_q_heads
+        + 12 * (span + 2 * halo + rule.alignment - 1) * num_q_heads
+        + rule.score_bytes_per_position * (span + rule.alignment) * num_kv_heads
         + 48 * num_kv_heads * (budget + span) * tracks
         + 4 * num_q_heads * window * (head_size + 2)
     )
