@@ -20,10 +20,12 @@ from conftest import (
     scheduler_of,
     token_ids,
 )
-from vllm_snapkv.tasks import passkey_prompt
 from vllm_snapkv.plan import cdiv
+from vllm_snapkv.scoring import ChunkScore
+from vllm_snapkv.tasks import passkey_prompt
 
 WINDOW = 32
+CHUNK = ChunkScore.chunk_size
 
 pytestmark = pytest.mark.engine
 
@@ -179,7 +181,8 @@ def reference_rule_kept_positions(
     captured from the HF Llama layers; SnapKV's pooled group-mean window attention. 'critical':
     per KV head the RMS over its query heads of ||W_o^q v||; stage 1 the attention top of
     budget / 2 (window counted), stage 2 the rest by (attention / W + 1e-4) * norm. 'chunk':
-    aligned chunks of 10 prefix positions ranked by their mean attention, taken whole."""
+    aligned chunks of ``ChunkScore.chunk_size`` prefix positions ranked by their mean attention,
+    taken whole."""
     import math
 
     import transformers.models.llama.modeling_llama as llama
@@ -236,7 +239,7 @@ def reference_rule_kept_positions(
             order = weighted.sort(descending=True, stable=True).indices.tolist()
             rest = [p for p in order if p not in set(stage1)][: budget - window - first]
             critical[layer].append(set(stage1) | set(rest) | set(range(prefix, length)))
-            chunks = [range(start, min(start + 10, prefix)) for start in range(0, prefix, 10)]
+            chunks = [range(start, min(start + CHUNK, prefix)) for start in range(0, prefix, CHUNK)]
             means = [attention[h, c.start : c.stop].mean().item() for c in chunks]
             ranked = sorted(range(len(chunks)), key=lambda i: -means[i])
             taken = [p for i in ranked for p in chunks[i]][: budget - window]
@@ -251,8 +254,8 @@ def test_other_rules_per_request_keep_budget_blocks_and_match_their_references(
     engine, the same prompt: each request holds ceil(C / bs) blocks like any SnapKV request, its
     dump names the rule, and every layer's kept positions match the rule computed from
     transformers' forward (for 'critical', the worker found o_proj through vLLM's CPU-repacked
-    linear and read V from the packed cache). 'chunk' keeps whole aligned chunks of 10 but for
-    one cut chunk per head; it may differ from the float64 reference by one chunk at the cut
+    linear and read V from the packed cache). 'chunk' keeps whole aligned chunks but for one
+    cut chunk per head; it may differ from the float64 reference by one chunk at the cut
     (near-equal chunk means round either way), hence 95 % there."""
     budget = 256
     engine = snap_llm.llm_engine
@@ -292,9 +295,9 @@ def test_other_rules_per_request_keep_budget_blocks_and_match_their_references(
                 assert overlap >= least_overlap, (rule, layer, head, overlap)
                 differs += chosen != snapkv[layer][head]
                 if rule == "chunk":
-                    cut = [start for start in range(0, prefix, 10)
-                           if 0 < len(chosen & set(range(start, min(start + 10, prefix))))
-                           < min(10, prefix - start)]
+                    cut = [start for start in range(0, prefix, CHUNK)
+                           if 0 < len(chosen & set(range(start, min(start + CHUNK, prefix))))
+                           < min(CHUNK, prefix - start)]
                     assert len(cut) <= 1, (layer, head, cut)
         assert differs > 0  # the rule really changed the selection somewhere
 

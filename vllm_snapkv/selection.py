@@ -46,13 +46,13 @@ the cache, ``C`` the budget and ``N = C + outputs`` the rows written::
 a rule scoring aligned chunks sees ranges ending at chunk boundaries, so up to ``a`` more sums
 are carried; 0 for SnapKV); a rule allocating ``s`` bytes per scored position and KV head
 (:attr:`~vllm_snapkv.scoring.ScoreRule.score_bytes_per_position`: 12 for ``chunk``, 0 for the
-others) adds ``s·(P + a + 1)·H_kv``. A rule with ``T`` score tracks (:mod:`vllm_snapkv.scoring`) keeps ``T`` running tops (the merge
-term times ``T``). A rule that reads values (``critical``) adds to ``selection`` the values
-of one span, ``2·e·P·H_kv·D_s + 16·P·H_kv·D + 64·P·H_kv`` (the stored rows gathered, their
-float32 dequantisation, the projected rows and the indices), and builds each layer's value
-metric once, a separate phase of ``G·D·(e_m·(H_q·D + hidden) + 4·hidden) + 8·G·D²``
-(``G = H_q / H_kv``, ``e_m`` the model's element bytes): ``bound = max(selection, write,
-metric)``.
+others) adds ``s·(P + a + 1)·H_kv``. A rule with ``T`` score tracks (:mod:`vllm_snapkv.scoring`)
+keeps ``T`` running tops (the merge term times ``T``). A rule that reads values (``critical``)
+adds to ``selection`` the values of one span, ``2·e·P·H_kv·D_s + 16·P·H_kv·D + 64·P·H_kv``
+(the stored rows gathered, their float32 dequantisation, the projected rows and the indices),
+and builds each layer's value metric once, a separate phase of
+``G·D·(e_m·(H_q·D + hidden) + 4·hidden) + 8·G·D²`` (``G = H_q / H_kv``, ``e_m`` the model's
+element bytes): ``bound = max(selection, write, metric)``.
 
 For Llama-3.1-8B (32/8 heads, head 128, bf16 cache, block 16, W 32, k 7, P 8192) the bound is
 135-136 MiB for C = 1024-4096 (the selection term; write is 34 MiB at C = 4096); measured on the
@@ -339,9 +339,9 @@ class ChunkedWindowScores:
         Each position's window sum is computed once: pooling a span also needs the ``k // 2``
         sums after it, so a range is emitted one halo late (and, with an ``alignment`` above
         1, ends at a multiple of it unless it is the last), and the sums from ``k // 2`` before
-        the next range's first position are carried to the next span. (Recomputing a halo in the next span would run another
-        matmul shape, which may round differently and split a max-pooling plateau of equal
-        scores.)"""
+        the next range's first position are carried to the next span. (Recomputing a halo in
+        the next span would run another matmul shape, which may round differently and split a
+        max-pooling plateau of equal scores.)"""
         running_max, total = self._normaliser()
         running_max, total = running_max.unsqueeze(-1), total.unsqueeze(-1)
         halo = self.kernel_size // 2
