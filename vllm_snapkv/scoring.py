@@ -94,10 +94,9 @@ class SnapKVScore(ScoreRule):
 class ChunkScore(ScoreRule):
     """ChunkKV's rule (see the module docstring): each position scores the mean of its aligned
     chunk. ``chunk_size`` 16, not ChunkKV's 10: on RULER's niah_single_2 (docs/results.md,
-    "Selection rules") chunks of 10 often split a 7-digit needle and lost its last digits. In
-    a decode compression the scored entries are
-    the stored ones, in their (ascending logical) order, so a chunk there is ``chunk_size``
-    consecutive stored entries."""
+    "Selection rules") chunks of 10 often split a 7-digit needle and lost its last digits. In a
+    decode compression the scored entries are the stored ones, in their (ascending logical)
+    order, so a chunk there is ``chunk_size`` consecutive stored entries."""
 
     name = "chunk"
     chunk_size: ClassVar[int] = 16
