@@ -78,6 +78,15 @@ def reference_answers(snap_llm) -> list[str]:
     return [output.outputs[0].text for output in outputs]
 
 
+def replica_cores() -> list[str]:
+    """A core per replica; in a test lane (tests/lanes.py), the lane's own core(s) for both.
+    Ray runs its workers at niceness 15 and the replicas' vLLM children inherit it: a replica
+    bound to the other lane's core got a few percent of it beside that lane's engine (4 minutes
+    to start its worker, past the 300 s start timeout, then a restart)."""
+    lane = os.environ.get("VLLM_CPU_OMP_THREADS_BIND")
+    return [lane, lane] if lane else ["0", "1"]
+
+
 @pytest.fixture(scope="module")
 def serve_app(model_dir: str):
     with local_ray_cluster_slot():
@@ -110,7 +119,7 @@ def serve_app_on_a_local_cluster(model_dir: str):
                 "model": model_dir,
                 "served_model_name": NAME,
                 "num_replicas": 2,
-                "omp_threads_bind_per_replica": ["0", "1"],
+                "omp_threads_bind_per_replica": replica_cores(),
             }),
             name="snapkv", route_prefix="/",
         )

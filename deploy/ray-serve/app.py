@@ -36,7 +36,10 @@ replica).
 Resources: the replica actor only forwards HTTP; the work happens in its vLLM child, which Ray
 does not account for. So a replica asks Ray for ``num_cpus`` = 0 by default: 2 replicas then fit on
 a 2-core machine, whose CPUs the vLLM children share (bind them to separate cores with
-``omp_threads_bind_per_replica: ["0", "1"]``). On GPUs, give each replica ``num_gpus`` (e.g. the
+``omp_threads_bind_per_replica: ["0", "1"]``). Ray starts its worker processes at niceness 15
+(seen with Ray 2.60 here) and the vLLM child inherits it: on a node where other processes keep
+the child's cores busy, it gets a small share of them (a replica beside another engine on its
+core took 4 minutes to start its worker). On GPUs, give each replica ``num_gpus`` (e.g. the
 child's tensor-parallel size) so Ray sets ``CUDA_VISIBLE_DEVICES`` for it; the child inherits it
 (not run: no GPU here).
 
