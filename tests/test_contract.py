@@ -454,6 +454,12 @@ def test_model_runner_selection_facts():
     # collective_rpc (called with the worker as its first argument).
     assert "kv_cache_config = self._initialize_kv_caches(vllm_config)" in source(EngineCore.__init__)
     assert "func = partial(method, obj)" in source(run_method)
+    # A refused start shuts the executor down itself (engine._patch_initialize_kv_caches): every
+    # executor has shutdown(), and EngineCore.__init__ calls it on no failure path of its own.
+    from vllm.v1.executor.abstract import Executor
+
+    assert callable(Executor.shutdown)
+    assert "model_executor.shutdown" not in source(EngineCore.__init__)
 
 
 def test_scale_out_facts():
