@@ -15,6 +15,7 @@ from vllm_snapkv.scoring import (
     SCORE_NAMES,
     ChunkScore,
     CriticalScore,
+    SnapKVChunkScore,
     keep_by_priority,
     projected_value_norms,
     score_rule,
@@ -115,22 +116,26 @@ def test_critical_matches_the_naive_two_stage_reference(pooling, kernel_size, q_
         assert not torch.equal(got, snapkv)
 
 
-def reference_chunk(q_win, keys, budget, scale, kernel_size, pooling, chunk):
+def reference_chunk(q_win, keys, budget, scale, kernel_size, pooling, chunk, singles=0):
     """ChunkKV's rule, written out: aligned chunks of the prefix ranked by their mean SnapKV
     score (ties: the earlier chunk), taken whole in that order until ``budget - W`` positions,
-    the last one cut to its first positions."""
+    the last one cut to its first positions. With ``singles``, the SnapKV top ``singles``
+    positions (ties: the earlier) are kept first and the chunks fill the rest, skipping kept
+    positions."""
     num_window = q_win.shape[0]
     prompt_len, num_kv_heads, _ = keys.shape
     prefix = prompt_len - num_window
     scores = reference_group_scores(q_win, keys, scale, kernel_size, pooling)
     kept = []
     for h in range(num_kv_heads):
+        by_score = sorted(range(prefix), key=lambda p: -scores[h, p].item())
+        chosen = by_score[:singles]
         chunks = [list(range(start, min(start + chunk, prefix)))
                   for start in range(0, prefix, chunk)]
         means = [sum(scores[h, p].item() for p in c) / len(c) for c in chunks]
         order = sorted(range(len(chunks)), key=lambda i: -means[i])
-        chosen = [p for i in order for p in chunks[i]][: budget - num_window]
-        kept.append(sorted(chosen) + list(range(prefix, prompt_len)))
+        chosen += [p for i in order for p in chunks[i] if p not in chosen]
+        kept.append(sorted(chosen[: budget - num_window]) + list(range(prefix, prompt_len)))
     return torch.tensor(kept)
 
 
@@ -160,6 +165,27 @@ def test_chunk_matches_the_naive_whole_chunk_reference(pooling, kernel_size, q_h
     if budget - window > chunk:
         assert not torch.equal(got, select_kept_positions(q, k, budget, scale, kernel_size,
                                                           pooling))
+
+
+@pytest.mark.parametrize("pooling", ["max", "avg"])
+@pytest.mark.parametrize("q_heads,kv_heads", [(4, 4), (9, 3)])
+@pytest.mark.parametrize("budget,length", [(6, 60), (27, 60), (44, 97), (70, 97)])
+def test_snapkv_chunk_keeps_the_snapkv_top_then_fills_with_whole_chunks(pooling, q_heads,
+                                                                         kv_heads, budget, length):
+    window, chunk = 5, SnapKVChunkScore.chunk_size
+    q, k = make_inputs(3 * q_heads + budget, window, q_heads, kv_heads, length)
+    scale = 1 / math.sqrt(q.shape[-1])
+    got = select_kept_positions(q, k, budget, scale, 7, pooling, score="snapkv-chunk")
+    singles = (budget - window) // 2
+    want = reference_chunk(q, k, budget, scale, 7, pooling, chunk, singles=singles)
+    assert got.shape == (kv_heads, budget) and torch.equal(got, want)
+    # Its first half is SnapKV's own top; the rest differs from SnapKV's once chunks fill it.
+    if singles:
+        snapkv = select_kept_positions(q, k, singles + window, scale, 7, pooling)
+        for row, top in zip(got.tolist(), snapkv[:, :singles].tolist()):
+            assert set(top) <= set(row)
+    if budget - window - singles >= chunk:
+        assert not torch.equal(got, select_kept_positions(q, k, budget, scale, 7, pooling))
 
 
 @pytest.mark.parametrize("seed", range(6))
@@ -281,7 +307,8 @@ def test_every_rule_keeps_exactly_the_budget_per_head():
 
 def test_unknown_rule_and_missing_values_are_refused():
     q, k = make_inputs(1, 4, 4, 2, 50)
-    with pytest.raises(ValueError, match="score must be one of snapkv, critical, chunk; got 'h2o'"):
+    with pytest.raises(ValueError,
+                       match="score must be one of snapkv, critical, chunk, snapkv-chunk; got"):
         select_kept_positions(q, k, 20, 0.25, score="h2o")
     with pytest.raises(ValueError, match="'critical' score needs values and value_metric"):
         select_kept_positions(q, k, 20, 0.25, score="critical")

@@ -18,6 +18,8 @@ Rules (:data:`SCORE_RULES`, chosen by ``--snapkv-score`` or per request ``snapkv
   at the budget keeps its earliest positions). A fact the window attends to survives with its
   neighbours: a number written one digit token at a time keeps all its digits, where per-token
   pooling keeps the few around the attention peak.
+- ``snapkv-chunk`` (:class:`SnapKVChunkScore`): both: half the prefix budget to SnapKV's single
+  positions, the rest to whole chunks by ``chunk``'s score (the two-track shape of ``critical``).
 - ``critical`` (:class:`CriticalScore`): value-aware, after CriticalKV (Feng et al. 2025,
   arXiv:2502.03805) as kvpress's ``CriticalKVPress`` mixes it. Stage 1 keeps the SnapKV top of
   ``first_stage_ratio`` of the budget (the window counted in it, as kvpress counts it); stage 2
@@ -121,6 +123,26 @@ class ChunkScore(ScoreRule):
         return means.repeat_interleave(size, dim=1)[:, :length].unsqueeze(0)
 
 
+class SnapKVChunkScore(ChunkScore):
+    """SnapKV's single positions first, then whole chunks (see the module docstring): track 0
+    keeps the SnapKV top of ``snapkv_share`` of the prefix budget, track 1 fills the rest by
+    :class:`ChunkScore`'s chunk means (chunks already partly kept are completed first when they
+    rank). Pure ``chunk`` spends a small budget on few chunks and loses tasks that need many
+    scattered single tokens (RULER's frequent words on Gemma 3, docs/results.md)."""
+
+    name = "snapkv-chunk"
+    snapkv_share = 0.5
+    score_bytes_per_position = ChunkScore.score_bytes_per_position + 8  # the two stacked tracks
+
+    def priorities(self, budget, window):
+        prefix_budget = budget - window
+        first = int(prefix_budget * self.snapkv_share)
+        return (first, prefix_budget - first)
+
+    def score(self, attention, window, values=None, metric=None):
+        return torch.cat([attention.unsqueeze(0), super().score(attention, window)])
+
+
 class CriticalScore(ScoreRule):
     """CriticalKV's two stages (see the module docstring). ``first_stage_ratio`` and
     ``epsilon`` are kvpress's defaults; ``epsilon`` is on the scale of attention averaged over
@@ -145,7 +167,8 @@ class CriticalScore(ScoreRule):
 
 #: Every rule by name; the first is the default.
 SCORE_RULES: dict[str, ScoreRule] = {
-    rule.name: rule for rule in (SnapKVScore(), CriticalScore(), ChunkScore())
+    rule.name: rule
+    for rule in (SnapKVScore(), CriticalScore(), ChunkScore(), SnapKVChunkScore())
 }
 SCORE_NAMES: tuple[str, ...] = tuple(SCORE_RULES)
 DEFAULT_SCORE = "snapkv"
