@@ -237,7 +237,8 @@ def paired_rules(args: argparse.Namespace, samples: list[dict]) -> list[dict]:
     """Each extra rule against SnapKV on the same samples, per task and budget and over all
     tasks: both means, the paired difference (rule - SnapKV, points) and its standard error
     (sample standard deviation of the per-sample differences / sqrt(n)), and the share of the
-    full cache's lead over SnapKV the rule closed (gap closed)."""
+    full cache's lead over SnapKV the rule closed (gap closed). One column layout for every rule
+    (``rule_score``: the rule's mean), so one CSV holds them all."""
     out = []
     tasks = list(dict.fromkeys(row["task"] for row in samples))
     for rule in args.extra_scores:
@@ -256,7 +257,7 @@ def paired_rules(args: argparse.Namespace, samples: list[dict]) -> list[dict]:
                 out.append({
                     "rule": rule, "budget": label, "task": task, "n": n,
                     "full": round(sum(full) / n, 1), "snapkv": round(sum(base) / n, 1),
-                    rule: round(sum(other) / n, 1), "diff": round(mean_diff, 2),
+                    "rule_score": round(sum(other) / n, 1), "diff": round(mean_diff, 2),
                     "se": round((variance / n) ** 0.5, 2),
                     "gap_closed": round(mean_diff / gap, 2) if gap > 0 else "",
                 })
