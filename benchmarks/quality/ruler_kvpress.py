@@ -17,6 +17,11 @@ Set up like the plugin, so that only the two implementations differ:
 - greedy decoding at the logical positions ``L, L + 1, ...`` (kvpress's pipeline does the same),
   stopping at the model's EOS tokens and at lm_eval's stop strings, as the server does.
 
+On a hybrid model (``config.layer_types``, e.g. Gemma 3) the press hooks only the full-attention
+layers, as the plugin compresses only those (sliding-window layers keep their window). kvpress
+does the same for ``Gemma3ForConditionalGeneration`` but not for the text-only
+``Gemma3ForCausalLM``, where it would compress the sliding layers too.
+
 What stays different is kvpress's own scoring: average pooling over positions (kvpress has no
 max pooling; the plugin's default, the paper's, is max), window scores averaged rather than
 summed (same ranking), ``topk`` rather than a stable sort among equal scores; and transformers'
@@ -63,6 +68,26 @@ class MaxPoolSnapKVPress(SnapKVPress):
 PRESSES = {"avg": SnapKVPress, "max": MaxPoolSnapKVPress}
 
 
+@contextlib.contextmanager
+def press_full_attention_layers(press, model):
+    """``press(model)``, its hooks on the full-attention layers only when the model names its
+    layer types (kvpress hooks every layer it finds in ``model.model.layers`` at entry)."""
+    types = getattr(model.config, "layer_types", None)
+    layers = model.model.layers
+    if types is not None:
+        model.model.layers = torch.nn.ModuleList(
+            [layer for layer, kind in zip(layers, types) if kind == "full_attention"])
+    context = press(model)
+    try:
+        context.__enter__()
+    finally:
+        model.model.layers = layers
+    try:
+        yield
+    finally:
+        context.__exit__(None, None, None)
+
+
 def compression_ratio(prompt_len: int, budget: int) -> float:
     """The ratio at which kvpress keeps exactly ``budget`` entries of ``prompt_len``."""
     return 1 - (budget + 0.5) / prompt_len
@@ -80,11 +105,13 @@ def generate(model, tokenizer, prompt_ids: list[int], press, max_tokens: int,
     """Greedy completion and the entries per KV head the cache kept after the prefill."""
     ids = torch.tensor([prompt_ids])
     cache = DynamicCache()
-    with press(model) if press is not None else contextlib.nullcontext():
+    with (press_full_attention_layers(press, model) if press is not None
+          else contextlib.nullcontext()):
         # Attention runs over the full prompt; the press compresses afterwards (forward hook):
         # the first token comes from full-cache logits, as in the plugin.
         logits = model(input_ids=ids, past_key_values=cache, logits_to_keep=1).logits
-    kept = cache.get_seq_length()
+    types = getattr(model.config, "layer_types", None) or ["full_attention"]
+    kept = cache.get_seq_length(types.index("full_attention"))  # a sliding layer keeps its window
     generated: list[int] = []
     token = int(logits[0, -1].argmax())
     for step in range(max_tokens):
