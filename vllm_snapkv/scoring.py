@@ -126,9 +126,9 @@ class ChunkScore(ScoreRule):
 class SnapKVChunkScore(ChunkScore):
     """SnapKV's single positions first, then whole chunks (see the module docstring): track 0
     keeps the SnapKV top of ``snapkv_share`` of the prefix budget, track 1 fills the rest by
-    :class:`ChunkScore`'s chunk means (chunks already partly kept are completed first when they
-    rank). Pure ``chunk`` spends a small budget on few chunks and loses tasks that need many
-    scattered single tokens (RULER's frequent words on Gemma 3, docs/results.md)."""
+    :class:`ChunkScore`'s chunk means (a ranked chunk adds only its positions not kept yet).
+    Pure ``chunk`` spends a small budget on few chunks and loses tasks that need many scattered
+    single tokens (RULER's frequent words on Gemma 3, docs/results.md)."""
 
     name = "snapkv-chunk"
     snapkv_share = 0.5
