@@ -83,8 +83,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="avg: kvpress's SnapKVPress; avg,max adds it with max pooling")
     parser.add_argument("--kvpress-limit", type=int, default=None,
                         help="samples per task for kvpress (default: all of --limit)")
+    parser.add_argument("--kvpress-modes", default=None,
+                        help="what kvpress runs: 'full' and budgets as in --budgets (default: "
+                        "full and every budget); the tables show every kvpress row present")
     parser.add_argument("--resume", action="store_true",
-                        help="keep the tasks --out already holds in full (an interrupted run)")
+                        help="keep the tasks --out already holds in full (an interrupted run) "
+                        "and the kvpress rows kvpress.jsonl holds")
     parser.add_argument("--skip-plugin", action="store_true",
                         help="no server: reuse samples.jsonl and passes.json in --out (e.g. to "
                         "run --kvpress later, or elsewhere, on the same samples)")
@@ -146,15 +150,19 @@ def run_kvpress(args: argparse.Namespace) -> float:
     if not kvpress_python.exists():
         raise SystemExit(f"{kvpress_python} missing: run scripts/setup --bench (kvpress's venv)")
     began = time.monotonic()
+    modes = (args.kvpress_modes or "full," + args.budgets).split(",")
+    budgets = [parse_budget(mode, args.seq_len)[1] for mode in modes if mode != FULL]
     command = [
         str(kvpress_python), "-m", "benchmarks.quality.ruler_kvpress",
         "--model", args.model, "--samples", str(args.out / "samples.jsonl"),
-        "--budgets", ",".join(str(tokens) for _, tokens in args.budget_list),
+        "--budgets", ",".join(str(tokens) for tokens in budgets),
         "--window-size", str(args.window_size), "--kernel-size", str(args.kernel_size),
         "--pooling", args.kvpress_pooling, "--out", str(args.out / "kvpress.jsonl"),
     ]
     if args.kvpress_limit is not None:
         command += ["--limit", str(args.kvpress_limit)]
+    command += ["--skip-full"] if FULL not in modes else []
+    command += ["--resume"] if args.resume else []
     subprocess.run(command, cwd=ROOT, check=True)
     subprocess.run([
         str(side_venv("-eval") / "bin" / "python"), "-m", "benchmarks.quality.ruler_eval",

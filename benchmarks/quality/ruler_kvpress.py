@@ -136,6 +136,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--model", required=True, help="Hugging Face model folder")
     parser.add_argument("--samples", type=Path, required=True, help="ruler_eval's samples.jsonl")
     parser.add_argument("--budgets", required=True, help="entries per KV head, comma-separated")
+    parser.add_argument("--skip-full", action="store_true",
+                        help="no full-cache completion (by default each sample has one)")
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the rows --out holds and add only the missing ones")
     parser.add_argument("--window-size", type=int, default=32)
     parser.add_argument("--kernel-size", type=int, default=7)
     parser.add_argument("--pooling", default="avg",
@@ -161,14 +165,21 @@ def main(argv=None) -> None:
     poolings = args.pooling.split(",")
     samples = [json.loads(line) for line in open(args.samples)]
     per_task: dict[str, int] = {}
-    out = open(args.out, "w")  # a row per completion as it is made: a stopped run keeps them
+    done = set()
+    if args.resume and args.out.exists():
+        done = {(r["task"], r["doc_id"], r["mode"]) for r in map(json.loads, open(args.out))}
+    # A row per completion as it is made: a stopped run keeps them (and --resume goes on).
+    out = open(args.out, "a" if args.resume else "w")
     for sample in samples:
         per_task[sample["task"]] = per_task.get(sample["task"], 0) + 1
         if args.limit is not None and per_task[sample["task"]] > args.limit:
             continue
         length = sample["prompt_tokens"]
-        modes = [(None, "avg")] + [(b, p) for b in budgets for p in poolings]
+        modes = [] if args.skip_full else [(None, "avg")]
+        modes += [(b, p) for b in budgets for p in poolings]
         for budget, pooling in modes:
+            if (sample["task"], sample["doc_id"], mode_name(budget, pooling)) in done:
+                continue
             press = None
             if budget is not None and frees_blocks(length, budget, 0, args.block_size):
                 press = PRESSES[pooling](
