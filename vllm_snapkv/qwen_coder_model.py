@@ -31,13 +31,11 @@ from __future__ import annotations
 import argparse
 import hashlib
 import importlib.util
-import shutil
 import sys
-import tempfile
-import time
 from pathlib import Path
 
-from vllm_snapkv.demo_model import DEFAULT_CACHE, make_world_readable
+from vllm_snapkv.demo_model import DEFAULT_CACHE
+from vllm_snapkv.gemma3_model import build_folder_once, save_dequantized
 
 MODEL_DIRNAME = "Qwen2.5-Coder-1.5B-Instruct"
 GGUF_NAME = "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf"
@@ -107,12 +105,6 @@ def _assemble(chunks: list[Path], out: Path) -> Path:
     return out
 
 
-def _is_built(target: Path) -> bool:
-    # The folder only appears under its final name once complete (atomic rename of the staging
-    # folder), so these two files mark a finished build.
-    return (target / "config.json").is_file() and (target / "model.safetensors").is_file()
-
-
 def _convert(gguf: Path, staging: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -123,46 +115,19 @@ def _convert(gguf: Path, staging: Path) -> None:
     model = AutoModelForCausalLM.from_pretrained(
         gguf.parent, gguf_file=gguf.name, dtype=torch.float32
     )
-    # save_pretrained refuses a model that still carries the GGUF quantization config; the weights
-    # are already dequantized.
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    if getattr(model, "hf_quantizer", None) is not None:
-        model.hf_quantizer = None
-    model.save_pretrained(staging)
-    tokenizer.save_pretrained(staging)
+    save_dequantized(model, tokenizer, staging)
 
 
 def build_qwen_coder_model(cache_dir: Path = DEFAULT_CACHE) -> Path:
     """Return the converted model folder, building it on first use (~2.5 min on 2 cores)."""
-    cache_dir = Path(cache_dir)
-    target = cache_dir / MODEL_DIRNAME
-    if _is_built(target):
-        make_world_readable(target)
-        return target
-    chunks = _chunk_paths()  # fail before creating anything when the packages are missing
-    started = time.monotonic()
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    # A staging folder of our own (two builders may race) next to the target (same filesystem,
-    # so the final rename is atomic: a half-written folder is never taken for a model).
-    staging = Path(tempfile.mkdtemp(prefix=f"{MODEL_DIRNAME}.partial-", dir=cache_dir))
-    try:
-        with tempfile.TemporaryDirectory(prefix="qwen-coder-gguf-", dir=cache_dir) as tmp:
-            gguf = _assemble(chunks, Path(tmp) / GGUF_NAME)
-            _log(f"{gguf.name}: {gguf.stat().st_size / 1e6:.0f} MB from {N_CHUNKS} packages, "
-                 f"SHA-256 matches")
-            _convert(gguf, staging)
-        make_world_readable(staging)
-        try:
-            staging.rename(target)
-        except OSError:
-            if not _is_built(target):  # another builder finished first: keep theirs
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    size = sum(p.stat().st_size for p in target.rglob("*") if p.is_file())
-    _log(f"built {target}: {size / 1e6:.0f} MB (float32) in {time.monotonic() - started:.0f} s")
-    return target
+    def fill(tmp: Path, staging: Path) -> None:
+        # Missing packages fail here; the staging and scratch folders are removed on the way out.
+        gguf = _assemble(_chunk_paths(), tmp / GGUF_NAME)
+        _log(f"{gguf.name}: {gguf.stat().st_size / 1e6:.0f} MB from {N_CHUNKS} packages, "
+             f"SHA-256 matches")
+        _convert(gguf, staging)
+
+    return build_folder_once(cache_dir, MODEL_DIRNAME, fill, _log)
 
 
 def main() -> None:
