@@ -43,6 +43,12 @@ ALL_TASKS = (
     "niah_multiquery,niah_multivalue,ruler_vt,ruler_cwe,ruler_fwe,ruler_qa_squad,ruler_qa_hotpot"
 )
 FULL = "full"
+# kvpress presses beside its SnapKVPress: table column and kvpress.jsonl mode at budget t
+KVPRESS_COLUMNS = {
+    "snapkv-maxpool": ("kvpress max-pool", lambda t: f"snapkv-{t}-maxpool"),
+    "criticalkv": ("kvpress CriticalKV", lambda t: f"criticalkv-{t}"),
+    "chunkkv": ("kvpress ChunkKV", lambda t: f"chunkkv-{t}"),
+}
 
 
 def side_venv(suffix: str) -> Path:
@@ -79,8 +85,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--kernel-size", type=int, default=7)
     parser.add_argument("--kvpress", action="store_true",
                         help="also kvpress's SnapKVPress on the same samples (.venv-kvpress)")
-    parser.add_argument("--kvpress-pooling", default="avg",
-                        help="avg: kvpress's SnapKVPress; avg,max adds it with max pooling")
+    parser.add_argument("--kvpress-presses", default="snapkv",
+                        help="kvpress presses at the budgets: snapkv (kvpress's SnapKVPress), "
+                        "snapkv-maxpool (with the plugin's max pooling), criticalkv, chunkkv "
+                        "(kvpress's presses at equal per-head memory, on its SnapKVPress)")
     parser.add_argument("--kvpress-limit", type=int, default=None,
                         help="samples per task for kvpress (default: all of --limit)")
     parser.add_argument("--kvpress-modes", default=None,
@@ -157,8 +165,10 @@ def run_kvpress(args: argparse.Namespace) -> float:
         "--model", args.model, "--samples", str(args.out / "samples.jsonl"),
         "--budgets", ",".join(str(tokens) for tokens in budgets),
         "--window-size", str(args.window_size), "--kernel-size", str(args.kernel_size),
-        "--pooling", args.kvpress_pooling, "--out", str(args.out / "kvpress.jsonl"),
+        "--presses", args.kvpress_presses, "--out", str(args.out / "kvpress.jsonl"),
     ]
+    if args.tasks != ALL_TASKS:
+        command += ["--tasks", args.tasks]
     if args.kvpress_limit is not None:
         command += ["--limit", str(args.kvpress_limit)]
     command += ["--skip-full"] if FULL not in modes else []
@@ -182,8 +192,13 @@ def summarize(args: argparse.Namespace, samples: list[dict], kvpress: list[dict]
     modes = [(FULL, FULL, None)] + [(label, f"snapkv-{t}", t) for label, t in args.budget_list]
     tasks = list(dict.fromkeys(row["task"] for row in samples))
     by_kvpress = {(c["task"], c["doc_id"], c["mode"]): c for c in kvpress}
-    variants = [("kvpress", "")] + [
-        (f"kvpress {p}-pool", f"-{p}pool") for p in args.kvpress_pooling.split(",") if p != "avg"]
+    # Every press kvpress.jsonl holds rows of: (column, kvpress mode at budget t, whether it
+    # runs the plugin's rule, which makes per-sample agreement meaningful).
+    modes_held = {c["mode"] for c in kvpress}
+    variants = [("kvpress", lambda t: f"snapkv-{t}", True)] + [
+        (column, mode_of, press == "snapkv-maxpool")
+        for press, (column, mode_of) in KVPRESS_COLUMNS.items()
+        if any(mode_of(t) in modes_held for _, t in args.budget_list)]
     rows, agreement = [], []
     for task in tasks:
         task_samples = [r for r in samples if r["task"] == task]
@@ -191,15 +206,15 @@ def summarize(args: argparse.Namespace, samples: list[dict], kvpress: list[dict]
             plugin = [r["outputs"][mode]["score"] for r in task_samples]
             row = {"task": task, "budget": label, "budget_tokens": budget or "", "n": len(plugin),
                    "plugin": 100 * sum(plugin) / len(plugin)}
-            for variant, suffix in variants if kvpress else []:
-                if budget is None and suffix:
-                    continue  # the full cache has no pooling: one kvpress run
-                key = mode + suffix
+            for variant, mode_of, same_rule in variants if kvpress else []:
+                if budget is None and variant != "kvpress":
+                    continue  # the full cache is one kvpress run
+                key = FULL if budget is None else mode_of(budget)
                 pairs = [(r, by_kvpress[(task, r["doc_id"], key)]) for r in task_samples
                          if (task, r["doc_id"], key) in by_kvpress]
                 row[f"{variant} n"] = len(pairs)
                 row[variant] = 100 * sum(c["score"] for _, c in pairs) / len(pairs) if pairs else ""
-                if pairs:
+                if pairs and same_rule:
                     agreement.append({
                         "task": task, "budget": label, "kvpress": variant, "n": len(pairs),
                         "plugin_score": 100 * sum(r["outputs"][mode]["score"] for r, _ in pairs)
@@ -222,7 +237,7 @@ def summarize(args: argparse.Namespace, samples: list[dict], kvpress: list[dict]
                 "plugin": sum(r["plugin"] for r in cells) / len(cells)}
         for rule in args.extra_scores if budget is not None else []:
             mean[rule] = sum(r[rule] for r in cells) / len(cells)
-        for variant, _ in variants if kvpress else []:
+        for variant, _, _ in variants if kvpress else []:
             scored = [r for r in cells if r.get(variant, "") != ""]
             mean[f"{variant} n"] = sum(r[f"{variant} n"] for r in scored)
             mean[variant] = sum(r[variant] for r in scored) / len(scored) if scored else ""
@@ -360,7 +375,8 @@ def main(argv=None) -> list[dict]:
         + (f"; kvpress {kvpress_seconds:.0f} s" if kvpress_seconds is not None else "")
         + ". Scores 0-100; mean = unweighted over tasks.\n\n"
     )
-    variants = [k for k in ("kvpress", "kvpress max-pool") if any(k in r for r in rows)]
+    variants = [k for k in ("kvpress", *(c for c, _ in KVPRESS_COLUMNS.values()))
+                if any(k in r for r in rows)]
     text += wide_table(rows, args, variants)
     if agreement:
         text += ("\n\nPer-sample agreement with the plugin (same_score: same lm_eval score; "

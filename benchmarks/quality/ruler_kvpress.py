@@ -26,7 +26,15 @@ What stays different is kvpress's own scoring: average pooling over positions (k
 max pooling; the plugin's default, the paper's, is max), window scores averaged rather than
 summed (same ranking), ``topk`` rather than a stable sort among equal scores; and transformers'
 attention kernels instead of vLLM's (measured by the ``full`` mode: both sides keep every entry).
-``--pooling max`` adds kvpress's SnapKVPress with max pooling, which isolates the first one.
+``--presses snapkv-maxpool`` adds kvpress's SnapKVPress with max pooling, which isolates the
+first one.
+
+``--presses criticalkv,chunkkv`` adds kvpress's other presses that keep the same number of entries
+in every KV head (equal per-head memory, the plugin's constraint), each on kvpress's own
+SnapKVPress: ``CriticalKVPress`` (exactly ``C``: half by SnapKV's score, the rest by that score
+times the L1 norm of the value projected through ``o_proj``) and ``ChunkKVPress`` (whole chunks of
+``--chunk-length`` positions, the same chunks for every head of a layer, ranked by the score summed
+over heads: at most ``C``, more than ``C - chunk_length``).
 """
 
 from __future__ import annotations
@@ -42,7 +50,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 import transformers
-from kvpress import SnapKVPress
+from kvpress import ChunkKVPress, CriticalKVPress, SnapKVPress
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
 from vllm_snapkv.plan import frees_blocks
@@ -65,7 +73,25 @@ class MaxPoolSnapKVPress(SnapKVPress):
         return F.pad(scores, (0, self.window_size), value=scores.max().item() + 1)
 
 
-PRESSES = {"avg": SnapKVPress, "max": MaxPoolSnapKVPress}
+def build_press(name: str, prompt_len: int, budget: int, window_size: int, kernel_size: int,
+                chunk_length: int):
+    """kvpress's press ``name`` set to keep ``budget`` entries per KV head of ``prompt_len``."""
+    ratio = compression_ratio(prompt_len, budget)
+    pooling = MaxPoolSnapKVPress if name == "snapkv-maxpool" else SnapKVPress
+    snapkv = pooling(compression_ratio=ratio, window_size=window_size, kernel_size=kernel_size)
+    if name in ("snapkv", "snapkv-maxpool"):
+        return snapkv
+    if name == "criticalkv":
+        return CriticalKVPress(press=snapkv)
+    if name == "chunkkv":
+        # ChunkKVPress keeps int(chunks * (1 - ratio)) whole chunks: budget // chunk_length.
+        chunks = -(-prompt_len // chunk_length)
+        snapkv.compression_ratio = 1 - (budget // chunk_length + 0.5) / chunks
+        return ChunkKVPress(press=snapkv, chunk_length=chunk_length)
+    raise ValueError(f"unknown press {name!r}")
+
+
+PRESSES = ("snapkv", "snapkv-maxpool", "criticalkv", "chunkkv")
 
 
 @contextlib.contextmanager
@@ -93,10 +119,20 @@ def compression_ratio(prompt_len: int, budget: int) -> float:
     return 1 - (budget + 0.5) / prompt_len
 
 
-def mode_name(budget: int | None, pooling: str) -> str:
+def mode_name(budget: int | None, press: str) -> str:
+    """The row's mode: ``full``, ``snapkv-512`` (kvpress's SnapKVPress), ``snapkv-512-maxpool``,
+    ``criticalkv-512``, ``chunkkv-512``."""
     if budget is None:
         return "full"
-    return f"snapkv-{budget}" + ("" if pooling == "avg" else f"-{pooling}pool")
+    if press == "snapkv-maxpool":
+        return f"snapkv-{budget}-maxpool"
+    return f"{press}-{budget}"
+
+
+def kept_as_asked(press: str, kept: int, budget: int, chunk_length: int) -> bool:
+    if press == "chunkkv":  # whole chunks; the last, partial one may be among them
+        return budget - chunk_length < kept <= budget
+    return kept == budget
 
 
 @torch.inference_mode()
@@ -142,8 +178,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="keep the rows --out holds and add only the missing ones")
     parser.add_argument("--window-size", type=int, default=32)
     parser.add_argument("--kernel-size", type=int, default=7)
-    parser.add_argument("--pooling", default="avg",
-                        help="avg (kvpress's SnapKVPress), max (with max pooling), or avg,max")
+    parser.add_argument("--presses", default="snapkv",
+                        help=f"kvpress presses at every budget, comma-separated: {', '.join(PRESSES)}"
+                        " (snapkv: kvpress's SnapKVPress; snapkv-maxpool: with max pooling)")
+    parser.add_argument("--chunk-length", type=int, default=16,
+                        help="chunkkv's chunk (16: the plugin's chunk rule's)")
+    parser.add_argument("--tasks", default=None, help="only these tasks of --samples")
     parser.add_argument("--block-size", type=int, default=128, help="the server's (rule 1)")
     parser.add_argument("--limit", type=int, default=None, help="samples per task (first N)")
     parser.add_argument("--dtype", default="float32")
@@ -162,7 +202,11 @@ def main(argv=None) -> None:
     eos = model.generation_config.eos_token_id
     eos = set(eos if isinstance(eos, list) else [eos]) | {tokenizer.eos_token_id}
     budgets = [int(b) for b in args.budgets.split(",")]
-    poolings = args.pooling.split(",")
+    presses = args.presses.split(",")
+    for name in presses:
+        if name not in PRESSES:
+            raise SystemExit(f"--presses: unknown press {name!r}; choose from {', '.join(PRESSES)}")
+    tasks = None if args.tasks is None else set(args.tasks.split(","))
     samples = [json.loads(line) for line in open(args.samples)]
     per_task: dict[str, int] = {}
     done = set()
@@ -171,29 +215,30 @@ def main(argv=None) -> None:
     # A row per completion as it is made: a stopped run keeps them (and --resume goes on).
     out = open(args.out, "a" if args.resume else "w")
     for sample in samples:
+        if tasks is not None and sample["task"] not in tasks:
+            continue
         per_task[sample["task"]] = per_task.get(sample["task"], 0) + 1
         if args.limit is not None and per_task[sample["task"]] > args.limit:
             continue
         length = sample["prompt_tokens"]
-        modes = [] if args.skip_full else [(None, "avg")]
-        modes += [(b, p) for b in budgets for p in poolings]
-        for budget, pooling in modes:
-            if (sample["task"], sample["doc_id"], mode_name(budget, pooling)) in done:
+        modes = [] if args.skip_full else [(None, "snapkv")]
+        modes += [(b, name) for b in budgets for name in presses]
+        for budget, name in modes:
+            if (sample["task"], sample["doc_id"], mode_name(budget, name)) in done:
                 continue
             press = None
             if budget is not None and frees_blocks(length, budget, 0, args.block_size):
-                press = PRESSES[pooling](
-                    compression_ratio=compression_ratio(length, budget),
-                    window_size=args.window_size, kernel_size=args.kernel_size,
-                )
+                press = build_press(name, length, budget, args.window_size, args.kernel_size,
+                                    args.chunk_length)
             began = time.monotonic()
             text, kept = generate(model, tokenizer, sample["prompt_token_ids"], press,
                                   sample["max_tokens"], sample["stop"], eos)
-            if press is not None and kept != budget:
-                raise RuntimeError(f"kvpress kept {kept} entries, not {budget} ({length} tokens)")
+            if press is not None and not kept_as_asked(name, kept, budget, args.chunk_length):
+                raise RuntimeError(f"kvpress {name} kept {kept} entries, not {budget} "
+                                   f"({length} tokens)")
             row = {
                 "task": sample["task"], "doc_id": sample["doc_id"],
-                "mode": mode_name(budget, pooling), "text": text, "kept": kept,
+                "mode": mode_name(budget, name), "text": text, "kept": kept,
                 "prompt_tokens": length, "seconds": round(time.monotonic() - began, 2),
             }
             out.write(json.dumps(row) + "\n")

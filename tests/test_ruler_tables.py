@@ -1,0 +1,42 @@
+"""The RULER benchmark's tables from synthetic rows (no server, no kvpress): every kvpress press
+kvpress.jsonl holds gets its column, and per-sample agreement with the plugin is reported only for
+the presses that run the plugin's rule (SnapKVPress with either pooling)."""
+
+from __future__ import annotations
+
+from benchmarks.quality import ruler
+
+
+def _sample(task: str, doc_id: int, scores: dict[str, float]) -> dict:
+    return {"task": task, "doc_id": doc_id,
+            "outputs": {mode: {"score": s, "text": str(s)} for mode, s in scores.items()}}
+
+
+def _completion(task: str, doc_id: int, mode: str, score: float) -> dict:
+    return {"task": task, "doc_id": doc_id, "mode": mode, "score": score, "text": str(score)}
+
+
+def test_kvpress_columns_follow_the_presses_held_and_agreement_only_for_the_same_rule(tmp_path):
+    args = ruler.parse_args(["--skip-plugin", "--model", str(tmp_path), "--budgets", "512",
+                             "--seq-len", "4096", "--out", str(tmp_path)])
+    samples = [_sample("niah_single_2", 0, {"full": 1.0, "snapkv-512": 0.0}),
+               _sample("niah_single_2", 1, {"full": 1.0, "snapkv-512": 1.0})]
+    kvpress = [_completion("niah_single_2", 0, "full", 1.0),
+               _completion("niah_single_2", 0, "snapkv-512", 0.0),
+               _completion("niah_single_2", 0, "criticalkv-512", 1.0),
+               _completion("niah_single_2", 1, "criticalkv-512", 1.0),
+               _completion("niah_single_2", 0, "chunkkv-512", 0.0)]
+    rows, agreement = ruler.summarize(args, samples, kvpress)
+
+    at_512 = next(r for r in rows if r["task"] == "niah_single_2" and r["budget"] == "512")
+    assert at_512["plugin"] == 50.0
+    assert (at_512["kvpress"], at_512["kvpress n"]) == (0.0, 1)
+    assert (at_512["kvpress CriticalKV"], at_512["kvpress CriticalKV n"]) == (100.0, 2)
+    assert (at_512["kvpress ChunkKV"], at_512["kvpress ChunkKV n"]) == (0.0, 1)
+    assert "kvpress max-pool" not in at_512  # no such rows held
+    full = next(r for r in rows if r["task"] == "niah_single_2" and r["budget"] == "full")
+    assert full["kvpress"] == 100.0 and full["kvpress CriticalKV"] == ""
+
+    assert {a["kvpress"] for a in agreement} == {"kvpress"}
+    per_task = [a for a in agreement if a["task"] == "niah_single_2" and a["budget"] == "512"]
+    assert [(a["n"], a["same_score"], a["same_text"]) for a in per_task] == [(1, 1, 1)]
