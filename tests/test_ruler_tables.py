@@ -16,7 +16,7 @@ def _completion(task: str, doc_id: int, mode: str, score: float) -> dict:
     return {"task": task, "doc_id": doc_id, "mode": mode, "score": score, "text": str(score)}
 
 
-def test_kvpress_columns_follow_the_presses_held_and_agreement_only_for_the_same_rule(tmp_path):
+def test_kvpress_columns_agreement_and_side_by_side_follow_the_presses_held(tmp_path):
     args = ruler.parse_args(["--skip-plugin", "--model", str(tmp_path), "--budgets", "512",
                              "--seq-len", "4096", "--out", str(tmp_path)])
     samples = [_sample("niah_single_2", 0, {"full": 1.0, "snapkv-512": 0.0}),
@@ -40,3 +40,12 @@ def test_kvpress_columns_follow_the_presses_held_and_agreement_only_for_the_same
     assert {a["kvpress"] for a in agreement} == {"kvpress"}
     per_task = [a for a in agreement if a["task"] == "niah_single_2" and a["budget"] == "512"]
     assert [(a["n"], a["same_score"], a["same_text"]) for a in per_task] == [(1, 1, 1)]
+
+    # Side by side: only the samples every press ran (sample 0), each against the plugin's SnapKV.
+    compared = {c["method"]: c for c in ruler.side_by_side(args, samples, kvpress)}
+    assert set(compared) == {"plugin full", "plugin snapkv", "kvpress", "kvpress CriticalKV",
+                             "kvpress ChunkKV"}
+    assert {c["n"] for c in compared.values()} == {1}
+    assert compared["kvpress CriticalKV"]["score"] == 100.0
+    assert compared["kvpress CriticalKV"]["diff_vs_plugin_snapkv"] == 100.0
+    assert compared["kvpress ChunkKV"]["diff_vs_plugin_snapkv"] == 0.0

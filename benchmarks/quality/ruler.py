@@ -287,6 +287,39 @@ def paired_rules(args: argparse.Namespace, samples: list[dict]) -> list[dict]:
     return out
 
 
+def side_by_side(args: argparse.Namespace, samples: list[dict], kvpress: list[dict]) -> list[dict]:
+    """Per budget, over the samples every kvpress press at that budget ran (kvpress usually runs
+    a subset of the plugin's samples): the mean of the full cache, of each plugin rule and of each
+    press, and each one's paired difference from the plugin's SnapKV with its standard error."""
+    by_kvpress = {(c["task"], c["doc_id"], c["mode"]): c["score"] for c in kvpress}
+    out = []
+    for label, budget in args.budget_list:
+        columns = {"plugin full": lambda r, t=budget: r["outputs"][FULL]["score"]}
+        for rule in args.score_list:
+            columns[f"plugin {rule}"] = lambda r, m=f"{rule}-{budget}": r["outputs"][m]["score"]
+        for press, (column, mode_of) in [("snapkv", ("kvpress", lambda t: f"snapkv-{t}")),
+                                         *KVPRESS_COLUMNS.items()]:
+            mode = mode_of(budget)
+            if any((r["task"], r["doc_id"], mode) in by_kvpress for r in samples):
+                columns[column] = lambda r, m=mode: by_kvpress.get((r["task"], r["doc_id"], m))
+        presses = [c for c in columns if c.startswith("kvpress")]
+        both = [r for r in samples if presses and all(columns[c](r) is not None for c in presses)]
+        if not both:
+            continue
+        base = [100 * r["outputs"][f"snapkv-{budget}"]["score"] for r in both]
+        for column, score_of in columns.items():
+            values = [100 * score_of(r) for r in both]
+            diffs = [v - b for v, b in zip(values, base)]
+            n, mean_diff = len(diffs), sum(diffs) / len(diffs)
+            variance = sum((d - mean_diff) ** 2 for d in diffs) / (n - 1) if n > 1 else 0.0
+            out.append({"budget": label, "method": column, "n": n,
+                        "tasks": len({r["task"] for r in both}),
+                        "score": round(sum(values) / n, 1),
+                        "diff_vs_plugin_snapkv": round(mean_diff, 2),
+                        "se": round((variance / n) ** 0.5, 2)})
+    return out
+
+
 def wide_table(rows: list[dict], args: argparse.Namespace, variants: list[str]) -> str:
     labels = [FULL] + [label for label, _ in args.budget_list]
     header = ["task", "n"] + [f"plugin {label}" for label in labels]
@@ -355,7 +388,9 @@ def main(argv=None) -> list[dict]:
     kvpress_seconds = run_kvpress(args) if args.kvpress else None
     samples = read_jsonl(args.out / "samples.jsonl")
     kvpress_path = args.out / "kvpress.jsonl"
-    kvpress = read_jsonl(kvpress_path) if args.kvpress and kvpress_path.exists() else []
+    # Every kvpress row on record, also when this call ran none (e.g. --skip-plugin to rebuild
+    # the tables after an interrupted run).
+    kvpress = read_jsonl(kvpress_path) if kvpress_path.exists() else []
     rows, agreement = summarize(args, samples, kvpress)
     write_csv(args.out / "scores.csv", rows)
     if agreement:
@@ -383,6 +418,13 @@ def main(argv=None) -> list[dict]:
                  "same_text: identical completion; full: no compression on either side; "
                  "scores over the samples both ran, the all rows unweighted over tasks):\n\n")
         text += markdown_table(agreement)
+    compared = side_by_side(args, samples, kvpress) if len(variants) > 1 else []
+    if compared:
+        write_csv(args.out / "presses.csv", compared)
+        text += ("\n\nThe plugin's rules and kvpress's presses on the samples every press ran "
+                 "(score: mean over samples; diff: mean per-sample difference from the plugin's "
+                 "SnapKV, in points; se: its standard error):\n\n")
+        text += markdown_table(compared)
     if args.extra_scores:
         paired = paired_rules(args, samples)
         write_csv(args.out / "rules.csv", paired)
