@@ -43,8 +43,10 @@ ALL_TASKS = (
     "niah_multiquery,niah_multivalue,ruler_vt,ruler_cwe,ruler_fwe,ruler_qa_squad,ruler_qa_hotpot"
 )
 FULL = "full"
-# kvpress presses beside its SnapKVPress: table column and kvpress.jsonl mode at budget t
+# kvpress's presses (ruler_kvpress.py): table column and kvpress.jsonl mode at budget t. The
+# "kvpress" column also holds kvpress's full-cache run.
 KVPRESS_COLUMNS = {
+    "snapkv": ("kvpress", lambda t: f"snapkv-{t}"),
     "snapkv-maxpool": ("kvpress max-pool", lambda t: f"snapkv-{t}-maxpool"),
     "criticalkv": ("kvpress CriticalKV", lambda t: f"criticalkv-{t}"),
     "chunkkv": ("kvpress ChunkKV", lambda t: f"chunkkv-{t}"),
@@ -195,10 +197,10 @@ def summarize(args: argparse.Namespace, samples: list[dict], kvpress: list[dict]
     # Every press kvpress.jsonl holds rows of: (column, kvpress mode at budget t, whether it
     # runs the plugin's rule, which makes per-sample agreement meaningful).
     modes_held = {c["mode"] for c in kvpress}
-    variants = [("kvpress", lambda t: f"snapkv-{t}", True)] + [
-        (column, mode_of, press == "snapkv-maxpool")
+    variants = [
+        (column, mode_of, press.startswith("snapkv"))
         for press, (column, mode_of) in KVPRESS_COLUMNS.items()
-        if any(mode_of(t) in modes_held for _, t in args.budget_list)]
+        if press == "snapkv" or any(mode_of(t) in modes_held for _, t in args.budget_list)]
     rows, agreement = [], []
     for task in tasks:
         task_samples = [r for r in samples if r["task"] == task]
@@ -256,6 +258,15 @@ def summarize(args: argparse.Namespace, samples: list[dict], kvpress: list[dict]
     return [{key: row.get(key, "") for key in columns} for row in rows], agreement
 
 
+def paired_difference(values: list[float], base: list[float]) -> tuple[float, float]:
+    """Mean of the per-sample differences ``values - base`` and its standard error (sample
+    standard deviation / sqrt(n))."""
+    diffs = [v - b for v, b in zip(values, base)]
+    n, mean = len(diffs), sum(diffs) / len(diffs)
+    variance = sum((d - mean) ** 2 for d in diffs) / (n - 1) if n > 1 else 0.0
+    return mean, (variance / n) ** 0.5
+
+
 def paired_rules(args: argparse.Namespace, samples: list[dict]) -> list[dict]:
     """Each extra rule against SnapKV on the same samples, per task and budget and over all
     tasks: both means, the paired difference (rule - SnapKV, points) and its standard error
@@ -273,15 +284,13 @@ def paired_rules(args: argparse.Namespace, samples: list[dict]) -> list[dict]:
                 base = [100 * r["outputs"][f"snapkv-{budget}"]["score"] for r in rows]
                 other = [100 * r["outputs"][f"{rule}-{budget}"]["score"] for r in rows]
                 n = len(rows)
-                diffs = [b - a for a, b in zip(base, other)]
-                mean_diff = sum(diffs) / n
-                variance = sum((d - mean_diff) ** 2 for d in diffs) / (n - 1) if n > 1 else 0.0
+                mean_diff, se = paired_difference(other, base)
                 gap = sum(full) / n - sum(base) / n
                 out.append({
                     "rule": rule, "budget": label, "task": task, "n": n,
                     "full": round(sum(full) / n, 1), "snapkv": round(sum(base) / n, 1),
                     "rule_score": round(sum(other) / n, 1), "diff": round(mean_diff, 2),
-                    "se": round((variance / n) ** 0.5, 2),
+                    "se": round(se, 2),
                     "gap_closed": round(mean_diff / gap, 2) if gap > 0 else "",
                 })
     return out
@@ -294,11 +303,10 @@ def side_by_side(args: argparse.Namespace, samples: list[dict], kvpress: list[di
     by_kvpress = {(c["task"], c["doc_id"], c["mode"]): c["score"] for c in kvpress}
     out = []
     for label, budget in args.budget_list:
-        columns = {"plugin full": lambda r, t=budget: r["outputs"][FULL]["score"]}
+        columns = {"plugin full": lambda r: r["outputs"][FULL]["score"]}
         for rule in args.score_list:
             columns[f"plugin {rule}"] = lambda r, m=f"{rule}-{budget}": r["outputs"][m]["score"]
-        for press, (column, mode_of) in [("snapkv", ("kvpress", lambda t: f"snapkv-{t}")),
-                                         *KVPRESS_COLUMNS.items()]:
+        for column, mode_of in KVPRESS_COLUMNS.values():
             mode = mode_of(budget)
             if any((r["task"], r["doc_id"], mode) in by_kvpress for r in samples):
                 columns[column] = lambda r, m=mode: by_kvpress.get((r["task"], r["doc_id"], m))
@@ -309,14 +317,11 @@ def side_by_side(args: argparse.Namespace, samples: list[dict], kvpress: list[di
         base = [100 * r["outputs"][f"snapkv-{budget}"]["score"] for r in both]
         for column, score_of in columns.items():
             values = [100 * score_of(r) for r in both]
-            diffs = [v - b for v, b in zip(values, base)]
-            n, mean_diff = len(diffs), sum(diffs) / len(diffs)
-            variance = sum((d - mean_diff) ** 2 for d in diffs) / (n - 1) if n > 1 else 0.0
-            out.append({"budget": label, "method": column, "n": n,
+            mean_diff, se = paired_difference(values, base)
+            out.append({"budget": label, "method": column, "n": len(both),
                         "tasks": len({r["task"] for r in both}),
-                        "score": round(sum(values) / n, 1),
-                        "diff_vs_plugin_snapkv": round(mean_diff, 2),
-                        "se": round((variance / n) ** 0.5, 2)})
+                        "score": round(sum(values) / len(both), 1),
+                        "diff_vs_plugin_snapkv": round(mean_diff, 2), "se": round(se, 2)})
     return out
 
 
@@ -410,8 +415,7 @@ def main(argv=None) -> list[dict]:
         + (f"; kvpress {kvpress_seconds:.0f} s" if kvpress_seconds is not None else "")
         + ". Scores 0-100; mean = unweighted over tasks.\n\n"
     )
-    variants = [k for k in ("kvpress", *(c for c, _ in KVPRESS_COLUMNS.values()))
-                if any(k in r for r in rows)]
+    variants = [c for c, _ in KVPRESS_COLUMNS.values() if any(c in r for r in rows)]
     text += wide_table(rows, args, variants)
     if agreement:
         text += ("\n\nPer-sample agreement with the plugin (same_score: same lm_eval score; "
