@@ -7,6 +7,8 @@ samples.
     python -m benchmarks.quality.ruler --limit 2 --kvpress              # + kvpress, same samples
     python -m benchmarks.quality.ruler --smoke                          # one task, 2 samples, 1K
     python -m benchmarks.quality.ruler --scores snapkv,critical         # + the value-aware rule
+    python -m benchmarks.quality.ruler --skip-plugin --kvpress --resume \
+        --kvpress-presses snapkv,criticalkv,chunkkv                     # + kvpress's other presses
 
 One server (``benchmarks.servers``: ``vllm serve --kv-compression snapkv``, budget = the largest
 asked) serves every mode; each request picks its mode through ``vllm_xargs`` (``kv_compression:
@@ -19,9 +21,11 @@ with the offline data of ``ruler_offline.py``; kvpress in another (``.venv-kvpre
 Writes into ``--out`` (default ``benchmarks/results/ruler-<model>-<seq len>``): ``samples.jsonl``
 (every prompt, its token ids, the references and each mode's completion and score),
 ``passes.json`` (requests, compressions, prefix-cache hits and seconds per pass), ``scores.csv``,
-``table.md`` and ``ruler.png``; with ``--kvpress`` also ``kvpress.jsonl`` and ``agreement.csv``;
-with ``--scores`` naming more rules than ``snapkv`` also ``rules.csv`` (each rule against SnapKV,
-paired per sample).
+``table.md`` and ``ruler.png``; with ``--kvpress`` also ``kvpress.jsonl`` and ``agreement.csv``
+(per-sample agreement of the presses running the plugin's rule), and ``presses.csv`` once
+kvpress.jsonl holds a second press (the plugin's rules and kvpress's presses on the samples every
+press ran); with ``--scores`` naming more rules than ``snapkv`` also ``rules.csv`` (each rule
+against SnapKV, paired per sample).
 """
 
 from __future__ import annotations
