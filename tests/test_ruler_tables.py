@@ -4,16 +4,19 @@ the presses that run the plugin's rule (SnapKVPress with either pooling)."""
 
 from __future__ import annotations
 
+import pytest
+
 from benchmarks.quality import ruler
 
 
 def _sample(task: str, doc_id: int, scores: dict[str, float]) -> dict:
-    return {"task": task, "doc_id": doc_id,
+    return {"task": task, "doc_id": doc_id, "prompt_tokens": 4000,
             "outputs": {mode: {"score": s, "text": str(s)} for mode, s in scores.items()}}
 
 
-def _completion(task: str, doc_id: int, mode: str, score: float) -> dict:
-    return {"task": task, "doc_id": doc_id, "mode": mode, "score": score, "text": str(score)}
+def _completion(task: str, doc_id: int, mode: str, score: float, prompt_tokens: int = 4000) -> dict:
+    return {"task": task, "doc_id": doc_id, "mode": mode, "score": score, "text": str(score),
+            "prompt_tokens": prompt_tokens}
 
 
 def test_kvpress_columns_agreement_and_side_by_side_follow_the_presses_held(tmp_path):
@@ -49,3 +52,19 @@ def test_kvpress_columns_agreement_and_side_by_side_follow_the_presses_held(tmp_
     assert compared["kvpress CriticalKV"]["score"] == 100.0
     assert compared["kvpress CriticalKV"]["diff_vs_plugin_snapkv"] == 100.0
     assert compared["kvpress ChunkKV"]["diff_vs_plugin_snapkv"] == 0.0
+
+
+def test_kvpress_rows_of_other_samples_are_refused():
+    samples = [_sample("niah_single_2", 0, {"full": 1.0, "snapkv-512": 0.0})]
+    ruler.check_same_prompts(samples, [_completion("niah_single_2", 0, "snapkv-512", 0.0)])
+    stale = [_completion("niah_single_2", 0, "snapkv-512", 0.0, prompt_tokens=3990)]
+    with pytest.raises(SystemExit, match="niah_single_2 sample 0 .*3990-token prompt.*4000"):
+        ruler.check_same_prompts(samples, stale)
+
+
+def test_an_unknown_kvpress_press_is_refused_before_anything_runs(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        ruler.parse_args(["--skip-plugin", "--model", str(tmp_path), "--out", str(tmp_path),
+                          "--kvpress-presses", "snapkv,adakv"])
+    assert "--kvpress-presses: unknown adakv; choose from snapkv, snapkv-maxpool" in (
+        capsys.readouterr().err)

@@ -120,6 +120,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     if "snapkv" not in args.score_list:
         args.score_list.insert(0, "snapkv")  # the baseline every other rule is compared with
     args.extra_scores = [score for score in args.score_list if score != "snapkv"]
+    unknown = [press for press in args.kvpress_presses.split(",") if press not in KVPRESS_COLUMNS]
+    if unknown:  # before the server and lm_eval run, not after
+        parser.error(f"--kvpress-presses: unknown {', '.join(unknown)}; choose from "
+                     f"{', '.join(KVPRESS_COLUMNS)}")
     if args.out is None:
         args.out = ROOT / "benchmarks" / "results" / f"ruler-{Path(args.model).name}-{args.seq_len}"
     return args
@@ -142,6 +146,11 @@ def run_plugin(args: argparse.Namespace) -> None:
     )
     server_args[server_args.index("--dtype") + 1] = args.dtype
     args.out.mkdir(parents=True, exist_ok=True)
+    if not args.resume:
+        # A fresh run writes new samples (a task's samples depend on the tasks listed before
+        # it): kvpress's rows of the old ones would be paired with other prompts.
+        for name in ("kvpress.jsonl", "agreement.csv", "presses.csv"):
+            (args.out / name).unlink(missing_ok=True)
     progress(f"starting vllm serve {name} (budget {max(budgets)})")
     server = ServerProcess(server_args, port, args.out / "server.log", server_env())
     try:
@@ -190,6 +199,18 @@ def run_kvpress(args: argparse.Namespace) -> float:
 
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in open(path)]
+
+
+def check_same_prompts(samples: list[dict], kvpress: list[dict]) -> None:
+    """Every kvpress row answered the prompt ``samples.jsonl`` holds under its task and id."""
+    lengths = {(r["task"], r["doc_id"]): r["prompt_tokens"] for r in samples}
+    for row in kvpress:
+        held = lengths.get((row["task"], row["doc_id"]))
+        if held is not None and held != row["prompt_tokens"]:
+            raise SystemExit(
+                f"kvpress.jsonl: {row['task']} sample {row['doc_id']} ({row['mode']}) answered a "
+                f"{row['prompt_tokens']}-token prompt, samples.jsonl holds {held} tokens: the "
+                "rows are from other samples; delete kvpress.jsonl and run --kvpress again")
 
 
 def summarize(args: argparse.Namespace, samples: list[dict], kvpress: list[dict]) -> tuple:
@@ -400,6 +421,7 @@ def main(argv=None) -> list[dict]:
     # Every kvpress row on record, also when this call ran none (e.g. --skip-plugin to rebuild
     # the tables after an interrupted run).
     kvpress = read_jsonl(kvpress_path) if kvpress_path.exists() else []
+    check_same_prompts(samples, kvpress)
     rows, agreement = summarize(args, samples, kvpress)
     write_csv(args.out / "scores.csv", rows)
     if agreement:
