@@ -149,8 +149,8 @@ def run_plugin(args: argparse.Namespace) -> None:
     if not args.resume:
         # A fresh run writes new samples (a task's samples depend on the tasks listed before
         # it): kvpress's rows of the old ones would be paired with other prompts.
-        for name in ("kvpress.jsonl", "agreement.csv", "presses.csv"):
-            (args.out / name).unlink(missing_ok=True)
+        for stale in ("kvpress.jsonl", "agreement.csv", "presses.csv"):
+            (args.out / stale).unlink(missing_ok=True)
     progress(f"starting vllm serve {name} (budget {max(budgets)})")
     server = ServerProcess(server_args, port, args.out / "server.log", server_env())
     try:
