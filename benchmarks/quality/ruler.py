@@ -101,8 +101,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="what kvpress runs: 'full' and budgets as in --budgets (default: "
                         "full and every budget); the tables show every kvpress row present")
     parser.add_argument("--resume", action="store_true",
-                        help="keep the tasks --out already holds in full (an interrupted run) "
-                        "and the kvpress rows kvpress.jsonl holds")
+                        help="keep the passes --out holds and the kvpress rows kvpress.jsonl "
+                        "holds; run only what is missing (an interrupted run, or a rule or "
+                        "budget added to an earlier run: same --tasks, so the same samples)")
     parser.add_argument("--skip-plugin", action="store_true",
                         help="no server: reuse samples.jsonl and passes.json in --out (e.g. to "
                         "run --kvpress later, or elsewhere, on the same samples)")

@@ -155,23 +155,19 @@ def run(args: argparse.Namespace) -> None:
     if args.resume and (args.out / "passes.json").exists():
         rows = {(r["task"], r["doc_id"]): r for r in _read_jsonl(args.out / "samples.jsonl")}
         passes = json.loads((args.out / "passes.json").read_text())
-    mode_names = {mode_name(budget, score) for budget, score in modes}
     for task_name in args.tasks.split(","):
         task = tasks[task_name]
         count = min(args.limit, len(task.eval_docs))
-        done = [r for r in rows.values()
-                if r["task"] == task_name and r["doc_id"] < count and set(r["outputs"]) >= mode_names]
-        if len(done) == count:
-            progress(f"{task_name}: {count} samples already evaluated (--resume)")
-            continue
-        # A task is redone whole: its passes and samples from an interrupted run are dropped.
-        rows = {key: r for key, r in rows.items() if r["task"] != task_name}
-        passes = [p for p in passes if p["task"] != task_name]
         kind = scoring_kind(task)
         for start in range(0, count, args.round_size):
             indices = list(range(start, min(count, start + args.round_size)))
             for budget, rule in modes:
                 name = mode_name(budget, rule)
+                held = [rows.get((task_name, i)) for i in indices]
+                if all(row is not None and name in row["outputs"] for row in held):
+                    # --resume: this pass is on record (its prompts are checked below when
+                    # another pass of the round runs).
+                    continue
                 progress(f"{task_name} samples {indices[0]}-{indices[-1]}: {name}")
                 before, began = _metrics(args.base_url), time.monotonic()
                 result = simple_evaluate(
@@ -195,6 +191,11 @@ def run(args: argparse.Namespace) -> None:
                             "stop": sample["arguments"][0][1].get("until") or [],
                             "outputs": {},
                         }
+                    elif row["prompt"] != sample["arguments"][0][0]:
+                        raise RuntimeError(
+                            f"{task_name} sample {sample['doc_id']}: lm_eval built another prompt "
+                            f"than {args.out / 'samples.jsonl'} holds (a task's samples depend on "
+                            "the tasks listed before it): --resume needs the same --tasks")
                     text = sample["filtered_resps"][0]
                     row["outputs"][name] = {"text": text, "score": sample[metric_key]}
                     if budget is not None:
@@ -216,7 +217,8 @@ def run(args: argparse.Namespace) -> None:
                     "prefix_cache_hit_tokens": _counter_delta(
                         before, after, "vllm:prefix_cache_hits_total"),
                 })
-        _write(args.out, rows, passes)  # after every task: an interrupted run can --resume
+                # After every pass: an interrupted run --resumes from the next one.
+                _write(args.out, rows, passes)
 
 
 def _read_jsonl(path: Path) -> list[dict]:
@@ -265,7 +267,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     runner.add_argument("--num-concurrent", type=int, default=4)
     runner.add_argument("--block-size", type=int, default=128, help="the server's block size")
     runner.add_argument("--resume", action="store_true",
-                        help="keep the tasks --out already holds in full; evaluate the rest")
+                        help="keep the passes --out holds (same --tasks); run only the "
+                        "missing ones, e.g. a rule or budget added to an earlier run")
     runner.add_argument("--out", type=Path, required=True)
     scorer = commands.add_parser("score", help="score other completions of the same samples")
     scorer.add_argument("--samples", type=Path, required=True)
