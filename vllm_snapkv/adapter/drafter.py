@@ -48,7 +48,7 @@ from vllm.v1.spec_decode.utils import compute_new_slot_mapping
 from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
 from vllm_snapkv.adapter.compaction import CompactionJob, move_kept_entries
-from vllm_snapkv.adapter.physical import STEP_STATE_ATTR
+from vllm_snapkv.adapter.physical import STEP_STATE_ATTR, wrap_runner_step
 
 
 class UnsupportedDrafter(ValueError):
@@ -216,20 +216,11 @@ def _patch_update_positions(original):
 
 
 def _patch_sample_tokens(original):
-    @functools.wraps(original)
-    def sample_tokens(self: GPUModelRunner, *args: Any, **kwargs: Any):
-        state = self.__dict__.get(STEP_STATE_ATTR)
-        try:
-            result = original(self, *args, **kwargs)
-        except BaseException:
-            if state is not None:
-                state.end_drafter_step(compact=False)
-            raise
-        if state is not None:
-            state.end_drafter_step(compact=True)
-        return result
-
-    return sample_tokens
+    return wrap_runner_step(
+        original,
+        on_return=lambda state: state.end_drafter_step(compact=True),
+        on_raise=lambda state: state.end_drafter_step(compact=False),
+    )
 
 
 DRAFTER_PATCHES = (

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass, replace
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -69,6 +70,32 @@ class LogicalLengths:
 #: state (``worker.WorkerCompression``): per engine, never a process global. What this module
 #: reads of it: ``logical_lengths``, the step's :class:`LogicalLengths` or None.
 STEP_STATE_ATTR = "_snapkv"
+
+
+def wrap_runner_step(
+    original: Callable[..., Any],
+    on_return: Callable[[Any], None],
+    on_raise: Callable[[Any], None],
+) -> Callable[..., Any]:
+    """``original`` (a ``GPUModelRunner`` method that ends a step or part of one), followed by
+    ``on_return(state)`` or, if it raises, ``on_raise(state)`` before the error goes on to vLLM,
+    where ``state`` is the runner's :data:`STEP_STATE_ATTR` (nothing runs on runners without
+    one): a step's state never outlives the step, whichever way it ends."""
+
+    @functools.wraps(original)
+    def wrapped(self: GPUModelRunner, *args: Any, **kwargs: Any):
+        state = self.__dict__.get(STEP_STATE_ATTR)
+        try:
+            result = original(self, *args, **kwargs)
+        except BaseException:
+            if state is not None:
+                on_raise(state)
+            raise
+        if state is not None:
+            on_return(state)
+        return result
+
+    return wrapped
 
 
 #: Runner attribute holding its :func:`evicted_offsets_buffer` (one per model runner, like the

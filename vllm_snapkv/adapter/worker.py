@@ -60,6 +60,7 @@ from vllm_snapkv.adapter.physical import (
     evicted_offsets_buffer,
     make_lengths_physical,
     swap_block_lists,
+    wrap_runner_step,
 )
 from vllm_snapkv.adapter.scheduler import DIRECTIVES_ATTR
 from vllm_snapkv.adapter.window_ring import WindowQueryRing
@@ -499,21 +500,12 @@ def _patch_prepare_inputs(original):
 
 
 def _patch_execute_model(original):
-    @functools.wraps(original)
-    def execute_model(self: GPUModelRunner, *args: Any, **kwargs: Any):
-        state = self.__dict__.get("_snapkv")
-        try:
-            result = original(self, *args, **kwargs)
-        except BaseException:
-            # The step's state must not outlive it; the failure itself goes on to vLLM.
-            if state is not None:
-                state.end_step()
-            raise
-        if state is not None:
-            state.after_execute_model()
-        return result
-
-    return execute_model
+    # The step's state must not outlive it; a failure itself goes on to vLLM.
+    return wrap_runner_step(
+        original,
+        on_return=lambda state: state.after_execute_model(),
+        on_raise=lambda state: state.end_step(),
+    )
 
 
 def _patch_initialize_kv_cache(original):
