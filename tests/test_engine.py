@@ -21,7 +21,7 @@ from conftest import (
     token_ids,
 )
 from vllm_snapkv.plan import cdiv
-from vllm_snapkv.scoring import ChunkScore
+from vllm_snapkv.scoring import ChunkScore, ContinuationScore
 from vllm_snapkv.tasks import passkey_prompt
 
 WINDOW = 32
@@ -183,7 +183,8 @@ def reference_rule_kept_positions(
     budget / 2 (window counted), stage 2 the rest by (attention / W + 1e-4) * norm. 'chunk':
     aligned chunks of ``ChunkScore.chunk_size`` prefix positions ranked by their mean attention,
     taken whole. 'snapkv-chunk': the attention top of half the prefix budget, then the positions
-    of the ranked chunks not kept yet."""
+    of the ranked chunks not kept yet. 'continuation': each position scores the largest of
+    ``decay ** d`` times the attention ``d`` positions before it (``d <= reach``), then the top."""
     import math
 
     import transformers.models.llama.modeling_llama as llama
@@ -215,7 +216,8 @@ def reference_rule_kept_positions(
         for hook in hooks:
             hook.remove()
 
-    critical, chunk, mixed = {}, {}, {}
+    critical, chunk, mixed, carried = {}, {}, {}, {}
+    decay, reach = ContinuationScore.decay, ContinuationScore.reach
     for layer, ((q, k), v) in enumerate(zip(captured, values)):
         num_q_heads, length, dim = q.shape
         num_kv_heads = k.shape[0]
@@ -228,7 +230,7 @@ def reference_rule_kept_positions(
         w_o = model.model.layers[layer].self_attn.o_proj.weight.double()  # [hidden, H_q * D]
         v = v.view(length, num_kv_heads, dim)[:prefix].double()
         first = max(budget // 2 - window, 0)
-        critical[layer], chunk[layer], mixed[layer] = [], [], []
+        critical[layer], chunk[layer], mixed[layer], carried[layer] = [], [], [], []
         for h in range(num_kv_heads):
             squares = [
                 (v[:, h] @ w_o[:, qh * dim : (qh + 1) * dim].T).norm(dim=-1) ** 2
@@ -250,20 +252,28 @@ def reference_rule_kept_positions(
             fill = [p for i in ranked for p in chunks[i] if p not in set(singles)]
             kept = (singles + fill)[: budget - window]
             mixed[layer].append(set(kept) | set(range(prefix, length)))
-    return {"critical": critical, "chunk": chunk, "snapkv-chunk": mixed}
+            shifted = [  # row d: the attention d positions before (zero before the prompt)
+                torch.cat([attention.new_zeros(d), attention[h, : prefix - d]]) * decay**d
+                for d in range(reach + 1)
+            ]
+            continued = torch.stack(shifted).max(dim=0).values
+            order = continued.sort(descending=True, stable=True).indices[: budget - window]
+            carried[layer].append(set(order.tolist()) | set(range(prefix, length)))
+    return {"critical": critical, "chunk": chunk, "snapkv-chunk": mixed, "continuation": carried}
 
 
 def test_other_rules_per_request_keep_budget_blocks_and_match_their_references(
     snap_llm, dump_dir, model_dir
 ):
-    """``snapkv_score: critical``, ``chunk`` and ``snapkv-chunk`` through ``extra_args`` on the
+    """``snapkv_score: critical``, ``chunk``, ``snapkv-chunk`` and ``continuation`` through
+    ``extra_args`` on the
     shared SnapKV engine, the same prompt: each request holds ceil(C / bs) blocks like any
     SnapKV request, its dump names the rule, and every layer's kept positions match the rule
     computed from transformers' forward (for 'critical', the worker found o_proj through
     vLLM's CPU-repacked linear and read V from the packed cache). 'chunk' keeps whole aligned
     chunks but for one cut chunk per head; it (and 'snapkv-chunk') may differ from the float64
     reference by one chunk at the cut (near-equal chunk means round either way), hence 95 %
-    there."""
+    there; 'continuation' likewise at the budget's edge, where carried scores nearly tie."""
     budget = 256
     engine = snap_llm.llm_engine
     scheduler = scheduler_of(snap_llm)
@@ -271,7 +281,7 @@ def test_other_rules_per_request_keep_budget_blocks_and_match_their_references(
     pool = scheduler.kv_cache_manager.block_pool
     prompt = passkey_prompt(1900, 31337, 0.4)
     prompt_ids = snap_llm.get_tokenizer()(prompt).input_ids
-    for rule in ("critical", "chunk", "snapkv-chunk"):
+    for rule in ("critical", "chunk", "snapkv-chunk", "continuation"):
         snap_llm.reset_prefix_cache()
         free_at_start = pool.get_num_free_blocks()
         params = SamplingParams(temperature=0.0, max_tokens=8,
@@ -289,7 +299,8 @@ def test_other_rules_per_request_keep_budget_blocks_and_match_their_references(
     references = reference_rule_kept_positions(model_dir, prompt_ids, budget, WINDOW)
     snapkv = reference_kept_positions(model_dir, prompt_ids, budget, WINDOW)
     prefix = len(prompt_ids) - WINDOW
-    for rule, least_overlap in (("critical", 0.99), ("chunk", 0.95), ("snapkv-chunk", 0.95)):
+    for rule, least_overlap in (("critical", 0.99), ("chunk", 0.95), ("snapkv-chunk", 0.95),
+                                ("continuation", 0.95)):
         dump = load_dump(dump_dir, rule)
         assert dump["score"] == rule and dump["budget"] == budget
         assert sorted(dump["layers"]) == list(range(30))

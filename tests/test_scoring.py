@@ -1,5 +1,6 @@
 """Selection rules (vllm_snapkv/scoring.py): the value-aware 'critical' rule against a naive
-reference written here (loops, float64, explicit two stages), chunked == dense for every rule,
+reference written here (loops, float64, explicit two stages), 'continuation' against loops over
+positions, chunked == dense for every rule (across span boundaries for 'continuation'),
 the generic keep step, and the value metric under a tensor-parallel split of W_o."""
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from test_selection import make_inputs, random_case, reference_window_scores
 from vllm_snapkv.scoring import (
     SCORE_NAMES,
     ChunkScore,
+    ContinuationScore,
     CriticalScore,
     SnapKVChunkScore,
     keep_by_priority,
@@ -22,6 +24,7 @@ from vllm_snapkv.scoring import (
     value_metric,
 )
 from vllm_snapkv.selection import (
+    compaction_workspace_bytes,
     group_mean,
     pool_scores,
     select_kept_positions,
@@ -188,6 +191,71 @@ def test_snapkv_chunk_keeps_the_snapkv_top_then_fills_with_whole_chunks(pooling,
         assert not torch.equal(got, select_kept_positions(q, k, budget, scale, 7, pooling))
 
 
+@pytest.mark.parametrize("q_heads,kv_heads", [(4, 4), (9, 3)])
+@pytest.mark.parametrize("budget,length", [(6, 60), (27, 60), (44, 97), (90, 97)])
+def test_continuation_matches_the_naive_reference(q_heads, kv_heads, budget, length):
+    """Loops over positions and distances on SnapKV's own float32 score: a position scores the
+    largest ``score[p - d] * decay ** d``, ``d <= reach``; the top ``budget - W``, ties to the
+    earlier position."""
+    window, rule = 5, ContinuationScore()
+    q, k = make_inputs(7 * q_heads + budget, window, q_heads, kv_heads, length)
+    scale = 1 / math.sqrt(q.shape[-1])
+    attention = group_mean(pool_scores(window_attention_scores(q, k, scale), 7, "max"), kv_heads)
+    prefix = length - window
+    want = []
+    for head in range(kv_heads):
+        carried = []
+        for position in range(prefix):
+            carried.append(max(
+                (attention[head, position - d] * rule.decay**d).item()
+                for d in range(min(rule.reach, position) + 1)
+            ))
+        order = sorted(range(prefix), key=lambda p: (-carried[p], p))[: budget - window]
+        want.append(sorted(order) + list(range(prefix, length)))
+    got = select_kept_positions(q, k, budget, scale, 7, "max", score="continuation")
+    assert got.tolist() == want
+
+
+def test_continuation_keeps_what_follows_an_attended_position():
+    """One strongly attended position among weaker scattered ones: SnapKV's top holds the
+    scattered ones, 'continuation' the attended position and the positions right after it (a
+    fact the window points at is read on from there), none before it."""
+    attention = torch.full((1, 200), 0.01)
+    attention[0, 120] = 1.0
+    attention[0, 10:110:10] = 0.5
+    snapkv = attention.sort(descending=True, stable=True).indices[0, :8].sort().values
+    assert snapkv.tolist() == [10, 20, 30, 40, 50, 60, 70, 120]
+    carried = ContinuationScore().score(attention, 4)[0]
+    top = carried.sort(descending=True, stable=True).indices[0, :8].sort().values
+    assert top.tolist() == list(range(120, 128))
+
+
+@pytest.mark.parametrize("span", [16, 32, 48])
+def test_chunked_continuation_reads_the_scores_before_each_range(span):
+    """A peak in the last positions of a span: the next range's first positions carry its score
+    only if the chunked path hands ``score`` the previous range's last ``lookback`` scores.
+    Without them (a rule with the same score and no lookback) the selection differs, so this
+    test can fail."""
+    window, budget, length = 4, 24, 200
+    q, k = make_inputs(11, window, 4, 2, length)
+    # The window attends to a key whose pooled plateau (+-3) ends just inside a range (ranges
+    # end a pooling halo, 3, before the span's end): what follows it lies in the next range.
+    k[span - 8] = q[-1].view(2, 2, -1).mean(1) * 8
+
+    class NoLookback(ContinuationScore):
+        lookback = 0
+
+    dense = select_kept_positions(q, k, budget, 0.25, 7, "max", score="continuation")
+    for rule, equal in ((ContinuationScore(), True), (NoLookback(), False)):
+        got = select_kept_positions_chunked(q, lambda s, e: k[s:e], length, budget, 0.25,
+                                            chunk_size=span, score=rule)
+        assert torch.equal(got, dense) == equal, rule.lookback
+    # The workspace bound covers the joined scores of a range and its lookback.
+    assert compaction_workspace_bytes(4, 2, 16, window, budget, chunk_size=span,
+                                      score="continuation") > compaction_workspace_bytes(
+        4, 2, 16, window, budget, chunk_size=span)
+
+
 @pytest.mark.parametrize("seed", range(6))
 def test_chunked_ranges_of_an_aligned_rule_start_and_end_on_its_chunks(seed):
     """The chunked path hands ``score`` ranges on chunk boundaries (the last may end at the
@@ -308,7 +376,7 @@ def test_every_rule_keeps_exactly_the_budget_per_head():
 def test_unknown_rule_and_missing_values_are_refused():
     q, k = make_inputs(1, 4, 4, 2, 50)
     with pytest.raises(ValueError,
-                       match="score must be one of snapkv, critical, chunk, snapkv-chunk; got"):
+                       match="score must be one of snapkv, critical, chunk, snapkv-chunk, continuation; got"):
         select_kept_positions(q, k, 20, 0.25, score="h2o")
     with pytest.raises(ValueError, match="'critical' score needs values and value_metric"):
         select_kept_positions(q, k, 20, 0.25, score="critical")

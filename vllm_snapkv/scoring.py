@@ -20,6 +20,14 @@ Rules (:data:`SCORE_RULES`, chosen by ``--snapkv-score`` or per request ``snapkv
   pooling keeps the few around the attention peak.
 - ``snapkv-chunk`` (:class:`SnapKVChunkScore`): both: half the prefix budget to SnapKV's single
   positions, the rest to whole chunks by ``chunk``'s score (the two-track shape of ``critical``).
+- ``continuation`` (:class:`ContinuationScore`): SnapKV's score carried forward. Each position
+  scores the largest of its own score and ``decay ** d`` times the score ``d`` positions before
+  it (``decay`` 0.95, ``d <= reach`` = 24). What the window attends to is often where a fact
+  *starts* (RULER's needle key, the first digits of its value): the positions after an attended
+  one are what the model reads next, so they rank just below it and above the weakly attended
+  rest. A position whose score stands out keeps a long run after it; peaks of similar height
+  keep short ones each (the decay), so scattered facts (frequent words) are not traded for
+  context as with fixed chunks. Max pooling's plateau stays: only its far side is extended.
 - ``critical`` (:class:`CriticalScore`): value-aware, after CriticalKV (Feng et al. 2025,
   arXiv:2502.03805) as kvpress's ``CriticalKVPress`` mixes it. Stage 1 keeps the SnapKV top of
   ``first_stage_ratio`` of the budget (the window counted in it, as kvpress counts it); stage 2
@@ -55,6 +63,10 @@ class ScoreRule(ABC):
     #: Bytes :meth:`score` allocates per scored position and KV head beyond its inputs (the
     #: compaction workspace bound, ``selection.compaction_workspace_bytes``, adds them).
     score_bytes_per_position: ClassVar[int] = 0
+    #: :meth:`score` of a position also reads the SnapKV scores of up to this many positions
+    #: before it: the chunked path hands it those of the previous range first, then drops their
+    #: scores, so a range's scores equal the dense ones (such rules keep ``alignment`` 1).
+    lookback: ClassVar[int] = 0
     #: The rule reads the scored entries' values (dequantised as attention sees them) and the
     #: layer's value metric (:func:`value_metric`).
     needs_values: ClassVar[bool] = False
@@ -165,10 +177,35 @@ class CriticalScore(ScoreRule):
         return torch.stack([attention, weighted])
 
 
+class ContinuationScore(ScoreRule):
+    """SnapKV's score carried forward (see the module docstring): a position scores the larger
+    of its own score and ``decay ** d`` times the score of the position ``d`` before it, for
+    ``d <= reach``. Scores are non-negative, so only the ``reach`` positions before a range
+    matter (:attr:`~ScoreRule.lookback`)."""
+
+    name = "continuation"
+    decay: ClassVar[float] = 0.95
+    reach: ClassVar[int] = 24
+    lookback = reach
+    score_bytes_per_position = 8  # float32: the carried scores and one scaled copy
+
+    def score(self, attention, window, values=None, metric=None):
+        carried = attention.clone()
+        for distance in range(1, min(self.reach, attention.shape[1] - 1) + 1):
+            torch.maximum(
+                carried[:, distance:],
+                attention[:, :-distance] * self.decay**distance,
+                out=carried[:, distance:],
+            )
+        return carried.unsqueeze(0)
+
+
 #: Every rule by name; the first is the default.
 SCORE_RULES: dict[str, ScoreRule] = {
     rule.name: rule
-    for rule in (SnapKVScore(), CriticalScore(), ChunkScore(), SnapKVChunkScore())
+    for rule in (
+        SnapKVScore(), CriticalScore(), ChunkScore(), SnapKVChunkScore(), ContinuationScore()
+    )
 }
 SCORE_NAMES: tuple[str, ...] = tuple(SCORE_RULES)
 DEFAULT_SCORE = "snapkv"

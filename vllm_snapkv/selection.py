@@ -431,12 +431,18 @@ def select_kept_positions_chunked(
     counts = rule.priorities(budget, num_window)
     needed = candidate_counts(counts)
     running: list[tuple[torch.Tensor | None, torch.Tensor | None]] = [(None, None)] * len(counts)
+    before = None  # the last rule.lookback scores of the previous range
     for start, scores in scorer:
+        if before is not None:
+            scores = torch.cat([before, scores], dim=1)
+        held = 0 if before is None else before.shape[1]
         values = None
         if rule.needs_values:
-            values = read_values(start, start + scores.shape[1])
-        tracks = rule.score(scores, num_window, values, value_metric)
+            values = read_values(start - held, start - held + scores.shape[1])
+        tracks = rule.score(scores, num_window, values, value_metric)[:, :, held:]
         del values
+        if rule.lookback:
+            before = scores[:, -rule.lookback:].clone()  # not a view of the whole range
         running = [
             merge_top(top_scores, top, track, start, count)
             for (top_scores, top), track, count in zip(running, tracks, needed)
@@ -480,7 +486,8 @@ def compaction_workspace_bytes(
         + 8 * span * num_kv_heads * head_size
         + 2 * cache_element_bytes * span * num_kv_heads * width
         + 12 * (span + 2 * halo + rule.alignment - 1) * num_q_heads
-        + rule.score_bytes_per_position * (span + rule.alignment) * num_kv_heads
+        + rule.score_bytes_per_position * (span + rule.alignment + rule.lookback) * num_kv_heads
+        + (4 * (span + rule.lookback) * num_kv_heads if rule.lookback else 0)  # joined scores
         + 48 * num_kv_heads * (budget + span) * tracks
         + 4 * num_q_heads * window * (head_size + 2)
     )
