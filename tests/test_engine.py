@@ -184,7 +184,8 @@ def reference_rule_kept_positions(
     aligned chunks of ``ChunkScore.chunk_size`` prefix positions ranked by their mean attention,
     taken whole. 'snapkv-chunk': the attention top of half the prefix budget, then the positions
     of the ranked chunks not kept yet. 'continuation': each position scores the largest of
-    ``decay ** d`` times the attention ``d`` positions before it (``d <= reach``), then the top."""
+    ``decay ** d`` times the attention ``d`` positions before it (``d <= reach``), then the top;
+    'snapkv-continuation': the attention top of half the prefix budget, then that order."""
     import math
 
     import transformers.models.llama.modeling_llama as llama
@@ -216,7 +217,7 @@ def reference_rule_kept_positions(
         for hook in hooks:
             hook.remove()
 
-    critical, chunk, mixed, carried = {}, {}, {}, {}
+    critical, chunk, mixed, carried, mixed_carried = {}, {}, {}, {}, {}
     decay, reach = ContinuationScore.decay, ContinuationScore.reach
     for layer, ((q, k), v) in enumerate(zip(captured, values)):
         num_q_heads, length, dim = q.shape
@@ -230,7 +231,8 @@ def reference_rule_kept_positions(
         w_o = model.model.layers[layer].self_attn.o_proj.weight.double()  # [hidden, H_q * D]
         v = v.view(length, num_kv_heads, dim)[:prefix].double()
         first = max(budget // 2 - window, 0)
-        critical[layer], chunk[layer], mixed[layer], carried[layer] = [], [], [], []
+        critical[layer], chunk[layer], mixed[layer] = [], [], []
+        carried[layer], mixed_carried[layer] = [], []
         for h in range(num_kv_heads):
             squares = [
                 (v[:, h] @ w_o[:, qh * dim : (qh + 1) * dim].T).norm(dim=-1) ** 2
@@ -257,23 +259,26 @@ def reference_rule_kept_positions(
                 for d in range(reach + 1)
             ]
             continued = torch.stack(shifted).max(dim=0).values
-            order = continued.sort(descending=True, stable=True).indices[: budget - window]
-            carried[layer].append(set(order.tolist()) | set(range(prefix, length)))
-    return {"critical": critical, "chunk": chunk, "snapkv-chunk": mixed, "continuation": carried}
+            order = continued.sort(descending=True, stable=True).indices.tolist()
+            carried[layer].append(set(order[: budget - window]) | set(range(prefix, length)))
+            kept = (singles + [p for p in order if p not in set(singles)])[: budget - window]
+            mixed_carried[layer].append(set(kept) | set(range(prefix, length)))
+    return {"critical": critical, "chunk": chunk, "snapkv-chunk": mixed, "continuation": carried,
+            "snapkv-continuation": mixed_carried}
 
 
 def test_other_rules_per_request_keep_budget_blocks_and_match_their_references(
     snap_llm, dump_dir, model_dir
 ):
-    """``snapkv_score: critical``, ``chunk``, ``snapkv-chunk`` and ``continuation`` through
-    ``extra_args`` on the
-    shared SnapKV engine, the same prompt: each request holds ceil(C / bs) blocks like any
-    SnapKV request, its dump names the rule, and every layer's kept positions match the rule
-    computed from transformers' forward (for 'critical', the worker found o_proj through
-    vLLM's CPU-repacked linear and read V from the packed cache). 'chunk' keeps whole aligned
-    chunks but for one cut chunk per head; it (and 'snapkv-chunk') may differ from the float64
-    reference by one chunk at the cut (near-equal chunk means round either way), hence 95 %
-    there; 'continuation' likewise at the budget's edge, where carried scores nearly tie."""
+    """``snapkv_score: critical``, ``chunk``, ``snapkv-chunk``, ``continuation`` and
+    ``snapkv-continuation`` through ``extra_args`` on the shared SnapKV engine, the same
+    prompt: each request holds ceil(C / bs) blocks like any SnapKV request, its dump names the
+    rule, and every layer's kept positions match the rule computed from transformers' forward
+    (for 'critical', the worker found o_proj through vLLM's CPU-repacked linear and read V from
+    the packed cache). 'chunk' keeps whole aligned chunks but for one cut chunk per head; it
+    (and 'snapkv-chunk') may differ from the float64 reference by one chunk at the cut
+    (near-equal chunk means round either way), hence 95 % there; the 'continuation' rules
+    likewise at the budget's edge, where carried scores nearly tie."""
     budget = 256
     engine = snap_llm.llm_engine
     scheduler = scheduler_of(snap_llm)
@@ -281,7 +286,7 @@ def test_other_rules_per_request_keep_budget_blocks_and_match_their_references(
     pool = scheduler.kv_cache_manager.block_pool
     prompt = passkey_prompt(1900, 31337, 0.4)
     prompt_ids = snap_llm.get_tokenizer()(prompt).input_ids
-    for rule in ("critical", "chunk", "snapkv-chunk", "continuation"):
+    for rule in ("critical", "chunk", "snapkv-chunk", "continuation", "snapkv-continuation"):
         snap_llm.reset_prefix_cache()
         free_at_start = pool.get_num_free_blocks()
         params = SamplingParams(temperature=0.0, max_tokens=8,
@@ -300,7 +305,7 @@ def test_other_rules_per_request_keep_budget_blocks_and_match_their_references(
     snapkv = reference_kept_positions(model_dir, prompt_ids, budget, WINDOW)
     prefix = len(prompt_ids) - WINDOW
     for rule, least_overlap in (("critical", 0.99), ("chunk", 0.95), ("snapkv-chunk", 0.95),
-                                ("continuation", 0.95)):
+                                ("continuation", 0.95), ("snapkv-continuation", 0.95)):
         dump = load_dump(dump_dir, rule)
         assert dump["score"] == rule and dump["budget"] == budget
         assert sorted(dump["layers"]) == list(range(30))

@@ -191,12 +191,14 @@ def test_snapkv_chunk_keeps_the_snapkv_top_then_fills_with_whole_chunks(pooling,
         assert not torch.equal(got, select_kept_positions(q, k, budget, scale, 7, pooling))
 
 
+@pytest.mark.parametrize("score", ["continuation", "snapkv-continuation"])
 @pytest.mark.parametrize("q_heads,kv_heads", [(4, 4), (9, 3)])
 @pytest.mark.parametrize("budget,length", [(6, 60), (27, 60), (44, 97), (90, 97)])
-def test_continuation_matches_the_naive_reference(q_heads, kv_heads, budget, length):
+def test_continuation_matches_the_naive_reference(score, q_heads, kv_heads, budget, length):
     """Loops over positions and distances on SnapKV's own float32 score: a position scores the
     largest ``score[p - d] * decay ** d``, ``d <= reach``; the top ``budget - W``, ties to the
-    earlier position."""
+    earlier position. 'snapkv-continuation': SnapKV's own top of half the prefix budget first,
+    then that order's positions not kept yet."""
     window, rule = 5, ContinuationScore()
     q, k = make_inputs(7 * q_heads + budget, window, q_heads, kv_heads, length)
     scale = 1 / math.sqrt(q.shape[-1])
@@ -210,9 +212,13 @@ def test_continuation_matches_the_naive_reference(q_heads, kv_heads, budget, len
                 (attention[head, position - d] * rule.decay**d).item()
                 for d in range(min(rule.reach, position) + 1)
             ))
-        order = sorted(range(prefix), key=lambda p: (-carried[p], p))[: budget - window]
-        want.append(sorted(order) + list(range(prefix, length)))
-    got = select_kept_positions(q, k, budget, scale, 7, "max", score="continuation")
+        singles = (budget - window) // 2 if score == "snapkv-continuation" else 0
+        kept = sorted(range(prefix), key=lambda p: (-attention[head, p].item(), p))[:singles]
+        order = [p for p in sorted(range(prefix), key=lambda p: (-carried[p], p))
+                 if p not in kept]
+        kept += order[: budget - window - singles]
+        want.append(sorted(kept) + list(range(prefix, length)))
+    got = select_kept_positions(q, k, budget, scale, 7, "max", score=score)
     assert got.tolist() == want
 
 
@@ -376,7 +382,7 @@ def test_every_rule_keeps_exactly_the_budget_per_head():
 def test_unknown_rule_and_missing_values_are_refused():
     q, k = make_inputs(1, 4, 4, 2, 50)
     with pytest.raises(ValueError,
-                       match="score must be one of snapkv, critical, chunk, snapkv-chunk, continuation; got"):
+                       match="score must be one of snapkv, critical, chunk, snapkv-chunk, continuation, snapkv-continuation; got"):
         select_kept_positions(q, k, 20, 0.25, score="h2o")
     with pytest.raises(ValueError, match="'critical' score needs values and value_metric"):
         select_kept_positions(q, k, 20, 0.25, score="critical")

@@ -28,6 +28,9 @@ Rules (:data:`SCORE_RULES`, chosen by ``--snapkv-score`` or per request ``snapkv
   rest. A position whose score stands out keeps a long run after it; peaks of similar height
   keep short ones each (the decay), so scattered facts (frequent words) are not traded for
   context as with fixed chunks. Max pooling's plateau stays: only its far side is extended.
+- ``snapkv-continuation`` (:class:`SnapKVContinuationScore`): half the prefix budget to
+  SnapKV's single positions, the rest by ``continuation`` (the two-track shape of
+  ``snapkv-chunk``, :class:`SnapKVFirst`).
 - ``critical`` (:class:`CriticalScore`): value-aware, after CriticalKV (Feng et al. 2025,
   arXiv:2502.03805) as kvpress's ``CriticalKVPress`` mixes it. Stage 1 keeps the SnapKV top of
   ``first_stage_ratio`` of the budget (the window counted in it, as kvpress counts it); stage 2
@@ -135,24 +138,32 @@ class ChunkScore(ScoreRule):
         return means.repeat_interleave(size, dim=1)[:, :length].unsqueeze(0)
 
 
-class SnapKVChunkScore(ChunkScore):
-    """SnapKV's single positions first, then whole chunks (see the module docstring): track 0
-    keeps the SnapKV top of ``snapkv_share`` of the prefix budget, track 1 fills the rest by
-    :class:`ChunkScore`'s chunk means (a ranked chunk adds only its positions not kept yet).
-    Pure ``chunk`` spends a small budget on few chunks and loses tasks that need many scattered
-    single tokens (RULER's frequent words on Gemma 3, docs/results.md)."""
+class SnapKVFirst:
+    """Mixin for the rules ``snapkv-<rule>``: track 0 keeps the SnapKV top of ``snapkv_share`` of
+    the prefix budget, track 1 fills the rest by the rule it is mixed into (next in the MRO), a
+    position already kept counting once. The single positions hedge a rule that spends the
+    budget on context against tasks that need many scattered single tokens (RULER's common and
+    frequent words on Gemma 3, docs/results.md)."""
 
-    name = "snapkv-chunk"
-    snapkv_share = 0.5
-    score_bytes_per_position = ChunkScore.score_bytes_per_position + 8  # the two stacked tracks
+    snapkv_share: ClassVar[float] = 0.5
 
-    def priorities(self, budget, window):
+    def priorities(self, budget: int, window: int) -> tuple[int, ...]:
         prefix_budget = budget - window
         first = int(prefix_budget * self.snapkv_share)
         return (first, prefix_budget - first)
 
     def score(self, attention, window, values=None, metric=None):
-        return torch.cat([attention.unsqueeze(0), super().score(attention, window)])
+        rest = super().score(attention, window, values, metric)  # type: ignore[misc]
+        return torch.cat([attention.unsqueeze(0), rest])
+
+
+class SnapKVChunkScore(SnapKVFirst, ChunkScore):
+    """SnapKV's single positions first, then whole chunks by :class:`ChunkScore`'s chunk means
+    (a ranked chunk adds only its positions not kept yet). Pure ``chunk`` spends a small budget
+    on few chunks and loses frequent words on Gemma 3 (docs/results.md)."""
+
+    name = "snapkv-chunk"
+    score_bytes_per_position = ChunkScore.score_bytes_per_position + 8  # the two stacked tracks
 
 
 class CriticalScore(ScoreRule):
@@ -200,11 +211,20 @@ class ContinuationScore(ScoreRule):
         return carried.unsqueeze(0)
 
 
+class SnapKVContinuationScore(SnapKVFirst, ContinuationScore):
+    """SnapKV's single positions first, then :class:`ContinuationScore`'s order for the rest
+    (mostly what follows the strongest positions)."""
+
+    name = "snapkv-continuation"
+    score_bytes_per_position = ContinuationScore.score_bytes_per_position + 8  # the two tracks
+
+
 #: Every rule by name; the first is the default.
 SCORE_RULES: dict[str, ScoreRule] = {
     rule.name: rule
     for rule in (
-        SnapKVScore(), CriticalScore(), ChunkScore(), SnapKVChunkScore(), ContinuationScore()
+        SnapKVScore(), CriticalScore(), ChunkScore(), SnapKVChunkScore(), ContinuationScore(),
+        SnapKVContinuationScore(),
     )
 }
 SCORE_NAMES: tuple[str, ...] = tuple(SCORE_RULES)
