@@ -45,8 +45,10 @@ the cache, ``C`` the budget and ``N = C + outputs`` the rows written::
 ``a`` is the rule's alignment minus one (:attr:`~vllm_snapkv.scoring.ScoreRule.alignment`:
 a rule scoring aligned chunks sees ranges ending at chunk boundaries, so up to ``a`` more sums
 are carried; 0 for SnapKV); a rule allocating ``s`` bytes per scored position and KV head
-(:attr:`~vllm_snapkv.scoring.ScoreRule.score_bytes_per_position`: 12 for ``chunk``, 0 for the
-others) adds ``s·(P + a + 1)·H_kv``. A rule with ``T`` score tracks (:mod:`vllm_snapkv.scoring`)
+(:attr:`~vllm_snapkv.scoring.ScoreRule.score_bytes_per_position`: 12 for ``chunk``, 8 for
+``continuation``, 0 for SnapKV) adds ``s·(P + a + 1 + b)·H_kv``, where ``b`` is its
+:attr:`~vllm_snapkv.scoring.ScoreRule.lookback` (24 for ``continuation``, else 0); a rule with a
+lookback also holds its range's scores joined to the ``b`` before them, ``4·(P + b)·H_kv``. A rule with ``T`` score tracks (:mod:`vllm_snapkv.scoring`)
 keeps ``T`` running tops (the merge term times ``T``). A rule that reads values (``critical``)
 adds to ``selection`` the values of one span, ``2·e·P·H_kv·D_s + 16·P·H_kv·D + 64·P·H_kv``
 (the stored rows gathered, their float32 dequantisation, the projected rows and the indices),
@@ -411,7 +413,8 @@ def select_kept_positions_chunked(
     (see :data:`KeyReader`), spans of ``chunk_positions(chunk_size, block_size)`` positions
     starting at block boundaries, each read twice (once per pass); for a rule that reads values,
     ``read_values(start, end)`` (``[end - start, H_kv, D]``, as attention sees them) once per
-    scored range. Each score track keeps a running top of the positions
+    scored range; a rule with a ``lookback`` scores each range after the previous range's last
+    ``lookback`` scores. Each score track keeps a running top of the positions
     :func:`~vllm_snapkv.scoring.keep_by_priority` may need, merged span by span.
     Same result: ``LongTensor[H_kv, budget]``, rows ascending, the rule's ``budget - W`` prefix
     positions per KV head (ties: the earlier position) and the window. No host synchronisation:

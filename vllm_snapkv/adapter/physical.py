@@ -24,8 +24,8 @@ Patched (vLLM 0.32; contract tests in tests/test_contract.py):
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass, replace
 from collections.abc import Callable
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
