@@ -1,12 +1,14 @@
 """The RULER benchmark's tables from synthetic rows (no server, no kvpress): every kvpress press
 kvpress.jsonl holds gets its column, and per-sample agreement with the plugin is reported only for
-the presses that run the plugin's rule (SnapKVPress with either pooling)."""
+the presses that run the plugin's rule (SnapKVPress with either pooling). And which passes
+``--resume`` skips."""
 
 from __future__ import annotations
 
 import pytest
 
 from benchmarks.quality import ruler
+from benchmarks.quality.ruler_eval import pass_on_record
 
 
 def _sample(task: str, doc_id: int, scores: dict[str, float]) -> dict:
@@ -68,3 +70,13 @@ def test_an_unknown_kvpress_press_is_refused_before_anything_runs(tmp_path, caps
                           "--kvpress-presses", "snapkv,adakv"])
     assert "--kvpress-presses: unknown adakv; choose from snapkv, snapkv-maxpool" in (
         capsys.readouterr().err)
+
+
+def test_resume_skips_only_the_passes_every_sample_of_the_round_holds():
+    rows = {("niah_single_2", 0): _sample("niah_single_2", 0, {"full": 1.0, "snapkv-512": 0.0}),
+            ("niah_single_2", 1): _sample("niah_single_2", 1, {"full": 1.0})}
+    assert pass_on_record(rows, "niah_single_2", [0, 1], "full")
+    assert not pass_on_record(rows, "niah_single_2", [0, 1], "snapkv-512")  # sample 1 lacks it
+    assert pass_on_record(rows, "niah_single_2", [0], "snapkv-512")
+    assert not pass_on_record(rows, "niah_single_2", [0, 1, 2], "full")  # sample 2 never ran
+    assert not pass_on_record(rows, "ruler_vt", [0], "full")  # another task's rows

@@ -163,11 +163,8 @@ def run(args: argparse.Namespace) -> None:
             indices = list(range(start, min(count, start + args.round_size)))
             for budget, rule in modes:
                 name = mode_name(budget, rule)
-                held = [rows.get((task_name, i)) for i in indices]
-                if all(row is not None and name in row["outputs"] for row in held):
-                    # --resume: this pass is on record (its prompts are checked below when
-                    # another pass of the round runs).
-                    continue
+                if pass_on_record(rows, task_name, indices, name):
+                    continue  # --resume (its prompts are checked when another pass runs)
                 progress(f"{task_name} samples {indices[0]}-{indices[-1]}: {name}")
                 before, began = _metrics(args.base_url), time.monotonic()
                 result = simple_evaluate(
@@ -219,6 +216,13 @@ def run(args: argparse.Namespace) -> None:
                 })
                 # After every pass: an interrupted run --resumes from the next one.
                 _write(args.out, rows, passes)
+
+
+def pass_on_record(rows: dict[tuple[str, int], dict], task: str, indices: list[int],
+                   mode: str) -> bool:
+    """Whether every sample of a round already holds ``mode``'s completion, so that ``--resume``
+    skips the pass."""
+    return all((task, i) in rows and mode in rows[(task, i)]["outputs"] for i in indices)
 
 
 def _read_jsonl(path: Path) -> list[dict]:
