@@ -80,3 +80,20 @@ def test_resume_skips_only_the_passes_every_sample_of_the_round_holds():
     assert pass_on_record(rows, "niah_single_2", [0], "snapkv-512")
     assert not pass_on_record(rows, "niah_single_2", [0, 1, 2], "full")  # sample 2 never ran
     assert not pass_on_record(rows, "ruler_vt", [0], "full")  # another task's rows
+
+
+def test_tables_cover_this_calls_limit_when_an_earlier_run_held_more_samples(tmp_path):
+    """A ``--resume`` call with a smaller ``--limit`` than the run on record: the rows beyond it
+    lack this call's passes, and the tables are built over the first ``--limit`` samples only."""
+    import json
+
+    on_record = [_sample("niah_single_2", 0, {"full": 1.0, "snapkv-512": 0.0}),
+                 _sample("niah_single_2", 1, {"full": 1.0})]  # the earlier run's second sample
+    (tmp_path / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in on_record))
+    (tmp_path / "passes.json").write_text("[]")
+    rows = ruler.main(["--skip-plugin", "--model", str(tmp_path), "--tasks", "niah_single_2",
+                       "--budgets", "512", "--limit", "1", "--out", str(tmp_path)])
+
+    at_512 = next(r for r in rows if r["task"] == "niah_single_2" and r["budget"] == "512")
+    assert (at_512["n"], at_512["plugin"]) == (1, 0.0)
+    assert "1 samples per task" in (tmp_path / "table.md").read_text()

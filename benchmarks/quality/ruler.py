@@ -202,6 +202,12 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in open(path)]
 
 
+def samples_of_this_run(samples: list[dict], limit: int) -> list[dict]:
+    """The rows of the first ``limit`` samples per task: an earlier ``--resume`` run with a larger
+    ``--limit`` leaves more rows on record, which lack the passes this call added."""
+    return [row for row in samples if row["doc_id"] < limit]
+
+
 def check_same_prompts(samples: list[dict], kvpress: list[dict]) -> None:
     """Every kvpress row answered the prompt ``samples.jsonl`` holds under its task and id."""
     lengths = {(r["task"], r["doc_id"]): r["prompt_tokens"] for r in samples}
@@ -417,7 +423,7 @@ def main(argv=None) -> list[dict]:
     if not args.skip_plugin:
         run_plugin(args)
     kvpress_seconds = run_kvpress(args) if args.kvpress else None
-    samples = read_jsonl(args.out / "samples.jsonl")
+    samples = samples_of_this_run(read_jsonl(args.out / "samples.jsonl"), args.limit)
     kvpress_path = args.out / "kvpress.jsonl"
     # Every kvpress row on record, also when this call ran none (e.g. --skip-plugin to rebuild
     # the tables after an interrupted run).
