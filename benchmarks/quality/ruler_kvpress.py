@@ -201,7 +201,7 @@ def main(argv=None) -> None:
     ).eval()
     eos = model.generation_config.eos_token_id
     eos = set(eos if isinstance(eos, list) else [eos]) | {tokenizer.eos_token_id}
-    budgets = [int(b) for b in args.budgets.split(",")]
+    budgets = [int(b) for b in args.budgets.split(",") if b]  # none: --kvpress-modes full
     presses = args.presses.split(",")
     for name in presses:
         if name not in PRESSES:
