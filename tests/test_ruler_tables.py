@@ -5,6 +5,8 @@ the presses that run the plugin's rule (SnapKVPress with either pooling). And wh
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from benchmarks.quality import ruler
@@ -85,8 +87,6 @@ def test_resume_skips_only_the_passes_every_sample_of_the_round_holds():
 def test_tables_cover_this_calls_limit_when_an_earlier_run_held_more_samples(tmp_path):
     """A ``--resume`` call with a smaller ``--limit`` than the run on record: the rows beyond it
     lack this call's passes, and the tables are built over the first ``--limit`` samples only."""
-    import json
-
     on_record = [_sample("niah_single_2", 0, {"full": 1.0, "snapkv-512": 0.0}),
                  _sample("niah_single_2", 1, {"full": 1.0})]  # the earlier run's second sample
     (tmp_path / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in on_record))

@@ -48,8 +48,9 @@ are carried; 0 for SnapKV); a rule allocating ``s`` bytes per scored position an
 (:attr:`~vllm_snapkv.scoring.ScoreRule.score_bytes_per_position`: 12 for ``chunk``, 8 for
 ``continuation``, 0 for SnapKV) adds ``s·(P + a + 1 + b)·H_kv``, where ``b`` is its
 :attr:`~vllm_snapkv.scoring.ScoreRule.lookback` (24 for ``continuation``, else 0); a rule with a
-lookback also holds its range's scores joined to the ``b`` before them, ``4·(P + b)·H_kv``. A rule with ``T`` score tracks (:mod:`vllm_snapkv.scoring`)
-keeps ``T`` running tops (the merge term times ``T``). A rule that reads values (``critical``)
+lookback also holds its range's scores joined to the ``b`` before them, ``4·(P + b)·H_kv``. A
+rule with ``T`` score tracks (:mod:`vllm_snapkv.scoring`) keeps ``T`` running tops (the merge
+term times ``T``). A rule that reads values (``critical``)
 adds to ``selection`` the values of one span, ``2·e·P·H_kv·D_s + 16·P·H_kv·D + 64·P·H_kv``
 (the stored rows gathered, their float32 dequantisation, the projected rows and the indices),
 and builds each layer's value metric once, a separate phase of
