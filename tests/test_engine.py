@@ -185,7 +185,8 @@ def reference_rule_kept_positions(
     taken whole. 'snapkv-chunk': the attention top of half the prefix budget, then the positions
     of the ranked chunks not kept yet. 'continuation': each position scores the largest of
     ``decay ** d`` times the attention ``d`` positions before it (``d <= reach``), then the top;
-    'snapkv-continuation': the attention top of half the prefix budget, then that order."""
+    'snapkv-continuation': the attention top of half the prefix budget, then that order;
+    'snapkv-scaled-continuation' the same with ``reach`` = the prefix budget // 32 (1 to 24)."""
     import math
 
     import transformers.models.llama.modeling_llama as llama
@@ -217,8 +218,9 @@ def reference_rule_kept_positions(
         for hook in hooks:
             hook.remove()
 
-    critical, chunk, mixed, carried, mixed_carried = {}, {}, {}, {}, {}
+    critical, chunk, mixed, carried, mixed_carried, mixed_scaled = {}, {}, {}, {}, {}, {}
     decay, reach = ContinuationScore.decay, ContinuationScore.reach
+    scaled_reach = max(1, min(reach, (budget - window) // 32))
     for layer, ((q, k), v) in enumerate(zip(captured, values)):
         num_q_heads, length, dim = q.shape
         num_kv_heads = k.shape[0]
@@ -232,7 +234,7 @@ def reference_rule_kept_positions(
         v = v.view(length, num_kv_heads, dim)[:prefix].double()
         first = max(budget // 2 - window, 0)
         critical[layer], chunk[layer], mixed[layer] = [], [], []
-        carried[layer], mixed_carried[layer] = [], []
+        carried[layer], mixed_carried[layer], mixed_scaled[layer] = [], [], []
         for h in range(num_kv_heads):
             squares = [
                 (v[:, h] @ w_o[:, qh * dim : (qh + 1) * dim].T).norm(dim=-1) ** 2
@@ -254,24 +256,28 @@ def reference_rule_kept_positions(
             fill = [p for i in ranked for p in chunks[i] if p not in set(singles)]
             kept = (singles + fill)[: budget - window]
             mixed[layer].append(set(kept) | set(range(prefix, length)))
-            shifted = [  # row d: the attention d positions before (zero before the prompt)
-                torch.cat([attention.new_zeros(d), attention[h, : prefix - d]]) * decay**d
-                for d in range(reach + 1)
-            ]
-            continued = torch.stack(shifted).max(dim=0).values
-            order = continued.sort(descending=True, stable=True).indices.tolist()
-            carried[layer].append(set(order[: budget - window]) | set(range(prefix, length)))
-            kept = (singles + [p for p in order if p not in set(singles)])[: budget - window]
-            mixed_carried[layer].append(set(kept) | set(range(prefix, length)))
+            for distance, out in ((reach, None), (scaled_reach, mixed_scaled)):
+                shifted = [  # row d: the attention d positions before (zero before the prompt)
+                    torch.cat([attention.new_zeros(d), attention[h, : prefix - d]]) * decay**d
+                    for d in range(distance + 1)
+                ]
+                continued = torch.stack(shifted).max(dim=0).values
+                order = continued.sort(descending=True, stable=True).indices.tolist()
+                kept = (singles + [p for p in order if p not in set(singles)])[: budget - window]
+                if out is None:
+                    carried[layer].append(set(order[: budget - window]) | set(range(prefix, length)))
+                    out = mixed_carried
+                out[layer].append(set(kept) | set(range(prefix, length)))
     return {"critical": critical, "chunk": chunk, "snapkv-chunk": mixed, "continuation": carried,
-            "snapkv-continuation": mixed_carried}
+            "snapkv-continuation": mixed_carried, "snapkv-scaled-continuation": mixed_scaled}
 
 
 def test_other_rules_per_request_keep_budget_blocks_and_match_their_references(
     snap_llm, dump_dir, model_dir
 ):
-    """``snapkv_score: critical``, ``chunk``, ``snapkv-chunk``, ``continuation`` and
-    ``snapkv-continuation`` through ``extra_args`` on the shared SnapKV engine, the same
+    """``snapkv_score: critical``, ``chunk``, ``snapkv-chunk``, ``continuation``,
+    ``snapkv-continuation`` and ``snapkv-scaled-continuation`` through ``extra_args`` on the
+    shared SnapKV engine, the same
     prompt: each request holds ceil(C / bs) blocks like any SnapKV request, its dump names the
     rule, and every layer's kept positions match the rule computed from transformers' forward
     (for 'critical', the worker found o_proj through vLLM's CPU-repacked linear and read V from
@@ -286,7 +292,8 @@ def test_other_rules_per_request_keep_budget_blocks_and_match_their_references(
     pool = scheduler.kv_cache_manager.block_pool
     prompt = passkey_prompt(1900, 31337, 0.4)
     prompt_ids = snap_llm.get_tokenizer()(prompt).input_ids
-    for rule in ("critical", "chunk", "snapkv-chunk", "continuation", "snapkv-continuation"):
+    for rule in ("critical", "chunk", "snapkv-chunk", "continuation", "snapkv-continuation",
+                 "snapkv-scaled-continuation"):
         snap_llm.reset_prefix_cache()
         free_at_start = pool.get_num_free_blocks()
         params = SamplingParams(temperature=0.0, max_tokens=8,
@@ -305,7 +312,8 @@ def test_other_rules_per_request_keep_budget_blocks_and_match_their_references(
     snapkv = reference_kept_positions(model_dir, prompt_ids, budget, WINDOW)
     prefix = len(prompt_ids) - WINDOW
     for rule, least_overlap in (("critical", 0.99), ("chunk", 0.95), ("snapkv-chunk", 0.95),
-                                ("continuation", 0.95), ("snapkv-continuation", 0.95)):
+                                ("continuation", 0.95), ("snapkv-continuation", 0.95),
+                                ("snapkv-scaled-continuation", 0.95)):
         dump = load_dump(dump_dir, rule)
         assert dump["score"] == rule and dump["budget"] == budget
         assert sorted(dump["layers"]) == list(range(30))
@@ -323,6 +331,11 @@ def test_other_rules_per_request_keep_budget_blocks_and_match_their_references(
                            < min(CHUNK, prefix - start)]
                     assert len(cut) <= 1, (layer, head, cut)
         assert differs > 0  # the rule really changed the selection somewhere
+    # The scaled reach (7 at this budget, not 24) reached the worker.
+    fixed, scaled = load_dump(dump_dir, "snapkv-continuation"), load_dump(
+        dump_dir, "snapkv-scaled-continuation")
+    assert any(not torch.equal(fixed["layers"][layer], scaled["layers"][layer])
+               for layer in range(30))
 
 
 def test_bad_request_budget_is_refused_naming_the_field(snap_llm):

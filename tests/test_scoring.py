@@ -191,15 +191,20 @@ def test_snapkv_chunk_keeps_the_snapkv_top_then_fills_with_whole_chunks(pooling,
         assert not torch.equal(got, select_kept_positions(q, k, budget, scale, 7, pooling))
 
 
-@pytest.mark.parametrize("score", ["continuation", "snapkv-continuation"])
+@pytest.mark.parametrize("score", ["continuation", "snapkv-continuation",
+                                   "snapkv-scaled-continuation"])
 @pytest.mark.parametrize("q_heads,kv_heads", [(4, 4), (9, 3)])
-@pytest.mark.parametrize("budget,length", [(6, 60), (27, 60), (44, 97), (90, 97)])
+@pytest.mark.parametrize("budget,length", [(6, 60), (27, 60), (44, 97), (90, 97), (300, 400)])
 def test_continuation_matches_the_naive_reference(score, q_heads, kv_heads, budget, length):
     """Loops over positions and distances on SnapKV's own float32 score: a position scores the
     largest ``score[p - d] * decay ** d``, ``d <= reach``; the top ``budget - W``, ties to the
     earlier position. 'snapkv-continuation': SnapKV's own top of half the prefix budget first,
-    then that order's positions not kept yet."""
+    then that order's positions not kept yet. 'snapkv-scaled-continuation': the same with
+    ``reach`` = the prefix budget // 32, between 1 and 24 (here 1, 1, 1, 2 and 9)."""
     window, rule = 5, ContinuationScore()
+    reach = rule.reach
+    if score == "snapkv-scaled-continuation":
+        reach = max(1, min(24, (budget - window) // 32))
     q, k = make_inputs(7 * q_heads + budget, window, q_heads, kv_heads, length)
     scale = 1 / math.sqrt(q.shape[-1])
     attention = group_mean(pool_scores(window_attention_scores(q, k, scale), 7, "max"), kv_heads)
@@ -210,9 +215,9 @@ def test_continuation_matches_the_naive_reference(score, q_heads, kv_heads, budg
         for position in range(prefix):
             carried.append(max(
                 (attention[head, position - d] * rule.decay**d).item()
-                for d in range(min(rule.reach, position) + 1)
+                for d in range(min(reach, position) + 1)
             ))
-        singles = (budget - window) // 2 if score == "snapkv-continuation" else 0
+        singles = (budget - window) // 2 if score.startswith("snapkv-") else 0
         kept = sorted(range(prefix), key=lambda p: (-attention[head, p].item(), p))[:singles]
         order = [p for p in sorted(range(prefix), key=lambda p: (-carried[p], p))
                  if p not in kept]
@@ -231,9 +236,22 @@ def test_continuation_keeps_what_follows_an_attended_position():
     attention[0, 10:110:10] = 0.5
     snapkv = attention.sort(descending=True, stable=True).indices[0, :8].sort().values
     assert snapkv.tolist() == [10, 20, 30, 40, 50, 60, 70, 120]
-    carried = ContinuationScore().score(attention, 4)[0]
+    carried = ContinuationScore().score(attention, 4, 12)[0]
     top = carried.sort(descending=True, stable=True).indices[0, :8].sort().values
     assert top.tolist() == list(range(120, 128))
+
+
+def test_scaled_continuation_carries_a_score_a_share_of_the_prefix_budget():
+    """1/4, 1/8 and 1/16 of a 4K prompt with the default window of 32: reaches 24 (the
+    ``continuation`` rule's), 15 and 7; at least 1 at a tiny budget. A run after one dominant
+    position is that long and no longer."""
+    rule = score_rule("snapkv-scaled-continuation")
+    assert [rule.reach_for(4096 // d - 32) for d in (4, 8, 16)] == [24, 15, 7]
+    assert rule.reach_for(3) == 1
+    attention = torch.full((1, 400), 0.001)
+    attention[0, 100] = 1.0
+    carried = rule.score(attention, 32, 256)[1, 0]  # track 1: the carried order
+    assert (carried[100:108] > 0.5).all() and carried[108] == 0.001
 
 
 @pytest.mark.parametrize("span", [16, 32, 48])
@@ -273,9 +291,9 @@ def test_chunked_ranges_of_an_aligned_rule_start_and_end_on_its_chunks(seed):
     ranges = []
 
     class RecordingChunkScore(ChunkScore):
-        def score(self, attention, window, values=None, metric=None):
+        def score(self, attention, window, budget, values=None, metric=None):
             ranges.append(attention.shape[1])
-            return super().score(attention, window, values, metric)
+            return super().score(attention, window, budget, values, metric)
 
     select_kept_positions_chunked(
         case["window_queries"], lambda s, e: keys[s:e], keys.shape[0], case["budget"],
@@ -382,7 +400,7 @@ def test_every_rule_keeps_exactly_the_budget_per_head():
 def test_unknown_rule_and_missing_values_are_refused():
     q, k = make_inputs(1, 4, 4, 2, 50)
     with pytest.raises(ValueError,
-                       match="score must be one of snapkv, critical, chunk, snapkv-chunk, continuation, snapkv-continuation; got"):
+                       match="score must be one of snapkv, critical, chunk, snapkv-chunk, continuation, snapkv-continuation, snapkv-scaled-continuation; got"):
         select_kept_positions(q, k, 20, 0.25, score="h2o")
     with pytest.raises(ValueError, match="'critical' score needs values and value_metric"):
         select_kept_positions(q, k, 20, 0.25, score="critical")

@@ -206,7 +206,8 @@ def select_kept_positions(
     if rule.needs_values and (values is None or value_metric is None):
         raise ValueError(f"the {rule.name!r} score needs values and value_metric")
     tracks = rule.score(
-        scores, num_window, values[:prefix_len] if rule.needs_values else None, value_metric
+        scores, num_window, budget, values[:prefix_len] if rule.needs_values else None,
+        value_metric,
     )
     counts = rule.priorities(budget, num_window)
     candidates = [
@@ -443,7 +444,7 @@ def select_kept_positions_chunked(
         values = None
         if rule.needs_values:
             values = read_values(start - held, start - held + scores.shape[1])
-        tracks = rule.score(scores, num_window, values, value_metric)[:, :, held:]
+        tracks = rule.score(scores, num_window, budget, values, value_metric)[:, :, held:]
         del values
         if rule.lookback:
             before = scores[:, -rule.lookback:].clone()  # not a view of the whole range
