@@ -256,18 +256,22 @@ def reference_rule_kept_positions(
             fill = [p for i in ranked for p in chunks[i] if p not in set(singles)]
             kept = (singles + fill)[: budget - window]
             mixed[layer].append(set(kept) | set(range(prefix, length)))
-            for distance, out in ((reach, None), (scaled_reach, mixed_scaled)):
+            def carried_order(distance):
                 shifted = [  # row d: the attention d positions before (zero before the prompt)
                     torch.cat([attention.new_zeros(d), attention[h, : prefix - d]]) * decay**d
                     for d in range(distance + 1)
                 ]
                 continued = torch.stack(shifted).max(dim=0).values
-                order = continued.sort(descending=True, stable=True).indices.tolist()
+                return continued.sort(descending=True, stable=True).indices.tolist()
+
+            def after_singles(order):
                 kept = (singles + [p for p in order if p not in set(singles)])[: budget - window]
-                if out is None:
-                    carried[layer].append(set(order[: budget - window]) | set(range(prefix, length)))
-                    out = mixed_carried
-                out[layer].append(set(kept) | set(range(prefix, length)))
+                return set(kept) | set(range(prefix, length))
+
+            order = carried_order(reach)
+            carried[layer].append(set(order[: budget - window]) | set(range(prefix, length)))
+            mixed_carried[layer].append(after_singles(order))
+            mixed_scaled[layer].append(after_singles(carried_order(scaled_reach)))
     return {"critical": critical, "chunk": chunk, "snapkv-chunk": mixed, "continuation": carried,
             "snapkv-continuation": mixed_carried, "snapkv-scaled-continuation": mixed_scaled}
 

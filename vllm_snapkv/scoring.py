@@ -33,7 +33,7 @@ Rules (:data:`SCORE_RULES`, chosen by ``--snapkv-score`` or per request ``snapkv
   ``snapkv-chunk``, :class:`SnapKVFirst`).
 - ``snapkv-scaled-continuation`` (:class:`SnapKVScaledContinuationScore`): as
   ``snapkv-continuation``, but a score is carried at most ``(C - W) // 32`` positions (1 to
-  24; :class:`ScaledContinuationScore`): 7 at 1/16 of a 4K prompt, 15 at 1/8, 24 from 1/4 on.
+  24): 7 at 1/16 of a 4K prompt, 15 at 1/8, 24 from 1/4 on.
   At small budgets long runs after a few dominant positions crowd out single positions.
 - ``critical`` (:class:`CriticalScore`): value-aware, after CriticalKV (Feng et al. 2025,
   arXiv:2502.03805) as kvpress's ``CriticalKVPress`` mixes it. Stage 1 keeps the SnapKV top of
@@ -230,26 +230,19 @@ class SnapKVContinuationScore(SnapKVFirst, ContinuationScore):
     score_bytes_per_position = ContinuationScore.score_bytes_per_position + 8  # the two tracks
 
 
-class ScaledContinuationScore(ContinuationScore):
-    """:class:`ContinuationScore` with the reach scaled to the budget: a score is carried at most
-    ``prefix_budget // reach_share`` positions (between 1 and ``reach``). A few positions can
-    hold most of the window's attention (on RULER's frequent words, Gemma 3's top 8 positions
-    hold up to 87 % of SnapKV's kept score): with a fixed reach of 24, each keeps a run of 24
-    after it, which at 1/16 of a 4K prompt (224 prefix entries) leaves little room for the
+class SnapKVScaledContinuationScore(SnapKVContinuationScore):
+    """:class:`SnapKVContinuationScore` with the reach scaled to the budget: a score is carried
+    at most ``prefix_budget // reach_share`` positions (between 1 and ``reach``). A few positions
+    can hold most of the window's attention (on RULER's frequent words, Gemma 3's top 8
+    positions hold up to 87 % of SnapKV's kept score): with a fixed reach of 24, each keeps a run
+    of 24 after it, which at 1/16 of a 4K prompt (224 prefix entries) leaves little room for the
     scattered single positions SnapKV keeps (docs/results.md, "Reach scaled to the budget")."""
 
+    name = "snapkv-scaled-continuation"
     reach_share: ClassVar[int] = 32
 
     def reach_for(self, prefix_budget: int) -> int:
         return max(1, min(self.reach, prefix_budget // self.reach_share))
-
-
-class SnapKVScaledContinuationScore(SnapKVFirst, ScaledContinuationScore):
-    """SnapKV's single positions first, then :class:`ScaledContinuationScore`'s order: at 1/16 of
-    a 4K prompt, runs of at most 7 after the strongest positions."""
-
-    name = "snapkv-scaled-continuation"
-    score_bytes_per_position = ContinuationScore.score_bytes_per_position + 8  # the two tracks
 
 
 #: Every rule by name; the first is the default.
