@@ -119,6 +119,11 @@ def serve_app_on_a_local_cluster(model_dir: str):
                 "model": model_dir,
                 "served_model_name": NAME,
                 "num_replicas": 2,
+                # Ray Serve's router picks by cached queue lengths, which may be stale or tied:
+                # CI once saw all six concurrent passkeys on one replica. At half of them per
+                # replica, a replica at capacity refuses the rest and the router sends them to
+                # the other one, so both serve by construction, not by chance.
+                "max_ongoing_requests": NUM_PASSKEYS // 2,
                 "omp_threads_bind_per_replica": replica_cores(),
             }),
             name="snapkv", route_prefix="/",
