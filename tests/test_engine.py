@@ -173,6 +173,22 @@ def test_kept_positions_match_dense_transformers_reference(
             assert overlap >= 0.99, (layer, head, overlap)
 
 
+def carried_order(row: torch.Tensor, reach: int, decay: float) -> list[int]:
+    """Positions of one head by ``max over d <= reach of decay**d * row[p - d]`` (zero before
+    the prompt), best first, ties to the earlier position: the continuation rules' order."""
+    shifted = [torch.cat([row.new_zeros(d), row[: len(row) - d]]) * decay**d
+               for d in range(reach + 1)]
+    continued = torch.stack(shifted).max(dim=0).values
+    return continued.sort(descending=True, stable=True).indices.tolist()
+
+
+def two_track_keep(first: list[int], order: list[int], count: int) -> set[int]:
+    """The two-track keep: ``first`` (SnapKV's singles, CriticalKV's stage 1) first, then
+    ``order``'s positions not kept yet, ``count`` in all."""
+    taken = set(first)
+    return set((first + [p for p in order if p not in taken])[:count])
+
+
 def reference_rule_kept_positions(
     model_dir: str, prompt_ids: list[int], budget: int, window: int, kernel_size: int = 7
 ) -> dict[str, dict]:
@@ -235,6 +251,7 @@ def reference_rule_kept_positions(
         first = max(budget // 2 - window, 0)
         critical[layer], chunk[layer], mixed[layer] = [], [], []
         carried[layer], mixed_carried[layer], mixed_scaled[layer] = [], [], []
+        tail = set(range(prefix, length))  # the window, kept by every rule
         for h in range(num_kv_heads):
             squares = [
                 (v[:, h] @ w_o[:, qh * dim : (qh + 1) * dim].T).norm(dim=-1) ** 2
@@ -244,34 +261,20 @@ def reference_rule_kept_positions(
             stage1 = attention[h].sort(descending=True, stable=True).indices[:first].tolist()
             weighted = (attention[h] / window + 1e-4) * norms
             order = weighted.sort(descending=True, stable=True).indices.tolist()
-            rest = [p for p in order if p not in set(stage1)][: budget - window - first]
-            critical[layer].append(set(stage1) | set(rest) | set(range(prefix, length)))
+            critical[layer].append(two_track_keep(stage1, order, budget - window) | tail)
             chunks = [range(start, min(start + CHUNK, prefix)) for start in range(0, prefix, CHUNK)]
             means = [attention[h, c.start : c.stop].mean().item() for c in chunks]
             ranked = sorted(range(len(chunks)), key=lambda i: -means[i])
-            taken = [p for i in ranked for p in chunks[i]][: budget - window]
-            chunk[layer].append(set(taken) | set(range(prefix, length)))
+            chunk_order = [p for i in ranked for p in chunks[i]]
+            chunk[layer].append(set(chunk_order[: budget - window]) | tail)
             singles = attention[h].sort(descending=True, stable=True).indices
             singles = singles[: (budget - window) // 2].tolist()
-            fill = [p for i in ranked for p in chunks[i] if p not in set(singles)]
-            kept = (singles + fill)[: budget - window]
-            mixed[layer].append(set(kept) | set(range(prefix, length)))
-            def carried_order(distance):
-                shifted = [  # row d: the attention d positions before (zero before the prompt)
-                    torch.cat([attention.new_zeros(d), attention[h, : prefix - d]]) * decay**d
-                    for d in range(distance + 1)
-                ]
-                continued = torch.stack(shifted).max(dim=0).values
-                return continued.sort(descending=True, stable=True).indices.tolist()
-
-            def after_singles(order):
-                kept = (singles + [p for p in order if p not in set(singles)])[: budget - window]
-                return set(kept) | set(range(prefix, length))
-
-            order = carried_order(reach)
-            carried[layer].append(set(order[: budget - window]) | set(range(prefix, length)))
-            mixed_carried[layer].append(after_singles(order))
-            mixed_scaled[layer].append(after_singles(carried_order(scaled_reach)))
+            mixed[layer].append(two_track_keep(singles, chunk_order, budget - window) | tail)
+            order = carried_order(attention[h], reach, decay)
+            carried[layer].append(set(order[: budget - window]) | tail)
+            mixed_carried[layer].append(two_track_keep(singles, order, budget - window) | tail)
+            order = carried_order(attention[h], scaled_reach, decay)
+            mixed_scaled[layer].append(two_track_keep(singles, order, budget - window) | tail)
     return {"critical": critical, "chunk": chunk, "snapkv-chunk": mixed, "continuation": carried,
             "snapkv-continuation": mixed_carried, "snapkv-scaled-continuation": mixed_scaled}
 

@@ -60,15 +60,6 @@ def answer_positions(tokenizer, ids: list[int], references: list[str]) -> set[in
     return found
 
 
-def carried_scores(scores: torch.Tensor, budget: int) -> torch.Tensor:
-    rule = SCORE_RULES["snapkv-scaled-continuation"]
-    carried = scores.clone()
-    for distance in range(1, rule.reach_for(budget - WINDOW) + 1):
-        carried[distance:] = torch.maximum(
-            carried[distance:], scores[:-distance] * rule.decay**distance)
-    return carried
-
-
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default=str(Path.home() / ".cache/vllm-snapkv/gemma-3-270m"))
@@ -97,7 +88,8 @@ def main() -> None:
         for layer in layers:
             q, k = captured[layer]
             window_queries, keys = q[:, -WINDOW:].permute(1, 0, 2), k.permute(1, 0, 2)
-            pooled = pool_scores(window_attention_scores(window_queries, keys, scale), KERNEL, "max")
+            attention = window_attention_scores(window_queries, keys, scale)
+            pooled = pool_scores(attention, KERNEL, "max")
             scores = group_mean(pooled, keys.shape[1])[0]  # Gemma 3 270M: one KV head
             prefix = scores.shape[0]
             order = torch.sort(scores, descending=True, stable=True).indices
@@ -107,7 +99,9 @@ def main() -> None:
                    for p in order[:8]]
             kept = {rule: set(select_kept_positions(window_queries, keys, args.budget, scale,
                                                     score=rule)[0].tolist()) for rule in RULES}
-            carried = carried_scores(scores, args.budget)
+            # The rule's own second track: SnapKV's score carried forward at this budget.
+            carried = SCORE_RULES["snapkv-scaled-continuation"].score(
+                scores[None], WINDOW, args.budget)[1, 0]
             added = sorted(p for p in kept["snapkv-scaled-continuation"] - kept["snapkv"]
                            if p < prefix)
             ratios = sorted(float(scores[p] / carried[p]) for p in added)
