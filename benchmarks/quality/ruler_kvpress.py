@@ -199,6 +199,10 @@ def main(argv=None) -> None:
     model = AutoModelForCausalLM.from_pretrained(
         args.model, dtype=getattr(torch, args.dtype), attn_implementation="sdpa"
     ).eval()
+    if getattr(model.config, "head_dim", None) is None:
+        # kvpress 0.5.5's CriticalKVPress reads config.head_dim, which Qwen2's config does not
+        # define; transformers' Qwen2 attention uses hidden_size // num_attention_heads instead.
+        model.config.head_dim = model.config.hidden_size // model.config.num_attention_heads
     eos = model.generation_config.eos_token_id
     eos = set(eos if isinstance(eos, list) else [eos]) | {tokenizer.eos_token_id}
     budgets = [int(b) for b in args.budgets.split(",") if b]  # none: --kvpress-modes full
