@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from benchmarks.quality import ruler_answers
 
 FWE_PROMPT = ("Read the following coded text and track the frequency of each coded word. Find the "
@@ -74,3 +76,14 @@ def test_rules_pair_with_snapkv_at_their_own_budget(tmp_path):
     assert lines["snapkv-256"].endswith("|  |  |")
     assert (tmp_path / "answers.md").read_text().strip() == table
     assert (tmp_path / "answers.csv").read_text().count("\n") == 11  # header + 2 × 5 rows
+
+
+def test_a_run_without_aggregation_samples_or_an_unknown_mode_is_refused_by_name(tmp_path):
+    niah = _sample("niah_single_2", 0, "no list", ["1234"], {"full": (1.0, "1234")})
+    (tmp_path / "samples.jsonl").write_text(json.dumps(niah) + "\n")
+    with pytest.raises(SystemExit, match="holds no ruler_cwe or ruler_fwe sample"):
+        ruler_answers.main(["--out", str(tmp_path)])
+    cwe = _sample("ruler_cwe", 0, CWE_PROMPT, ["apple"], {"full": (1.0, "1. apple")})
+    (tmp_path / "samples.jsonl").write_text(json.dumps(cwe) + "\n")
+    with pytest.raises(SystemExit, match="--modes: snapkv-256 not in this run; it holds full"):
+        ruler_answers.main(["--out", str(tmp_path), "--modes", "full,snapkv-256"])

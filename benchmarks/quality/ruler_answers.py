@@ -114,7 +114,12 @@ def main(argv: list[str] | None = None) -> str:
     args = parser.parse_args(argv)
     samples = read_jsonl(args.out / "samples.jsonl")
     held = list(dict.fromkeys(m for s in samples if s["task"] in LIST_STARTS for m in s["outputs"]))
+    if not held:
+        raise SystemExit(f"{args.out / 'samples.jsonl'} holds no {' or '.join(LIST_STARTS)} sample")
     modes = args.modes.split(",") if args.modes else held
+    unknown = [mode for mode in modes if mode not in held]
+    if unknown:
+        raise SystemExit(f"--modes: {', '.join(unknown)} not in this run; it holds {', '.join(held)}")
     rows = answer_rows(samples, modes)
     table = summary_table(rows, modes)
     (args.out / "answers.md").write_text(table + "\n")
