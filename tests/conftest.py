@@ -14,6 +14,7 @@ import pytest
 # The engine core runs in this process, so tests can read its scheduler and block pool.
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
+from benchmarks.quality.reference import post_rope_capture, queries_and_keys  # noqa: E402
 from vllm_snapkv.demo_model import build_demo_model  # noqa: E402
 from vllm_snapkv.plan import cdiv  # noqa: E402
 from vllm_snapkv.tasks import passkey_prompt  # noqa: E402
@@ -279,20 +280,8 @@ def reference_kept_positions(
     model = AutoModelForCausalLM.from_pretrained(
         model_dir, dtype=torch.float32, attn_implementation="eager"
     )
-    captured: list[tuple[torch.Tensor, torch.Tensor]] = []
-    original = llama.apply_rotary_pos_emb
-
-    def capture(q, k, cos, sin, *args, **kwargs):
-        q, k = original(q, k, cos, sin, *args, **kwargs)
-        captured.append((q[0].detach(), k[0].detach()))  # [H, L, D]
-        return q, k
-
-    llama.apply_rotary_pos_emb = capture
-    try:
-        with torch.no_grad():
-            model(torch.tensor([prompt_ids]))
-    finally:
-        llama.apply_rotary_pos_emb = original
+    with post_rope_capture(llama, queries_and_keys) as captured, torch.no_grad():
+        model(torch.tensor([prompt_ids]))
 
     kept = {}
     for layer, (q, k) in enumerate(captured):

@@ -10,6 +10,7 @@ import pytest
 import torch
 from vllm import SamplingParams
 
+from benchmarks.quality.reference import post_rope_capture, queries_and_keys
 from conftest import (
     SERVER_BUDGET,
     decode_checking_physical_blocks,
@@ -211,26 +212,17 @@ def reference_rule_kept_positions(
     model = AutoModelForCausalLM.from_pretrained(
         model_dir, dtype=torch.float32, attn_implementation="eager"
     )
-    captured, values = [], []
-    original = llama.apply_rotary_pos_emb
-
-    def capture(q, k, cos, sin, *args, **kwargs):
-        q, k = original(q, k, cos, sin, *args, **kwargs)
-        captured.append((q[0].detach(), k[0].detach()))  # [H, L, D]
-        return q, k
-
+    values = []
     hooks = [
         layer.self_attn.v_proj.register_forward_hook(
             lambda module, args, out: values.append(out[0].detach())  # [L, H_kv * D]
         )
         for layer in model.model.layers
     ]
-    llama.apply_rotary_pos_emb = capture
     try:
-        with torch.no_grad():
+        with post_rope_capture(llama, queries_and_keys) as captured, torch.no_grad():
             model(torch.tensor([prompt_ids]))
     finally:
-        llama.apply_rotary_pos_emb = original
         for hook in hooks:
             hook.remove()
 

@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from benchmarks.quality.reference import post_rope_capture
+
 
 @dataclass
 class Compression:
@@ -104,25 +106,18 @@ class DecodeSnapKVReference:
         """Logits of the last token, and each layer's post-RoPE queries ``[H_q, T, D]``."""
         import transformers.models.llama.modeling_llama as llama
 
-        queries: list[torch.Tensor] = []
-        original = llama.apply_rotary_pos_emb
+        window = self.window
 
-        def capture(q, k, cos, sin, *args, **kwargs):
-            q, k = original(q, k, cos, sin, *args, **kwargs)
-            queries.append(q[0, :, -self.window :].clone())
-            return q, k
+        def window_queries(q, k):
+            return q[0, :, -window:].clone()
 
-        llama.apply_rotary_pos_emb = capture
-        try:
-            with torch.no_grad():
-                out = self.model(
-                    torch.tensor([ids]),
-                    position_ids=torch.tensor([positions]),
-                    past_key_values=cache,
-                    use_cache=True,
-                )
-        finally:
-            llama.apply_rotary_pos_emb = original
+        with post_rope_capture(llama, window_queries) as queries, torch.no_grad():
+            out = self.model(
+                torch.tensor([ids]),
+                position_ids=torch.tensor([positions]),
+                past_key_values=cache,
+                use_cache=True,
+            )
         return out.logits[0, -1], queries
 
     def _compress(self, cache, windows: list[torch.Tensor], logical: list[torch.Tensor]):

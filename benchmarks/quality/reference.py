@@ -9,8 +9,44 @@ where compression would not free a block, the full cache decodes, as in the plug
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from types import ModuleType
+from typing import TypeVar
+
 import torch
 import torch.nn.functional as F
+
+Captured = TypeVar("Captured")
+
+
+@contextmanager
+def post_rope_capture(
+    modeling: ModuleType, keep: Callable[[torch.Tensor, torch.Tensor], Captured]
+) -> Iterator[list[Captured]]:
+    """Within the block, each call of ``modeling.apply_rotary_pos_emb`` (a transformers modeling
+    module: llama, gemma3, ...) appends ``keep(q, k)`` of its post-RoPE ``[B, H, T, D]`` queries
+    and keys to the yielded list, one entry per layer in forward order. transformers' own rotary
+    code rotates them, so the references do not re-implement RoPE; the original function is back
+    in place after the block, also on error."""
+    captured: list[Captured] = []
+    original = modeling.apply_rotary_pos_emb
+
+    def capture(q, k, *args, **kwargs):
+        q, k = original(q, k, *args, **kwargs)
+        captured.append(keep(q, k))
+        return q, k
+
+    modeling.apply_rotary_pos_emb = capture
+    try:
+        yield captured
+    finally:
+        modeling.apply_rotary_pos_emb = original
+
+
+def queries_and_keys(q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A :func:`post_rope_capture` ``keep``: the one sequence's ``[H, L, D]`` queries and keys."""
+    return q[0].detach(), k[0].detach()
 
 
 class DenseSnapKVReference:
@@ -32,20 +68,13 @@ class DenseSnapKVReference:
     def _prefill(self, ids: list[int]):
         import transformers.models.llama.modeling_llama as llama
 
-        captured: list[tuple[torch.Tensor, torch.Tensor]] = []
-        original = llama.apply_rotary_pos_emb
+        window = self.window_size
 
-        def capture(q, k, cos, sin, *args, **kwargs):
-            q, k = original(q, k, cos, sin, *args, **kwargs)
-            captured.append((q[0, :, -self.window_size :].clone(), k[0].clone()))
-            return q, k
+        def window_queries_and_keys(q, k):
+            return q[0, :, -window:].clone(), k[0].clone()
 
-        llama.apply_rotary_pos_emb = capture
-        try:
-            with torch.no_grad():
-                out = self.model(torch.tensor([ids]), use_cache=True)
-        finally:
-            llama.apply_rotary_pos_emb = original
+        with post_rope_capture(llama, window_queries_and_keys) as captured, torch.no_grad():
+            out = self.model(torch.tensor([ids]), use_cache=True)
         return out, captured
 
     def _kept(self, q_win: torch.Tensor, keys: torch.Tensor, budget: int) -> torch.Tensor:
