@@ -14,7 +14,6 @@ import pytest
 # The engine core runs in this process, so tests can read its scheduler and block pool.
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
-from benchmarks.quality.reference import post_rope_capture, queries_and_keys  # noqa: E402
 from vllm_snapkv.demo_model import build_demo_model  # noqa: E402
 from vllm_snapkv.plan import cdiv  # noqa: E402
 from vllm_snapkv.tasks import passkey_prompt  # noqa: E402
@@ -275,6 +274,7 @@ def reference_kept_positions(
 
     import torch
     import transformers.models.llama.modeling_llama as llama
+    from benchmarks.quality.reference import post_rope_capture, queries_and_keys
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(
