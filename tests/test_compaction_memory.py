@@ -22,7 +22,7 @@ from vllm_snapkv.adapter.layouts.cpu import CpuPackedLayout, read_keys, read_kv
 from vllm_snapkv.adapter.layouts.standard import StandardLayout
 from vllm_snapkv.adapter.worker import WorkerCompression
 from vllm_snapkv.plan import CompressionPlan
-from vllm_snapkv.scoring import SCORE_NAMES, value_metric
+from vllm_snapkv.scoring import SCORE_NAMES, score_rule, value_metric
 from vllm_snapkv.selection import compaction_workspace_bytes, select_kept_positions
 
 sys.path.insert(0, str(Path(__file__).parents[1]))  # the repository root: benchmarks/
@@ -97,9 +97,10 @@ def test_key_spans_are_the_rows_of_the_whole_read(layout_name):
 
 
 def compact(layout, kv_cache, window_queries, plan, source, scale=0.125, kernel_size=7,
-            pooling="max", sinks=None, soft_cap=None, metric=None):
+            pooling="max", sinks=None, soft_cap=None, metric=None, token_features=None):
     """``WorkerCompression._compact`` itself, on a stand-in worker state and layer (``metric``:
-    the layer's value metric, for value-aware rules)."""
+    the layer's value metric, for value-aware rules; ``token_features``: the job's, for rules
+    that read token ids)."""
     state = SimpleNamespace(
         _layout=lambda impl, layer: layout,
         _value_metric=lambda impl, layer, device: metric,
@@ -109,7 +110,7 @@ def compact(layout, kv_cache, window_queries, plan, source, scale=0.125, kernel_
                            logits_soft_cap=soft_cap)
     layer = SimpleNamespace(layer_name="model.layers.0.self_attn.attn")
     job = SimpleNamespace(
-        request_id="r", plan=plan, sources={0: source},
+        request_id="r", plan=plan, sources={0: source}, token_features=token_features,
         target_slots={0: PagedTokens.of(plan.target_block_ids[0], source.block_size,
                                         plan.num_kept, "cpu").slots()},
     )
@@ -166,12 +167,17 @@ def test_worker_compaction_is_the_dense_selection_moved_in_place(
     if extras:
         options = {"sinks": torch.randn(q_heads, generator=gen) * 2, "soft_cap": 20.0}
 
+    # Half the prompt one frequent token, the rest rare ones.
+    token_ids = torch.where(torch.rand(prompt_len, generator=gen) < 0.5, 0,
+                            torch.randint(1, 50_000, (prompt_len,), generator=gen))
+    rule = score_rule(score)
+    features = rule.token_features(token_ids) if rule.needs_token_ids else None
     kept = None
 
     def run():
         nonlocal kept
         kept = compact(layout, cache, window_queries, plan, source, kernel_size=kernel_size,
-                       pooling=pooling, metric=metric, **options)
+                       pooling=pooling, metric=metric, token_features=features, **options)
 
     peak = peak_cpu_bytes(run)
     element_bytes = cache.element_size()
@@ -182,7 +188,7 @@ def test_worker_compaction_is_the_dense_selection_moved_in_place(
 
     want = select_kept_positions(window_queries, scoring, budget, 0.125, kernel_size, pooling,
                                  score=score, values=scoring_values, value_metric=metric,
-                                 **options)
+                                 token_ids=token_ids, **options)
     assert torch.equal(kept, want)
     per_slot = torch.cat([kept, torch.arange(prompt_len, prompt_len + outputs).expand(2, -1)], 1)
     heads = torch.arange(num_heads)

@@ -5,6 +5,7 @@ Engines run in-process (conftest) so the tests read vLLM's own scheduler and blo
 
 from __future__ import annotations
 
+from collections import Counter
 
 import pytest
 import torch
@@ -174,11 +175,16 @@ def test_kept_positions_match_dense_transformers_reference(
             assert overlap >= 0.99, (layer, head, overlap)
 
 
-def carried_order(row: torch.Tensor, reach: int, decay: float) -> list[int]:
+def carried_order(
+    row: torch.Tensor, reach: int, decay: float, rare: torch.Tensor | None = None
+) -> list[int]:
     """Positions of one head by ``max over d <= reach of decay**d * row[p - d]`` (zero before
-    the prompt), best first, ties to the earlier position: the continuation rules' order."""
-    shifted = [torch.cat([row.new_zeros(d), row[: len(row) - d]]) * decay**d
-               for d in range(reach + 1)]
+    the prompt), best first, ties to the earlier position: the continuation rules' order.
+    ``rare`` (bool per position): carried only from positions where it holds (``d = 0``
+    always counts)."""
+    source = row if rare is None else row * rare
+    shifted = [row] + [torch.cat([row.new_zeros(d), source[: len(row) - d]]) * decay**d
+                       for d in range(1, reach + 1)]
     continued = torch.stack(shifted).max(dim=0).values
     return continued.sort(descending=True, stable=True).indices.tolist()
 
@@ -203,7 +209,9 @@ def reference_rule_kept_positions(
     of the ranked chunks not kept yet. 'continuation': each position scores the largest of
     ``decay ** d`` times the attention ``d`` positions before it (``d <= reach``), then the top;
     'snapkv-continuation': the attention top of half the prefix budget, then that order;
-    'snapkv-scaled-continuation' the same with ``reach`` = the prefix budget // 32 (1 to 24)."""
+    'snapkv-scaled-continuation' the same with ``reach`` = the prefix budget // 32 (1 to 24);
+    'snapkv-rare-continuation' that, carried only from positions whose token id occurs at most
+    ``max(16, L // 256)`` times in the prompt."""
     import math
 
     import transformers.models.llama.modeling_llama as llama
@@ -227,8 +235,12 @@ def reference_rule_kept_positions(
             hook.remove()
 
     critical, chunk, mixed, carried, mixed_carried, mixed_scaled = {}, {}, {}, {}, {}, {}
+    mixed_rare = {}
     decay, reach = ContinuationScore.decay, ContinuationScore.reach
     scaled_reach = max(1, min(reach, (budget - window) // 32))
+    occurrences = Counter(prompt_ids)
+    limit = max(16, len(prompt_ids) // 256)
+    rare = torch.tensor([occurrences[t] <= limit for t in prompt_ids], dtype=torch.float64)
     for layer, ((q, k), v) in enumerate(zip(captured, values)):
         num_q_heads, length, dim = q.shape
         num_kv_heads = k.shape[0]
@@ -243,6 +255,7 @@ def reference_rule_kept_positions(
         first = max(budget // 2 - window, 0)
         critical[layer], chunk[layer], mixed[layer] = [], [], []
         carried[layer], mixed_carried[layer], mixed_scaled[layer] = [], [], []
+        mixed_rare[layer] = []
         tail = set(range(prefix, length))  # the window, kept by every rule
         for h in range(num_kv_heads):
             squares = [
@@ -267,16 +280,20 @@ def reference_rule_kept_positions(
             mixed_carried[layer].append(two_track_keep(singles, order, budget - window) | tail)
             order = carried_order(attention[h], scaled_reach, decay)
             mixed_scaled[layer].append(two_track_keep(singles, order, budget - window) | tail)
+            order = carried_order(attention[h], scaled_reach, decay, rare[:prefix])
+            mixed_rare[layer].append(two_track_keep(singles, order, budget - window) | tail)
     return {"critical": critical, "chunk": chunk, "snapkv-chunk": mixed, "continuation": carried,
-            "snapkv-continuation": mixed_carried, "snapkv-scaled-continuation": mixed_scaled}
+            "snapkv-continuation": mixed_carried, "snapkv-scaled-continuation": mixed_scaled,
+            "snapkv-rare-continuation": mixed_rare}
 
 
 def test_other_rules_per_request_keep_budget_blocks_and_match_their_references(
     snap_llm, dump_dir, model_dir
 ):
     """``snapkv_score: critical``, ``chunk``, ``snapkv-chunk``, ``continuation``,
-    ``snapkv-continuation`` and ``snapkv-scaled-continuation`` through ``extra_args`` on the
-    shared SnapKV engine, the same
+    ``snapkv-continuation``, ``snapkv-scaled-continuation`` and ``snapkv-rare-continuation``
+    (the prompt's token ids reached the worker) through ``extra_args`` on the shared SnapKV
+    engine, the same
     prompt: each request holds ceil(C / bs) blocks like any SnapKV request, its dump names the
     rule, and every layer's kept positions match the rule computed from transformers' forward
     (for 'critical', the worker found o_proj through vLLM's CPU-repacked linear and read V from
@@ -292,7 +309,7 @@ def test_other_rules_per_request_keep_budget_blocks_and_match_their_references(
     prompt = passkey_prompt(1900, 31337, 0.4)
     prompt_ids = snap_llm.get_tokenizer()(prompt).input_ids
     for rule in ("critical", "chunk", "snapkv-chunk", "continuation", "snapkv-continuation",
-                 "snapkv-scaled-continuation"):
+                 "snapkv-scaled-continuation", "snapkv-rare-continuation"):
         snap_llm.reset_prefix_cache()
         free_at_start = pool.get_num_free_blocks()
         params = SamplingParams(temperature=0.0, max_tokens=8,
@@ -312,7 +329,8 @@ def test_other_rules_per_request_keep_budget_blocks_and_match_their_references(
     prefix = len(prompt_ids) - WINDOW
     for rule, least_overlap in (("critical", 0.99), ("chunk", 0.95), ("snapkv-chunk", 0.95),
                                 ("continuation", 0.95), ("snapkv-continuation", 0.95),
-                                ("snapkv-scaled-continuation", 0.95)):
+                                ("snapkv-scaled-continuation", 0.95),
+                                ("snapkv-rare-continuation", 0.95)):
         dump = load_dump(dump_dir, rule)
         assert dump["score"] == rule and dump["budget"] == budget
         assert sorted(dump["layers"]) == list(range(30))
@@ -334,6 +352,11 @@ def test_other_rules_per_request_keep_budget_blocks_and_match_their_references(
     fixed, scaled = load_dump(dump_dir, "snapkv-continuation"), load_dump(
         dump_dir, "snapkv-scaled-continuation")
     assert any(not torch.equal(fixed["layers"][layer], scaled["layers"][layer])
+               for layer in range(30))
+    # The gate changed what is carried (the passkey prompt's filler repeats: most tokens are
+    # frequent), so the token ids reached the worker.
+    rare = load_dump(dump_dir, "snapkv-rare-continuation")
+    assert any(not torch.equal(scaled["layers"][layer], rare["layers"][layer])
                for layer in range(30))
 
 

@@ -140,6 +140,23 @@ def short_request(request_id: str = "r", prompt_len: int = 100):
     return SimpleNamespace(request_id=request_id, num_prompt_tokens=prompt_len, sampling_params=None)
 
 
+def test_a_rule_reading_token_ids_leaves_a_request_of_prompt_embeddings_uncompressed():
+    """A request sent as prompt embeddings has no token ids: with 'snapkv-rare-continuation'
+    it keeps its full cache (logged) rather than being scored by another rule; with token ids,
+    or with a rule that reads none, it compresses at its prompt's end."""
+    from types import SimpleNamespace
+
+    state = planning_state(budget=256, score="snapkv-rare-continuation")
+    embeds = SimpleNamespace(request_id="e", num_prompt_tokens=1000, sampling_params=None,
+                             prompt_token_ids=None)
+    assert state.settings_for(embeds) == (None, "snapkv-rare-continuation")
+    assert state.record(embeds).next_point is None
+    ids = SimpleNamespace(request_id="i", num_prompt_tokens=1000, sampling_params=None,
+                          prompt_token_ids=list(range(1000)))
+    assert (state.record(ids).phase, state.record(ids).next_point) == ("prompt", 1000)
+    assert planning_state(budget=256).settings_for(embeds) == (256, "snapkv")
+
+
 def test_prefix_hit_of_a_short_prompt_stops_before_its_first_decode_window():
     """A prompt that is not compressed (L <= budget) with decode compression on: a (resumed)
     request's hit may not cover the window of its first decode point (384: [352, 384)), or it

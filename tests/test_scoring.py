@@ -191,8 +191,16 @@ def test_snapkv_chunk_keeps_the_snapkv_top_then_fills_with_whole_chunks(pooling,
         assert not torch.equal(got, select_kept_positions(q, k, budget, scale, 7, pooling))
 
 
+def frequent_and_rare_ids(length: int, seed: int) -> torch.Tensor:
+    """Token ids: about half the positions one token (frequent beyond 16 occurrences from ~40
+    positions on), the rest drawn from 50,000 (rare)."""
+    gen = torch.Generator().manual_seed(seed)
+    rare = torch.randint(1, 50_000, (length,), generator=gen)
+    return torch.where(torch.rand(length, generator=gen) < 0.5, 0, rare)
+
+
 @pytest.mark.parametrize("score", ["continuation", "snapkv-continuation",
-                                   "snapkv-scaled-continuation"])
+                                   "snapkv-scaled-continuation", "snapkv-rare-continuation"])
 @pytest.mark.parametrize("q_heads,kv_heads", [(4, 4), (9, 3)])
 @pytest.mark.parametrize("budget,length", [(6, 60), (27, 60), (44, 97), (90, 97), (300, 400)])
 def test_continuation_matches_the_naive_reference(score, q_heads, kv_heads, budget, length):
@@ -200,12 +208,18 @@ def test_continuation_matches_the_naive_reference(score, q_heads, kv_heads, budg
     largest ``score[p - d] * decay ** d``, ``d <= reach``; the top ``budget - W``, ties to the
     earlier position. 'snapkv-continuation': SnapKV's own top of half the prefix budget first,
     then that order's positions not kept yet. 'snapkv-scaled-continuation': the same with
-    ``reach`` = the prefix budget // 32, between 1 and 24 (here 1, 1, 1, 2 and 9)."""
+    ``reach`` = the prefix budget // 32, between 1 and 24 (here 1, 1, 1, 2 and 9).
+    'snapkv-rare-continuation': that, with ``d >= 1`` only from positions whose token id occurs
+    at most 16 times in the prompt (these prompts are shorter than 4096)."""
     window, rule = 5, ContinuationScore()
     reach = rule.reach
-    if score == "snapkv-scaled-continuation":
+    if score in ("snapkv-scaled-continuation", "snapkv-rare-continuation"):
         reach = max(1, min(24, (budget - window) // 32))
     q, k = make_inputs(7 * q_heads + budget, window, q_heads, kv_heads, length)
+    token_ids = frequent_and_rare_ids(length, budget)
+    occurrences = {t: token_ids.tolist().count(t) for t in set(token_ids.tolist())}
+    carries = [score != "snapkv-rare-continuation" or occurrences[t] <= 16
+               for t in token_ids.tolist()]
     scale = 1 / math.sqrt(q.shape[-1])
     attention = group_mean(pool_scores(window_attention_scores(q, k, scale), 7, "max"), kv_heads)
     prefix = length - window
@@ -216,6 +230,7 @@ def test_continuation_matches_the_naive_reference(score, q_heads, kv_heads, budg
             carried.append(max(
                 (attention[head, position - d] * rule.decay**d).item()
                 for d in range(min(reach, position) + 1)
+                if d == 0 or carries[position - d]
             ))
         singles = (budget - window) // 2 if score.startswith("snapkv-") else 0
         kept = sorted(range(prefix), key=lambda p: (-attention[head, p].item(), p))[:singles]
@@ -223,8 +238,43 @@ def test_continuation_matches_the_naive_reference(score, q_heads, kv_heads, budg
                  if p not in kept]
         kept += order[: budget - window - singles]
         want.append(sorted(kept) + list(range(prefix, length)))
-    got = select_kept_positions(q, k, budget, scale, 7, "max", score=score)
+    got = select_kept_positions(q, k, budget, scale, 7, "max", score=score, token_ids=token_ids)
     assert got.tolist() == want
+
+
+def test_rare_continuation_carries_from_rare_tokens_only():
+    """Two equal peaks, one on a token the prompt repeats (a list's numbering), one on a token
+    it holds once: the carried track runs on after the rare one only; the frequent one keeps
+    its own score. Up to 4096 tokens the limit is 16 occurrences, beyond one in 256."""
+    rule = score_rule("snapkv-rare-continuation")
+    token_ids = torch.arange(400) + 100
+    token_ids[0:400:20] = 7  # 20 occurrences: frequent
+    attention = torch.full((1, 400), 0.001)
+    attention[0, 100] = attention[0, 310] = 1.0  # token 7 at 100; token 410 (once) at 310
+    rare = rule.token_features(token_ids)
+    assert not rare[100] and rare[310] and rare.sum() == 380
+    carried = rule.score(attention, 32, 256, token_features=rare)[1, 0]
+    assert carried[100] == 1.0 and (carried[101:108] == 0.001).all()
+    assert (carried[310:318] > 0.5).all() and carried[318] == 0.001
+    # The limit grows with the prompt: 20 occurrences are rare in 8192 tokens (limit 32).
+    long_ids = torch.arange(8192) + 100
+    long_ids[0:400:20] = 7
+    assert rule.token_features(long_ids).all()
+    long_ids[0:33 * 20:20] = 7  # 33 occurrences
+    assert not rule.token_features(long_ids)[0]
+
+
+def test_rules_that_read_token_ids_refuse_to_run_without_them():
+    q, k = make_inputs(1, 4, 4, 2, 50)
+    rule = score_rule("snapkv-rare-continuation")
+    with pytest.raises(ValueError, match="needs the prompt's 50 token ids"):
+        select_kept_positions(q, k, 20, 0.25, score=rule)
+    with pytest.raises(ValueError, match="needs the prompt's 50 token ids"):
+        select_kept_positions(q, k, 20, 0.25, score=rule, token_ids=torch.zeros(49))
+    with pytest.raises(ValueError, match="needs token_features of the 50 prompt positions"):
+        select_kept_positions_chunked(q, lambda s, e: k[s:e], 50, 20, 0.25, score=rule)
+    with pytest.raises(NotImplementedError, match="'snapkv' score reads no token ids"):
+        score_rule("snapkv").token_features(torch.zeros(5))
 
 
 def test_continuation_keeps_what_follows_an_attended_position():
@@ -291,9 +341,10 @@ def test_chunked_ranges_of_an_aligned_rule_start_and_end_on_its_chunks(seed):
     ranges = []
 
     class RecordingChunkScore(ChunkScore):
-        def score(self, attention, window, budget, values=None, metric=None):
+        def score(self, attention, window, budget, values=None, metric=None,
+                  token_features=None):
             ranges.append(attention.shape[1])
-            return super().score(attention, window, budget, values, metric)
+            return super().score(attention, window, budget, values, metric, token_features)
 
     select_kept_positions_chunked(
         case["window_queries"], lambda s, e: keys[s:e], keys.shape[0], case["budget"],
@@ -361,13 +412,17 @@ def test_chunked_selection_equals_the_dense_one_for_every_rule(seed):
         value_reads.append((start, end))
         return values[start:end]
 
+    token_ids = frequent_and_rare_ids(length, seed)
     for score in SCORE_NAMES:
         value_reads.clear()
-        want = select_kept_positions(**case, score=score, values=values, value_metric=metric)
+        rule = score_rule(score)
+        want = select_kept_positions(**case, score=score, values=values, value_metric=metric,
+                                     token_ids=token_ids)
         got = select_kept_positions_chunked(
             case["window_queries"], lambda s, e: keys[s:e], length, case["budget"],
             case["scale"], case["kernel_size"], case["pooling"], case["sinks"], case["soft_cap"],
             chunk_size, block_size, score=score, read_values=read_values, value_metric=metric,
+            token_features=rule.token_features(token_ids) if rule.needs_token_ids else None,
         )
         assert torch.equal(got, want), score
         if score_rule(score).needs_values:
@@ -392,7 +447,8 @@ def test_every_rule_keeps_exactly_the_budget_per_head():
     for budget in (9, 16, 17, 100, 399):
         for score in SCORE_NAMES:
             kept = select_kept_positions(q, k, budget, 0.25, 7, "max", score=score, values=v,
-                                         value_metric=metric)
+                                         value_metric=metric,
+                                         token_ids=frequent_and_rare_ids(400, budget))
             assert kept.shape == (2, budget)
             assert all(len(set(row.tolist())) == budget for row in kept)
 
@@ -400,7 +456,7 @@ def test_every_rule_keeps_exactly_the_budget_per_head():
 def test_unknown_rule_and_missing_values_are_refused():
     q, k = make_inputs(1, 4, 4, 2, 50)
     with pytest.raises(ValueError,
-                       match="score must be one of snapkv, critical, chunk, snapkv-chunk, continuation, snapkv-continuation, snapkv-scaled-continuation; got"):
+                       match="score must be one of snapkv, critical, chunk, snapkv-chunk, continuation, snapkv-continuation, snapkv-scaled-continuation, snapkv-rare-continuation; got"):
         select_kept_positions(q, k, 20, 0.25, score="h2o")
     with pytest.raises(ValueError, match="'critical' score needs values and value_metric"):
         select_kept_positions(q, k, 20, 0.25, score="critical")

@@ -11,7 +11,7 @@ from typing import Any, Literal, Mapping
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
-from vllm_snapkv.scoring import DEFAULT_SCORE, SCORE_NAMES
+from vllm_snapkv.scoring import DEFAULT_SCORE, SCORE_NAMES, score_rule
 
 #: Key of the plugin's section inside vLLM's ``additional_config``.
 CONFIG_KEY = "kv_compression"
@@ -48,10 +48,11 @@ class SnapKVConfig(BaseModel):
     )
     score: str = Field(
         DEFAULT_SCORE,
-        description="Selection rule: 'snapkv' (the paper's window attention) or 'critical' "
-        "(value-aware, after CriticalKV: half the budget by window attention, the rest by "
-        "window attention times the norm of the value through the output projection). Every "
-        "rule keeps budget entries per KV head; a request may pick another with snapkv_score.",
+        description="Selection rule (vllm_snapkv.scoring): 'snapkv' (the paper's window "
+        "attention, the default) or another rule of SCORE_NAMES, e.g. 'critical' (value-aware, "
+        "after CriticalKV) or 'snapkv-scaled-continuation'. Every rule keeps budget entries per "
+        "KV head; a request may pick another with snapkv_score. 'snapkv-rare-continuation' "
+        "reads the prompt's token ids and is refused with decode_interval.",
     )
     dump_selections_to: str | None = Field(
         None,
@@ -79,9 +80,12 @@ class SnapKVConfig(BaseModel):
 
     @field_validator("score")
     @classmethod
-    def _score_is_known(cls, score: str) -> str:
+    def _score_is_known(cls, score: str, info: ValidationInfo) -> str:
         if score not in SCORE_NAMES:
             raise ValueError(f"must be one of {', '.join(SCORE_NAMES)}")
+        refusal = prompt_only_refusal(score, info.data.get("decode_interval", 0))
+        if refusal:
+            raise ValueError(refusal)
         return score
 
     @field_validator("kernel_size")
@@ -202,4 +206,21 @@ def request_score(config: SnapKVConfig, extra_args: Mapping[str, Any] | None) ->
         raise KVCompressionConfigError(
             f"{REQUEST_SCORE_KEY}: must be one of {', '.join(SCORE_NAMES)}; got {_short(score)}"
         )
+    refusal = prompt_only_refusal(score, config.decode_interval)
+    if refusal:
+        raise KVCompressionConfigError(f"{REQUEST_SCORE_KEY}: {refusal}")
     return score
+
+
+def prompt_only_refusal(score: str, decode_interval: int) -> str | None:
+    """Why rule ``score`` cannot run on a server compressing while decoding (None: it can). A
+    rule that reads the prompt's token ids cannot score a decode compression (the plugin does
+    not track which prompt position each stored entry holds), and quietly scoring those with
+    another rule would change answers unasked."""
+    if decode_interval and score_rule(score).needs_token_ids:
+        return (
+            f"{score!r} reads the prompt's token ids and scores prompt compressions only; it "
+            f"cannot be used with decode_interval ({decode_interval}): choose another score or "
+            "set decode_interval to 0"
+        )
+    return None

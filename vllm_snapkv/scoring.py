@@ -35,6 +35,12 @@ Rules (:data:`SCORE_RULES`, chosen by ``--snapkv-score`` or per request ``snapkv
   ``snapkv-continuation``, but a score is carried at most ``(C - W) // 32`` positions (1 to
   24): 7 at 1/16 of a 4K prompt, 15 at 1/8, 24 from 1/4 on.
   At small budgets long runs after a few dominant positions crowd out single positions.
+- ``snapkv-rare-continuation`` (:class:`SnapKVRareContinuationScore`): as
+  ``snapkv-scaled-continuation``, but a score is carried only from positions whose token is
+  rare in the prompt (at most 16 occurrences up to 4K tokens, one in 256 positions beyond).
+  On a list the carried runs start at its numbering, which repeats, and crowd out the list's
+  first items; a needle's runs start at its own rare tokens. The one rule that reads the
+  prompt's token ids, so prompt compressions only (refused with ``decode_interval``).
 - ``critical`` (:class:`CriticalScore`): value-aware, after CriticalKV (Feng et al. 2025,
   arXiv:2502.03805) as kvpress's ``CriticalKVPress`` mixes it. Stage 1 keeps the SnapKV top of
   ``first_stage_ratio`` of the budget (the window counted in it, as kvpress counts it); stage 2
@@ -77,6 +83,15 @@ class ScoreRule(ABC):
     #: The rule reads the scored entries' values (dequantised as attention sees them) and the
     #: layer's value metric (:func:`value_metric`).
     needs_values: ClassVar[bool] = False
+    #: The rule reads the prompt's token ids, through :meth:`token_features` (computed once
+    #: per compression, ``[L]``, sliced per scored range). Prompt compressions only: after one,
+    #: the plugin does not track which prompt position each stored entry of a head holds.
+    needs_token_ids: ClassVar[bool] = False
+
+    def token_features(self, token_ids: torch.Tensor) -> torch.Tensor:
+        """``[L]``: one value per prompt position, from the prompt's token ids ``[L]`` (rules
+        with :attr:`needs_token_ids`); :meth:`score` sees the scored positions' slice."""
+        raise NotImplementedError(f"the {self.name!r} score reads no token ids")
 
     def priorities(self, budget: int, window: int) -> tuple[int, ...]:
         """Positions each score track contributes, in priority order; they sum to the prefix
@@ -91,6 +106,7 @@ class ScoreRule(ABC):
         budget: int,
         values: torch.Tensor | None = None,
         metric: torch.Tensor | None = None,
+        token_features: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """``[tracks, H_kv, n]`` float32 scores of ``n`` consecutive prefix positions.
 
@@ -102,6 +118,8 @@ class ScoreRule(ABC):
             values: ``[n, H_kv, D]`` their values as attention sees them (rules with
                 :attr:`needs_values` only).
             metric: ``[H_kv, D, D]`` the layer's :func:`value_metric` (idem).
+            token_features: ``[n]`` the rule's :meth:`token_features` of those positions
+                (rules with :attr:`needs_token_ids` only).
         """
 
 
@@ -110,7 +128,7 @@ class SnapKVScore(ScoreRule):
 
     name = "snapkv"
 
-    def score(self, attention, window, budget, values=None, metric=None):
+    def score(self, attention, window, budget, values=None, metric=None, token_features=None):
         return attention.unsqueeze(0)
 
 
@@ -126,7 +144,7 @@ class ChunkScore(ScoreRule):
     alignment = chunk_size
     score_bytes_per_position = 12  # float32: the padded scores, the repeated means, the track
 
-    def score(self, attention, window, budget, values=None, metric=None):
+    def score(self, attention, window, budget, values=None, metric=None, token_features=None):
         heads, length = attention.shape
         size = self.chunk_size
         chunks = -(-length // size)
@@ -158,8 +176,10 @@ class SnapKVFirst:
         first = int(prefix_budget * self.snapkv_share)
         return (first, prefix_budget - first)
 
-    def score(self, attention, window, budget, values=None, metric=None):
-        rest = super().score(attention, window, budget, values, metric)  # type: ignore[misc]
+    def score(self, attention, window, budget, values=None, metric=None, token_features=None):
+        rest = super().score(  # type: ignore[misc]
+            attention, window, budget, values, metric, token_features
+        )
         return torch.cat([attention.unsqueeze(0), rest])
 
 
@@ -187,7 +207,7 @@ class CriticalScore(ScoreRule):
         first = min(max(int(budget * self.first_stage_ratio) - window, 0), prefix_budget)
         return (first, prefix_budget - first)
 
-    def score(self, attention, window, budget, values=None, metric=None):
+    def score(self, attention, window, budget, values=None, metric=None, token_features=None):
         if values is None or metric is None:
             raise ValueError("the 'critical' score needs the values and the layer's value metric")
         weighted = (attention / window + self.epsilon) * projected_value_norms(values, metric)
@@ -210,7 +230,7 @@ class ContinuationScore(ScoreRule):
         """Positions a score is carried forward at a prefix budget of ``prefix_budget``."""
         return self.reach
 
-    def score(self, attention, window, budget, values=None, metric=None):
+    def score(self, attention, window, budget, values=None, metric=None, token_features=None):
         carried = attention.clone()
         reach = self.reach_for(budget - window)
         for distance in range(1, min(reach, attention.shape[1] - 1) + 1):
@@ -245,12 +265,43 @@ class SnapKVScaledContinuationScore(SnapKVContinuationScore):
         return max(1, min(self.reach, prefix_budget // self.reach_share))
 
 
+class SnapKVRareContinuationScore(SnapKVScaledContinuationScore):
+    """:class:`SnapKVScaledContinuationScore` whose carried track is carried only from positions
+    whose token is rare in the prompt: at most ``max(min_rare_count, L // rare_share)``
+    occurrences in its ``L`` tokens (16 up to a 4K prompt, one in 256 positions beyond). A
+    frequent token's score stays on the position itself. On RULER's common words (Gemma 3,
+    docs/results.md, "A fifth probe round") the carried runs start at the list's numbering
+    (digits and ``.``, 82 to 423 occurrences in a 4K prompt) and take the slots that kept the
+    list's first items whole; a needle's runs start at rare tokens (its key's ``:``, the space
+    before its digits). Prompt compressions only (:attr:`~ScoreRule.needs_token_ids`)."""
+
+    name = "snapkv-rare-continuation"
+    needs_token_ids = True
+    min_rare_count: ClassVar[int] = 16
+    rare_share: ClassVar[int] = 256
+    # The parent's 16 and the gated scores (float32); the rare mask is one byte per position.
+    score_bytes_per_position = SnapKVScaledContinuationScore.score_bytes_per_position + 4
+
+    def token_features(self, token_ids: torch.Tensor) -> torch.Tensor:
+        """``[L]`` bool: the position's token is rare in the prompt."""
+        _, inverse, counts = torch.unique(token_ids, return_inverse=True, return_counts=True)
+        limit = max(self.min_rare_count, token_ids.shape[0] // self.rare_share)
+        return (counts <= limit)[inverse]
+
+    def score(self, attention, window, budget, values=None, metric=None, token_features=None):
+        if token_features is None:
+            raise ValueError(f"the {self.name!r} score needs the prompt's token ids")
+        carried = ContinuationScore.score(self, attention * token_features, window, budget)[0]
+        torch.maximum(carried, attention, out=carried)  # a frequent token keeps its own score
+        return torch.stack([attention, carried])
+
+
 #: Every rule by name; the first is the default.
 SCORE_RULES: dict[str, ScoreRule] = {
     rule.name: rule
     for rule in (
         SnapKVScore(), CriticalScore(), ChunkScore(), SnapKVChunkScore(), ContinuationScore(),
-        SnapKVContinuationScore(), SnapKVScaledContinuationScore(),
+        SnapKVContinuationScore(), SnapKVScaledContinuationScore(), SnapKVRareContinuationScore(),
     )
 }
 SCORE_NAMES: tuple[str, ...] = tuple(SCORE_RULES)

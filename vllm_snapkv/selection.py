@@ -57,6 +57,11 @@ and builds each layer's value metric once, a separate phase of
 ``G·D·(e_m·(H_q·D + hidden) + 4·hidden) + 8·G·D²`` (``G = H_q / H_kv``, ``e_m`` the model's
 element bytes): ``bound = max(selection, write, metric)``.
 
+A rule that reads token ids (``snapkv-rare-continuation``) also needs its per-position
+features of the prompt, ``[L]`` (one byte per position for that rule's rare-token mask): the
+one term proportional to ``L``, computed once per compression on the host and held for all
+layers, not per layer.
+
 For Llama-3.1-8B (32/8 heads, head 128, bf16 cache, block 16, W 32, k 7, P 8192) the bound is
 135-136 MiB for C = 1024-4096 (the selection term; write is 34 MiB at C = 4096); measured on the
 standard layout, 83-91 MiB from 8K to 128K tokens, where the dense path held 209 MiB at 8K and
@@ -183,11 +188,13 @@ def select_kept_positions(
     score: str | ScoreRule = DEFAULT_SCORE,
     values: torch.Tensor | None = None,
     value_metric: torch.Tensor | None = None,
+    token_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Positions each KV head keeps: ``budget - W`` prefix positions chosen by the ``score`` rule
     (:mod:`vllm_snapkv.scoring`; the default is the paper's top ``budget - W``) plus the window.
     ``sinks`` and ``soft_cap`` as in :func:`window_attention_scores`; ``values`` (``[L, H_kv,
-    D]``, as attention sees them) and ``value_metric`` for rules that read values.
+    D]``, as attention sees them) and ``value_metric`` for rules that read values;
+    ``token_ids`` (``[L]``, the prompt's) for rules that read them.
 
     Returns a ``LongTensor[H_kv, budget]``, each row ascending; among equal scores the earlier
     position is kept. The caller skips prompts with
@@ -205,9 +212,14 @@ def select_kept_positions(
     prefix_len = prompt_len - num_window
     if rule.needs_values and (values is None or value_metric is None):
         raise ValueError(f"the {rule.name!r} score needs values and value_metric")
+    features = None
+    if rule.needs_token_ids:
+        if token_ids is None or token_ids.shape != (prompt_len,):
+            raise ValueError(f"the {rule.name!r} score needs the prompt's {prompt_len} token ids")
+        features = rule.token_features(token_ids)[:prefix_len]
     tracks = rule.score(
         scores, num_window, budget, values[:prefix_len] if rule.needs_values else None,
-        value_metric,
+        value_metric, features,
     )
     counts = rule.priorities(budget, num_window)
     candidates = [
@@ -410,13 +422,16 @@ def select_kept_positions_chunked(
     score: str | ScoreRule = DEFAULT_SCORE,
     read_values: KeyReader | None = None,
     value_metric: torch.Tensor | None = None,
+    token_features: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """:func:`select_kept_positions` in bounded memory: keys come from ``read_keys(start, end)``
     (see :data:`KeyReader`), spans of ``chunk_positions(chunk_size, block_size)`` positions
     starting at block boundaries, each read twice (once per pass); for a rule that reads values,
     ``read_values(start, end)`` (``[end - start, H_kv, D]``, as attention sees them) once per
-    scored range; a rule with a ``lookback`` scores each range after the previous range's last
-    ``lookback`` scores. Each score track keeps a running top of the positions
+    scored range; for a rule that reads token ids, ``token_features`` is its
+    ``token_features(prompt ids)`` (``[L]``; computed once by the caller for all layers), each
+    range scored with its slice; a rule with a ``lookback`` scores each range after the
+    previous range's last ``lookback`` scores. Each score track keeps a running top of the positions
     :func:`~vllm_snapkv.scoring.keep_by_priority` may need, merged span by span.
     Same result: ``LongTensor[H_kv, budget]``, rows ascending, the rule's ``budget - W`` prefix
     positions per KV head (ties: the earlier position) and the window. No host synchronisation:
@@ -429,6 +444,9 @@ def select_kept_positions_chunked(
     rule = score_rule(score)
     if rule.needs_values and (read_values is None or value_metric is None):
         raise ValueError(f"the {rule.name!r} score needs read_values and value_metric")
+    if rule.needs_token_ids and (token_features is None or token_features.shape[0] != prompt_len):
+        raise ValueError(f"the {rule.name!r} score needs token_features of the {prompt_len} "
+                         "prompt positions")
     scorer = ChunkedWindowScores(
         window_queries, read_keys, prompt_len, scale, kernel_size, pooling, sinks, soft_cap,
         chunk_size, block_size, rule.alignment,
@@ -444,7 +462,11 @@ def select_kept_positions_chunked(
         values = None
         if rule.needs_values:
             values = read_values(start - held, start - held + scores.shape[1])
-        tracks = rule.score(scores, num_window, budget, values, value_metric)[:, :, held:]
+        features = None
+        if rule.needs_token_ids:
+            features = token_features[start - held : start - held + scores.shape[1]]
+        tracks = rule.score(scores, num_window, budget, values, value_metric, features)
+        tracks = tracks[:, :, held:]
         del values
         if rule.lookback:
             before = scores[:, -rule.lookback:].clone()  # not a view of the whole range

@@ -44,6 +44,9 @@ class CompactionJob:
     #: A decode compression whose window began before this chunk: the ring rows
     #: (``window_ring``) of those earlier window positions, in position order.
     ring_rows: torch.Tensor | None = None
+    #: The plan's rule's ``token_features`` of the prompt (``[L]``, on the device), for a rule
+    #: that reads token ids: computed once for all layers.
+    token_features: torch.Tensor | None = None
     layers_done: set[int] = field(default_factory=set)
     kept: dict[int, torch.Tensor] = field(default_factory=dict)
 
@@ -104,6 +107,7 @@ def compact_layer(
         score=score,
         read_values=read_scoring_values,
         value_metric=value_metric,
+        token_features=job.token_features,
         **scoring_options(impl),
     )
     move_kept_entries(layout, job, kept, kv_cache, group_id)

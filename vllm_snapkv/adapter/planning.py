@@ -39,6 +39,7 @@ from vllm_snapkv.plan import (
     frees_blocks,
     prefix_hit_limit,
 )
+from vllm_snapkv.scoring import score_rule
 
 # Under the "vllm" logger tree so vLLM's handlers and VLLM_LOGGING_LEVEL apply.
 logger = init_logger(f"vllm.{__name__}")
@@ -96,12 +97,22 @@ class SchedulerCompression:
         """The request's budget (None when it is not compressed) and selection rule."""
         extra_args = request.sampling_params.extra_args if request.sampling_params else None
         try:
-            return request_budget(self.config, extra_args), request_score(self.config, extra_args)
+            budget = request_budget(self.config, extra_args)
+            score = request_score(self.config, extra_args)
         except KVCompressionConfigError as error:
             # Frontends validate these; a request that slipped through keeps its full cache
             # rather than failing the engine for everyone.
             logger.warning("SnapKV: request %s not compressed: %s", request.request_id, error)
             return None, self.config.score
+        needs_ids = budget is not None and score_rule(score).needs_token_ids
+        if needs_ids and request.prompt_token_ids is None:
+            # Prompt embeddings carry no token ids; another rule would change answers unasked.
+            logger.warning(
+                "SnapKV: request %s not compressed: score %r reads the prompt's token ids and "
+                "the request sent prompt embeddings", request.request_id, score,
+            )
+            return None, score
+        return budget, score
 
     # --- reading ----------------------------------------------------------------------------
 

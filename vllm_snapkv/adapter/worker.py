@@ -328,6 +328,9 @@ class WorkerCompression:
             if plan is not None:
                 # Built once per step, not per layer: one host-to-device copy each.
                 block_ids = runner.requests[request_id].block_ids
+                rule = score_rule(plan.score)
+                if rule.needs_token_ids:
+                    job.token_features = self._token_features(runner, request_id, plan, rule)
                 for group_id, targets in plan.target_block_ids.items():
                     job.sources[group_id] = PagedTokens.of(
                         block_ids[group_id], self.block_size, plan.num_sources, runner.device
@@ -336,6 +339,20 @@ class WorkerCompression:
                         targets, self.block_size, plan.num_kept, runner.device
                     ).slots()
             self.jobs.append(job)
+
+    @staticmethod
+    def _token_features(runner: GPUModelRunner, request_id: str, plan, rule) -> torch.Tensor:
+        """The rule's features of the request's prompt tokens (on the host: the ids are a host
+        list), on the device. The scheduler plans such a rule for prompt compressions of
+        requests with token ids only (``planning``); anything else is a bug, not a fallback."""
+        prompt_ids = runner.requests[request_id].prompt_token_ids
+        if plan.phase != "prompt" or prompt_ids is None or len(prompt_ids) != plan.num_scored:
+            raise RuntimeError(
+                f"SnapKV: request {request_id}'s {plan.phase} compression with score "
+                f"{plan.score!r} has no prompt token ids for its {plan.num_scored} entries"
+            )
+        features = rule.token_features(torch.tensor(prompt_ids, dtype=torch.int64))
+        return features.to(runner.device, non_blocking=False)
 
     def on_attention_layer(
         self,
