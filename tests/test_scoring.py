@@ -1,6 +1,7 @@
 """Selection rules (vllm_snapkv/scoring.py): the value-aware 'critical' rule against a naive
 reference written here (loops, float64, explicit two stages), 'continuation' against loops over
-positions, chunked == dense for every rule (across span boundaries for 'continuation'),
+positions (the carry gated by counting tokens for 'snapkv-rare-continuation'), chunked ==
+dense for every rule (across span boundaries for 'continuation'),
 the generic keep step, and the value metric under a tensor-parallel split of W_o."""
 
 from __future__ import annotations

@@ -431,8 +431,8 @@ def select_kept_positions_chunked(
     scored range; for a rule that reads token ids, ``token_features`` is its
     ``token_features(prompt ids)`` (``[L]``; computed once by the caller for all layers), each
     range scored with its slice; a rule with a ``lookback`` scores each range after the
-    previous range's last ``lookback`` scores. Each score track keeps a running top of the positions
-    :func:`~vllm_snapkv.scoring.keep_by_priority` may need, merged span by span.
+    previous range's last ``lookback`` scores. Each score track keeps a running top of the
+    positions :func:`~vllm_snapkv.scoring.keep_by_priority` may need, merged span by span.
     Same result: ``LongTensor[H_kv, budget]``, rows ascending, the rule's ``budget - W`` prefix
     positions per KV head (ties: the earlier position) and the window. No host synchronisation:
     every shape is known from the arguments."""

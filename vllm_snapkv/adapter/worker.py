@@ -65,8 +65,8 @@ from vllm_snapkv.adapter.physical import (
 from vllm_snapkv.adapter.scheduler import DIRECTIVES_ATTR
 from vllm_snapkv.adapter.window_ring import WindowQueryRing
 from vllm_snapkv.config import SnapKVConfig, config_from_additional
-from vllm_snapkv.plan import StepDirectives
-from vllm_snapkv.scoring import DEFAULT_SCORE, score_rule, value_metric
+from vllm_snapkv.plan import CompressionPlan, StepDirectives
+from vllm_snapkv.scoring import DEFAULT_SCORE, ScoreRule, score_rule, value_metric
 from vllm_snapkv.timing import CompactionClock
 
 # Under the "vllm" logger tree so vLLM's handlers and VLLM_LOGGING_LEVEL apply.
@@ -341,7 +341,9 @@ class WorkerCompression:
             self.jobs.append(job)
 
     @staticmethod
-    def _token_features(runner: GPUModelRunner, request_id: str, plan, rule) -> torch.Tensor:
+    def _token_features(
+        runner: GPUModelRunner, request_id: str, plan: CompressionPlan, rule: ScoreRule
+    ) -> torch.Tensor:
         """The rule's features of the request's prompt tokens (on the host: the ids are a host
         list), on the device. The scheduler plans such a rule for prompt compressions of
         requests with token ids only (``planning``); anything else is a bug, not a fallback."""
@@ -352,7 +354,7 @@ class WorkerCompression:
                 f"{plan.score!r} has no prompt token ids for its {plan.num_scored} entries"
             )
         features = rule.token_features(torch.tensor(prompt_ids, dtype=torch.int64))
-        return features.to(runner.device, non_blocking=False)
+        return features.to(runner.device)
 
     def on_attention_layer(
         self,

@@ -32,14 +32,16 @@ SAMPLES = (("ruler-snapkv-chunk-gemma-3-270m-4096", "niah_single_2", 8),
 
 
 class GatedScaledContinuation(SnapKVScaledContinuationScore):
-    """Probe only: the carried track sees zero attention at positions whose token is frequent."""
+    """Probe only: the carried track sees zero attention at positions whose token is frequent.
+    (Built into the plugin afterwards as ``snapkv-rare-continuation``, which reads the token ids
+    itself; the same selection up to 4K tokens with ``max_count`` 16.)"""
 
     name = "gated-scaled-continuation"
 
     def __init__(self, carries: torch.Tensor):
         self.carries = carries  # [n] bool: the position's token occurs at most max_count times
 
-    def score(self, attention, window, budget, values=None, metric=None):
+    def score(self, attention, window, budget, values=None, metric=None, token_features=None):
         gated = attention * self.carries[: attention.shape[1]]
         carried = ContinuationScore.score(self, gated, window, budget)  # this class's reach
         rest = torch.maximum(carried[0], attention)  # a position keeps its own score
