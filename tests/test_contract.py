@@ -241,6 +241,19 @@ def test_model_runner_facts():
     assert "num_blocks_per_row" in source(BlockTable.append_row)
 
 
+def test_request_token_ids_facts():
+    """What rules reading token ids rely on (``snapkv-rare-continuation``): the worker reads
+    the prompt's ids from the runner's per-request state, the scheduler sees a request of
+    prompt embeddings by its ids being None."""
+    from vllm.v1.request import Request
+    from vllm.v1.worker.gpu_input_batch import CachedRequestState
+
+    fields = {field.name: field.type for field in dataclasses.fields(CachedRequestState)}
+    assert "prompt_token_ids" in fields and "block_ids" in fields
+    assert "list[int] | None" in str(fields["prompt_token_ids"])
+    assert "self.prompt_token_ids = prompt_token_ids" in source(Request.__init__)
+
+
 def test_decode_window_ring_facts():
     """What ``adapter.window_ring`` and its worker hooks rely on: the runner's buffer factory and
     sizes (the ring's destination rows cover every token of the largest batch, its slots every
