@@ -27,6 +27,7 @@ from vllm_snapkv.selection import compaction_workspace_bytes, select_kept_positi
 
 sys.path.insert(0, str(Path(__file__).parents[1]))  # the repository root: benchmarks/
 from benchmarks.gpu.compaction import peak_cpu_bytes  # noqa: E402
+from test_selection import frequent_and_rare_ids  # noqa: E402
 
 FP8 = {"fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
 
@@ -167,9 +168,7 @@ def test_worker_compaction_is_the_dense_selection_moved_in_place(
     if extras:
         options = {"sinks": torch.randn(q_heads, generator=gen) * 2, "soft_cap": 20.0}
 
-    # Half the prompt one frequent token, the rest rare ones.
-    token_ids = torch.where(torch.rand(prompt_len, generator=gen) < 0.5, 0,
-                            torch.randint(1, 50_000, (prompt_len,), generator=gen))
+    token_ids = frequent_and_rare_ids(prompt_len, seed=7)
     rule = score_rule(score)
     features = rule.token_features(token_ids) if rule.needs_token_ids else None
     kept = None

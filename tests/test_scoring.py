@@ -12,7 +12,12 @@ import random
 import pytest
 import torch
 
-from test_selection import make_inputs, random_case, reference_window_scores
+from test_selection import (
+    frequent_and_rare_ids,
+    make_inputs,
+    random_case,
+    reference_window_scores,
+)
 from vllm_snapkv.scoring import (
     SCORE_NAMES,
     ChunkScore,
@@ -192,14 +197,6 @@ def test_snapkv_chunk_keeps_the_snapkv_top_then_fills_with_whole_chunks(pooling,
         assert not torch.equal(got, select_kept_positions(q, k, budget, scale, 7, pooling))
 
 
-def frequent_and_rare_ids(length: int, seed: int) -> torch.Tensor:
-    """Token ids: about half the positions one token (frequent beyond 16 occurrences from ~40
-    positions on), the rest drawn from 50,000 (rare)."""
-    gen = torch.Generator().manual_seed(seed)
-    rare = torch.randint(1, 50_000, (length,), generator=gen)
-    return torch.where(torch.rand(length, generator=gen) < 0.5, 0, rare)
-
-
 @pytest.mark.parametrize("score", ["continuation", "snapkv-continuation",
                                    "snapkv-scaled-continuation", "snapkv-rare-continuation"])
 @pytest.mark.parametrize("q_heads,kv_heads", [(4, 4), (9, 3)])
@@ -274,8 +271,6 @@ def test_rules_that_read_token_ids_refuse_to_run_without_them():
         select_kept_positions(q, k, 20, 0.25, score=rule, token_ids=torch.zeros(49))
     with pytest.raises(ValueError, match="needs token_features of the 50 prompt positions"):
         select_kept_positions_chunked(q, lambda s, e: k[s:e], 50, 20, 0.25, score=rule)
-    with pytest.raises(NotImplementedError, match="'snapkv' score reads no token ids"):
-        score_rule("snapkv").token_features(torch.zeros(5))
 
 
 def test_continuation_keeps_what_follows_an_attended_position():

@@ -67,6 +67,14 @@ def reference_selection(q_win, keys, budget, scale, kernel_size, pooling, sinks=
     return torch.tensor(kept)
 
 
+def frequent_and_rare_ids(length: int, seed: int) -> torch.Tensor:
+    """Token ids: about half the positions one token (frequent beyond 16 occurrences from ~40
+    positions on), the rest drawn from 50,000 (rare)."""
+    gen = torch.Generator().manual_seed(seed)
+    rare = torch.randint(1, 50_000, (length,), generator=gen)
+    return torch.where(torch.rand(length, generator=gen) < 0.5, 0, rare)
+
+
 def make_inputs(seed, window, q_heads, kv_heads, length, dim=16):
     gen = torch.Generator().manual_seed(seed)
     q = torch.randn(window, q_heads, dim, generator=gen) * 2

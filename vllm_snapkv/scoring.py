@@ -83,15 +83,11 @@ class ScoreRule(ABC):
     #: The rule reads the scored entries' values (dequantised as attention sees them) and the
     #: layer's value metric (:func:`value_metric`).
     needs_values: ClassVar[bool] = False
-    #: The rule reads the prompt's token ids, through :meth:`token_features` (computed once
-    #: per compression, ``[L]``, sliced per scored range). Prompt compressions only: after one,
-    #: the plugin does not track which prompt position each stored entry of a head holds.
+    #: The rule reads the prompt's token ids. Such a rule defines ``token_features(token_ids)
+    #: -> [L]`` (one value per prompt position, computed once per compression from the ``[L]``
+    #: ids); :meth:`score` sees the scored positions' slice. Prompt compressions only: after
+    #: one, the plugin does not track which prompt position each stored entry of a head holds.
     needs_token_ids: ClassVar[bool] = False
-
-    def token_features(self, token_ids: torch.Tensor) -> torch.Tensor:
-        """``[L]``: one value per prompt position, from the prompt's token ids ``[L]`` (rules
-        with :attr:`needs_token_ids`); :meth:`score` sees the scored positions' slice."""
-        raise NotImplementedError(f"the {self.name!r} score reads no token ids")
 
     def priorities(self, budget: int, window: int) -> tuple[int, ...]:
         """Positions each score track contributes, in priority order; they sum to the prefix
@@ -118,8 +114,8 @@ class ScoreRule(ABC):
             values: ``[n, H_kv, D]`` their values as attention sees them (rules with
                 :attr:`needs_values` only).
             metric: ``[H_kv, D, D]`` the layer's :func:`value_metric` (idem).
-            token_features: ``[n]`` the rule's :meth:`token_features` of those positions
-                (rules with :attr:`needs_token_ids` only).
+            token_features: ``[n]`` the rule's ``token_features`` of those positions (rules
+                with :attr:`needs_token_ids` only).
         """
 
 
