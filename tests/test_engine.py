@@ -211,7 +211,8 @@ def reference_rule_kept_positions(
     'snapkv-continuation': the attention top of half the prefix budget, then that order;
     'snapkv-scaled-continuation' the same with ``reach`` = the prefix budget // 32 (1 to 24);
     'snapkv-rare-continuation' that, carried only from positions whose token id occurs at most
-    ``max(16, L // 256)`` times in the prompt."""
+    ``max(16, L // 256)`` times in the prompt; 'snapkv-rare-long-continuation' that with
+    ``reach`` = the prefix budget // 16."""
     import math
 
     import transformers.models.llama.modeling_llama as llama
@@ -235,9 +236,10 @@ def reference_rule_kept_positions(
             hook.remove()
 
     critical, chunk, mixed, carried, mixed_carried, mixed_scaled = {}, {}, {}, {}, {}, {}
-    mixed_rare = {}
+    mixed_rare, mixed_rare_long = {}, {}
     decay, reach = ContinuationScore.decay, ContinuationScore.reach
     scaled_reach = max(1, min(reach, (budget - window) // 32))
+    long_reach = max(1, min(reach, (budget - window) // 16))
     occurrences = Counter(prompt_ids)
     limit = max(16, len(prompt_ids) // 256)
     rare = torch.tensor([occurrences[t] <= limit for t in prompt_ids], dtype=torch.float64)
@@ -255,7 +257,7 @@ def reference_rule_kept_positions(
         first = max(budget // 2 - window, 0)
         critical[layer], chunk[layer], mixed[layer] = [], [], []
         carried[layer], mixed_carried[layer], mixed_scaled[layer] = [], [], []
-        mixed_rare[layer] = []
+        mixed_rare[layer], mixed_rare_long[layer] = [], []
         tail = set(range(prefix, length))  # the window, kept by every rule
         for h in range(num_kv_heads):
             squares = [
@@ -282,17 +284,20 @@ def reference_rule_kept_positions(
             mixed_scaled[layer].append(two_track_keep(singles, order, budget - window) | tail)
             order = carried_order(attention[h], scaled_reach, decay, rare[:prefix])
             mixed_rare[layer].append(two_track_keep(singles, order, budget - window) | tail)
+            order = carried_order(attention[h], long_reach, decay, rare[:prefix])
+            mixed_rare_long[layer].append(two_track_keep(singles, order, budget - window) | tail)
     return {"critical": critical, "chunk": chunk, "snapkv-chunk": mixed, "continuation": carried,
             "snapkv-continuation": mixed_carried, "snapkv-scaled-continuation": mixed_scaled,
-            "snapkv-rare-continuation": mixed_rare}
+            "snapkv-rare-continuation": mixed_rare,
+            "snapkv-rare-long-continuation": mixed_rare_long}
 
 
 def test_other_rules_per_request_keep_budget_blocks_and_match_their_references(
     snap_llm, dump_dir, model_dir
 ):
     """``snapkv_score: critical``, ``chunk``, ``snapkv-chunk``, ``continuation``,
-    ``snapkv-continuation``, ``snapkv-scaled-continuation`` and ``snapkv-rare-continuation``
-    (the prompt's token ids reached the worker) through ``extra_args`` on the shared SnapKV
+    ``snapkv-continuation``, ``snapkv-scaled-continuation``, ``snapkv-rare-continuation`` and
+    ``snapkv-rare-long-continuation`` (the prompt's token ids reached the worker) through ``extra_args`` on the shared SnapKV
     engine, the same
     prompt: each request holds ceil(C / bs) blocks like any SnapKV request, its dump names the
     rule, and every layer's kept positions match the rule computed from transformers' forward
@@ -309,7 +314,8 @@ def test_other_rules_per_request_keep_budget_blocks_and_match_their_references(
     prompt = passkey_prompt(1900, 31337, 0.4)
     prompt_ids = snap_llm.get_tokenizer()(prompt).input_ids
     for rule in ("critical", "chunk", "snapkv-chunk", "continuation", "snapkv-continuation",
-                 "snapkv-scaled-continuation", "snapkv-rare-continuation"):
+                 "snapkv-scaled-continuation", "snapkv-rare-continuation",
+                 "snapkv-rare-long-continuation"):
         snap_llm.reset_prefix_cache()
         free_at_start = pool.get_num_free_blocks()
         params = SamplingParams(temperature=0.0, max_tokens=8,
@@ -330,7 +336,8 @@ def test_other_rules_per_request_keep_budget_blocks_and_match_their_references(
     for rule, least_overlap in (("critical", 0.99), ("chunk", 0.95), ("snapkv-chunk", 0.95),
                                 ("continuation", 0.95), ("snapkv-continuation", 0.95),
                                 ("snapkv-scaled-continuation", 0.95),
-                                ("snapkv-rare-continuation", 0.95)):
+                                ("snapkv-rare-continuation", 0.95),
+                                ("snapkv-rare-long-continuation", 0.95)):
         dump = load_dump(dump_dir, rule)
         assert dump["score"] == rule and dump["budget"] == budget
         assert sorted(dump["layers"]) == list(range(30))
@@ -357,6 +364,10 @@ def test_other_rules_per_request_keep_budget_blocks_and_match_their_references(
     # frequent), so the token ids reached the worker.
     rare = load_dump(dump_dir, "snapkv-rare-continuation")
     assert any(not torch.equal(scaled["layers"][layer], rare["layers"][layer])
+               for layer in range(30))
+    # The longer reach (14 at this budget, not 7) reached the worker.
+    rare_long = load_dump(dump_dir, "snapkv-rare-long-continuation")
+    assert any(not torch.equal(rare["layers"][layer], rare_long["layers"][layer])
                for layer in range(30))
 
 

@@ -198,7 +198,8 @@ def test_snapkv_chunk_keeps_the_snapkv_top_then_fills_with_whole_chunks(pooling,
 
 
 @pytest.mark.parametrize("score", ["continuation", "snapkv-continuation",
-                                   "snapkv-scaled-continuation", "snapkv-rare-continuation"])
+                                   "snapkv-scaled-continuation", "snapkv-rare-continuation",
+                                   "snapkv-rare-long-continuation"])
 @pytest.mark.parametrize("q_heads,kv_heads", [(4, 4), (9, 3)])
 @pytest.mark.parametrize("budget,length", [(6, 60), (27, 60), (44, 97), (90, 97), (300, 400)])
 def test_continuation_matches_the_naive_reference(score, q_heads, kv_heads, budget, length):
@@ -208,15 +209,19 @@ def test_continuation_matches_the_naive_reference(score, q_heads, kv_heads, budg
     then that order's positions not kept yet. 'snapkv-scaled-continuation': the same with
     ``reach`` = the prefix budget // 32, between 1 and 24 (here 1, 1, 1, 2 and 9).
     'snapkv-rare-continuation': that, with ``d >= 1`` only from positions whose token id occurs
-    at most 16 times in the prompt (these prompts are shorter than 4096)."""
+    at most 16 times in the prompt (these prompts are shorter than 4096);
+    'snapkv-rare-long-continuation' that with ``reach`` = the prefix budget // 16 (1, 1, 2, 5
+    and 18)."""
     window, rule = 5, ContinuationScore()
     reach = rule.reach
     if score in ("snapkv-scaled-continuation", "snapkv-rare-continuation"):
         reach = max(1, min(24, (budget - window) // 32))
+    elif score == "snapkv-rare-long-continuation":
+        reach = max(1, min(24, (budget - window) // 16))
     q, k = make_inputs(7 * q_heads + budget, window, q_heads, kv_heads, length)
     token_ids = frequent_and_rare_ids(length, budget)
     occurrences = {t: token_ids.tolist().count(t) for t in set(token_ids.tolist())}
-    carries = [score != "snapkv-rare-continuation" or occurrences[t] <= 16
+    carries = [not score.startswith("snapkv-rare-") or occurrences[t] <= 16
                for t in token_ids.tolist()]
     scale = 1 / math.sqrt(q.shape[-1])
     attention = group_mean(pool_scores(window_attention_scores(q, k, scale), 7, "max"), kv_heads)
@@ -254,6 +259,11 @@ def test_rare_continuation_carries_from_rare_tokens_only():
     carried = rule.score(attention, 32, 256, token_features=rare)[1, 0]
     assert carried[100] == 1.0 and (carried[101:108] == 0.001).all()
     assert (carried[310:318] > 0.5).all() and carried[318] == 0.001
+    # 'snapkv-rare-long-continuation': the same gate, twice the reach (224 // 16 = 14).
+    long_rule = score_rule("snapkv-rare-long-continuation")
+    carried = long_rule.score(attention, 32, 256, token_features=rare)[1, 0]
+    assert (carried[101:108] == 0.001).all()
+    assert (carried[310:325] > 0.45).all() and carried[325] == 0.001
     # The limit grows with the prompt: 20 occurrences are rare in 8192 tokens (limit 32).
     long_ids = torch.arange(8192) + 100
     long_ids[0:400:20] = 7
@@ -452,7 +462,7 @@ def test_every_rule_keeps_exactly_the_budget_per_head():
 def test_unknown_rule_and_missing_values_are_refused():
     q, k = make_inputs(1, 4, 4, 2, 50)
     with pytest.raises(ValueError,
-                       match="score must be one of snapkv, critical, chunk, snapkv-chunk, continuation, snapkv-continuation, snapkv-scaled-continuation, snapkv-rare-continuation; got"):
+                       match="score must be one of snapkv, critical, chunk, snapkv-chunk, continuation, snapkv-continuation, snapkv-scaled-continuation, snapkv-rare-continuation, snapkv-rare-long-continuation; got"):
         select_kept_positions(q, k, 20, 0.25, score="h2o")
     with pytest.raises(ValueError, match="'critical' score needs values and value_metric"):
         select_kept_positions(q, k, 20, 0.25, score="critical")

@@ -51,8 +51,8 @@ class SnapKVConfig(BaseModel):
         description="Selection rule (vllm_snapkv.scoring): 'snapkv' (the paper's window "
         "attention, the default) or another rule of SCORE_NAMES, e.g. 'critical' (value-aware, "
         "after CriticalKV) or 'snapkv-scaled-continuation'. Every rule keeps budget entries per "
-        "KV head; a request may pick another with snapkv_score. 'snapkv-rare-continuation' "
-        "reads the prompt's token ids and is refused with decode_interval.",
+        "KV head; a request may pick another with snapkv_score. The 'snapkv-rare-*' rules "
+        "read the prompt's token ids and are refused with decode_interval.",
     )
     dump_selections_to: str | None = Field(
         None,

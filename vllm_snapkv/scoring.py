@@ -39,8 +39,13 @@ Rules (:data:`SCORE_RULES`, chosen by ``--snapkv-score`` or per request ``snapkv
   ``snapkv-scaled-continuation``, but a score is carried only from positions whose token is
   rare in the prompt (at most 16 occurrences up to 4K tokens, one in 256 positions beyond).
   On a list the carried runs start at its numbering, which repeats, and crowd out the list's
-  first items; a needle's runs start at its own rare tokens. The one rule that reads the
+  first items; a needle's runs start at its own rare tokens. It reads the
   prompt's token ids, so prompt compressions only (refused with ``decode_interval``).
+- ``snapkv-rare-long-continuation`` (:class:`SnapKVRareLongContinuationScore`): as
+  ``snapkv-rare-continuation`` with twice the reach, ``(C - W) // 16`` (14 at 1/16 of a 4K
+  prompt, 24 from 1/8 on). With only rare tokens starting runs there are fewer of them, so each
+  can run longer: far enough from a needle's key through the digits of its value when the
+  haystack repeats digits (RULER's multi-key needle on Qwen2.5-Coder).
 - ``critical`` (:class:`CriticalScore`): value-aware, after CriticalKV (Feng et al. 2025,
   arXiv:2502.03805) as kvpress's ``CriticalKVPress`` mixes it. Stage 1 keeps the SnapKV top of
   ``first_stage_ratio`` of the budget (the window counted in it, as kvpress counts it); stage 2
@@ -292,12 +297,24 @@ class SnapKVRareContinuationScore(SnapKVScaledContinuationScore):
         return torch.stack([attention, carried])
 
 
+class SnapKVRareLongContinuationScore(SnapKVRareContinuationScore):
+    """:class:`SnapKVRareContinuationScore` with the reach of ``prefix_budget // 16``. The
+    scaled reach (``// 32``) was chosen with every position starting a run; the gate leaves the
+    runs to rare tokens, and at 1/16 a reach of 7 ends a needle's run a few digits into its
+    value when the haystack's digits are frequent (RULER's multi-key needle, where the haystack
+    is itself numbered needles: docs/results.md, "Longer runs from rare tokens")."""
+
+    name = "snapkv-rare-long-continuation"
+    reach_share = 16
+
+
 #: Every rule by name; the first is the default.
 SCORE_RULES: dict[str, ScoreRule] = {
     rule.name: rule
     for rule in (
         SnapKVScore(), CriticalScore(), ChunkScore(), SnapKVChunkScore(), ContinuationScore(),
         SnapKVContinuationScore(), SnapKVScaledContinuationScore(), SnapKVRareContinuationScore(),
+        SnapKVRareLongContinuationScore(),
     )
 }
 SCORE_NAMES: tuple[str, ...] = tuple(SCORE_RULES)
