@@ -57,8 +57,8 @@ and builds each layer's value metric once, a separate phase of
 ``G·D·(e_m·(H_q·D + hidden) + 4·hidden) + 8·G·D²`` (``G = H_q / H_kv``, ``e_m`` the model's
 element bytes): ``bound = max(selection, write, metric)``.
 
-A rule that reads token ids (``snapkv-rare-continuation``) also needs its per-position
-features of the prompt, ``[L]`` (one byte per position for that rule's rare-token mask): the
+A rule that reads token ids (the ``snapkv-rare-*`` rules) also needs its per-position
+features of the prompt, ``[L]`` (one byte per position for their rare-token mask): the
 one term proportional to ``L``, computed once per compression on the host and held for all
 layers, not per layer.
 
