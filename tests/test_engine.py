@@ -297,9 +297,8 @@ def test_other_rules_per_request_keep_budget_blocks_and_match_their_references(
 ):
     """``snapkv_score: critical``, ``chunk``, ``snapkv-chunk``, ``continuation``,
     ``snapkv-continuation``, ``snapkv-scaled-continuation``, ``snapkv-rare-continuation`` and
-    ``snapkv-rare-long-continuation`` (the prompt's token ids reached the worker) through ``extra_args`` on the shared SnapKV
-    engine, the same
-    prompt: each request holds ceil(C / bs) blocks like any SnapKV request, its dump names the
+    ``snapkv-rare-long-continuation`` (the prompt's token ids reached the worker) through
+    ``extra_args`` on the shared SnapKV engine, the same prompt: each request holds ceil(C / bs) blocks like any SnapKV request, its dump names the
     rule, and every layer's kept positions match the rule computed from transformers' forward
     (for 'critical', the worker found o_proj through vLLM's CPU-repacked linear and read V from
     the packed cache). 'chunk' keeps whole aligned chunks but for one cut chunk per head; it

@@ -45,7 +45,8 @@ Rules (:data:`SCORE_RULES`, chosen by ``--snapkv-score`` or per request ``snapkv
   ``snapkv-rare-continuation`` with twice the reach, ``(C - W) // 16`` (14 at 1/16 of a 4K
   prompt, 24 from 1/8 on). With only rare tokens starting runs there are fewer of them, so each
   can run longer: far enough from a needle's key through the digits of its value when the
-  haystack repeats digits (RULER's multi-key needle on Qwen2.5-Coder).
+  haystack repeats digits (RULER's multi-key needle on Qwen2.5-Coder). At 1/16 it loses needles
+  whose digits are rare (Gemma 3's essay haystack; a reading: half as many runs fit).
 - ``critical`` (:class:`CriticalScore`): value-aware, after CriticalKV (Feng et al. 2025,
   arXiv:2502.03805) as kvpress's ``CriticalKVPress`` mixes it. Stage 1 keeps the SnapKV top of
   ``first_stage_ratio`` of the budget (the window counted in it, as kvpress counts it); stage 2
@@ -302,7 +303,9 @@ class SnapKVRareLongContinuationScore(SnapKVRareContinuationScore):
     scaled reach (``// 32``) was chosen with every position starting a run; the gate leaves the
     runs to rare tokens, and at 1/16 a reach of 7 ends a needle's run a few digits into its
     value when the haystack's digits are frequent (RULER's multi-key needle, where the haystack
-    is itself numbered needles: docs/results.md, "Longer runs from rare tokens")."""
+    is itself numbered needles). Measured: it answers that needle on Qwen2.5-Coder-1.5B, but at
+    1/16 loses Gemma 3's needles, whose digits are rare and start runs of their own
+    (docs/results.md, "Longer runs from rare tokens")."""
 
     name = "snapkv-rare-long-continuation"
     reach_share = 16
