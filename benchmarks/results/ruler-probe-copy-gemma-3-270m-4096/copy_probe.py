@@ -52,6 +52,14 @@ def list_items(tokenizer, ids: list[int]) -> list[tuple[range, str]]:
     return items
 
 
+def leading_items_kept(items: list[tuple[range, str]], kept: set[int]) -> int:
+    """How many of the list's items, from the first on, ``kept`` holds whole (every token)."""
+    count = 0
+    while count < len(items) and all(t in kept for t in items[count][0]):
+        count += 1
+    return count
+
+
 def copy_report(tokenizer, row, captured, layers, scale, budget) -> str:
     items = list_items(tokenizer, row["prompt_token_ids"])
     line = [f"doc {row['doc_id']:2d}"]
@@ -61,10 +69,7 @@ def copy_report(tokenizer, row, captured, layers, scale, budget) -> str:
             q, k = captured[layer]
             wq, keys = q[:, -WINDOW:].permute(1, 0, 2), k.permute(1, 0, 2)
             kept = set(select_kept_positions(wq, keys, budget, scale, score=rule)[0].tolist())
-            count = 0
-            while count < len(items) and all(t in kept for t in items[count][0]):
-                count += 1
-            stretch.append(count)
+            stretch.append(leading_items_kept(items, kept))
         copied = 0
         for j, match in enumerate(re.finditer(r"(\d+)\.\s*(\S+)", row["outputs"][f"{rule}-{budget}"]["text"])):
             if j >= len(items) or match.group(2) != items[j][1]:

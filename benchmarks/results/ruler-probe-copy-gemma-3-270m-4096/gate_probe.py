@@ -18,7 +18,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "ruler-probe-runs-gemma-3-270m-4096"))
-from copy_probe import list_items
+from copy_probe import leading_items_kept, list_items
 from position_stats import WINDOW, answer_positions, post_rope_queries_and_keys
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -78,10 +78,7 @@ def main() -> None:
                     wq, keys = q[:, -WINDOW:].permute(1, 0, 2), k.permute(1, 0, 2)
                     kept = set(select_kept_positions(wq, keys, budget, scale, score=rule)[0].tolist())
                     if task == "ruler_cwe":
-                        count = 0
-                        while count < len(items) and all(t in kept for t in items[count][0]):
-                            count += 1
-                        per_layer.append(count)
+                        per_layer.append(leading_items_kept(items, kept))
                     else:
                         per_layer.append(len(kept & answers))
                 line.append(f"{label} {per_layer}")

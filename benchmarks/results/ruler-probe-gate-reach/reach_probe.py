@@ -23,8 +23,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 RESULTS = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(RESULTS / "ruler-probe-copy-gemma-3-270m-4096"))
 sys.path.insert(0, str(RESULTS / "ruler-probe-runs-gemma-3-270m-4096"))
-from copy_probe import list_items  # noqa: E402
-from position_stats import WINDOW, answer_positions  # noqa: E402
+from copy_probe import leading_items_kept, list_items  # noqa: E402
+from position_stats import WINDOW, answer_positions, post_rope_queries_and_keys  # noqa: E402
 
 from vllm_snapkv.scoring import SnapKVRareContinuationScore  # noqa: E402
 from vllm_snapkv.selection import select_kept_positions  # noqa: E402
@@ -47,25 +47,6 @@ def rare_rule(share: int, reach: int = 24) -> SnapKVRareContinuationScore:
 
 RULES = {"snapkv": "snapkv", "scaled": "snapkv-scaled-continuation", "rare32": rare_rule(32),
          "rare16": rare_rule(16), "rare-fixed24": rare_rule(1)}
-
-
-def post_rope_queries_and_keys(model, ids: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Per layer, ``[H, L, D]`` queries and keys after RoPE (the model's own rotary code)."""
-    module = sys.modules[type(model.model.layers[0].self_attn).__module__]
-    captured, original = [], module.apply_rotary_pos_emb
-
-    def capture(q, k, *args, **kwargs):
-        q, k = original(q, k, *args, **kwargs)
-        captured.append((q[0].detach(), k[0].detach()))
-        return q, k
-
-    module.apply_rotary_pos_emb = capture
-    try:
-        with torch.no_grad():
-            model(torch.tensor([ids]))
-    finally:
-        module.apply_rotary_pos_emb = original
-    return captured
 
 
 def main() -> None:
@@ -99,10 +80,7 @@ def main() -> None:
                                                       token_ids=torch.tensor(ids))
                     for kept in map(set, kept_rows.tolist()):
                         if task == "ruler_cwe":
-                            count = 0
-                            while count < len(items) and all(t in kept for t in items[count][0]):
-                                count += 1
-                            total += count
+                            total += leading_items_kept(items, kept)
                         else:
                             total += len(kept & answers)
                             whole += answers <= kept

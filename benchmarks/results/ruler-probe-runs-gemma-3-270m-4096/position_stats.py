@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import torch
-import transformers.models.gemma3.modeling_gemma3 as gemma3
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from vllm_snapkv.scoring import SCORE_RULES
@@ -31,20 +31,22 @@ RULES = ("snapkv", "snapkv-continuation", "snapkv-scaled-continuation")
 
 
 def post_rope_queries_and_keys(model, ids: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Per layer, ``[H, L, D]`` queries and keys after RoPE (transformers' own rotary code)."""
-    captured, original = [], gemma3.apply_rotary_pos_emb
+    """Per layer, ``[H, L, D]`` queries and keys after RoPE (the model's own rotary code: the
+    ``apply_rotary_pos_emb`` of its attention module's file, Gemma 3's or Qwen2's alike)."""
+    modeling = sys.modules[type(model.model.layers[0].self_attn).__module__]
+    captured, original = [], modeling.apply_rotary_pos_emb
 
     def capture(q, k, *args, **kwargs):
         q, k = original(q, k, *args, **kwargs)
         captured.append((q[0].detach(), k[0].detach()))
         return q, k
 
-    gemma3.apply_rotary_pos_emb = capture
+    modeling.apply_rotary_pos_emb = capture
     try:
         with torch.no_grad():
             model(torch.tensor([ids]))
     finally:
-        gemma3.apply_rotary_pos_emb = original
+        modeling.apply_rotary_pos_emb = original
     return captured
 
 
