@@ -176,15 +176,24 @@ def test_kept_positions_match_dense_transformers_reference(
 
 
 def carried_order(
-    row: torch.Tensor, reach: int, decay: float, rare: torch.Tensor | None = None
+    row: torch.Tensor, reach: int, decay: float, rare: torch.Tensor | None = None,
+    rare_steps: int | None = None,
 ) -> list[int]:
     """Positions of one head by ``max over d <= reach of decay**d * row[p - d]`` (zero before
     the prompt), best first, ties to the earlier position: the continuation rules' order.
     ``rare`` (bool per position): carried only from positions where it holds (``d = 0``
-    always counts)."""
+    always counts); with ``rare_steps``, only while ``p - d + 1 .. p`` hold at most that many
+    rare positions."""
     source = row if rare is None else row * rare
+
+    def passable(d: int) -> torch.Tensor:
+        if rare_steps is None:
+            return row.new_ones(len(row))
+        held = torch.nn.functional.conv1d(rare[None, None], rare.new_ones(1, 1, d))[0, 0]
+        return torch.cat([row.new_ones(d - 1), (held <= rare_steps).to(row.dtype)])
+
     shifted = [row] + [torch.cat([row.new_zeros(d), source[: len(row) - d]]) * decay**d
-                       for d in range(1, reach + 1)]
+                       * passable(d) for d in range(1, reach + 1)]
     continued = torch.stack(shifted).max(dim=0).values
     return continued.sort(descending=True, stable=True).indices.tolist()
 
@@ -212,7 +221,8 @@ def reference_rule_kept_positions(
     'snapkv-scaled-continuation' the same with ``reach`` = the prefix budget // 32 (1 to 24);
     'snapkv-rare-continuation' that, carried only from positions whose token id occurs at most
     ``max(16, L // 256)`` times in the prompt; 'snapkv-rare-long-continuation' that with
-    ``reach`` = the prefix budget // 16."""
+    ``reach`` = the prefix budget // 16; 'snapkv-rare-step-continuation' that, carried only
+    while the positions passed hold at most the prefix budget // 32 rare tokens."""
     import math
 
     import transformers.models.llama.modeling_llama as llama
@@ -236,7 +246,7 @@ def reference_rule_kept_positions(
             hook.remove()
 
     critical, chunk, mixed, carried, mixed_carried, mixed_scaled = {}, {}, {}, {}, {}, {}
-    mixed_rare, mixed_rare_long = {}, {}
+    mixed_rare, mixed_rare_long, mixed_rare_step = {}, {}, {}
     decay, reach = ContinuationScore.decay, ContinuationScore.reach
     scaled_reach = max(1, min(reach, (budget - window) // 32))
     long_reach = max(1, min(reach, (budget - window) // 16))
@@ -257,7 +267,7 @@ def reference_rule_kept_positions(
         first = max(budget // 2 - window, 0)
         critical[layer], chunk[layer], mixed[layer] = [], [], []
         carried[layer], mixed_carried[layer], mixed_scaled[layer] = [], [], []
-        mixed_rare[layer], mixed_rare_long[layer] = [], []
+        mixed_rare[layer], mixed_rare_long[layer], mixed_rare_step[layer] = [], [], []
         tail = set(range(prefix, length))  # the window, kept by every rule
         for h in range(num_kv_heads):
             squares = [
@@ -286,18 +296,21 @@ def reference_rule_kept_positions(
             mixed_rare[layer].append(two_track_keep(singles, order, budget - window) | tail)
             order = carried_order(attention[h], long_reach, decay, rare[:prefix])
             mixed_rare_long[layer].append(two_track_keep(singles, order, budget - window) | tail)
+            order = carried_order(attention[h], long_reach, decay, rare[:prefix], scaled_reach)
+            mixed_rare_step[layer].append(two_track_keep(singles, order, budget - window) | tail)
     return {"critical": critical, "chunk": chunk, "snapkv-chunk": mixed, "continuation": carried,
             "snapkv-continuation": mixed_carried, "snapkv-scaled-continuation": mixed_scaled,
             "snapkv-rare-continuation": mixed_rare,
-            "snapkv-rare-long-continuation": mixed_rare_long}
+            "snapkv-rare-long-continuation": mixed_rare_long,
+            "snapkv-rare-step-continuation": mixed_rare_step}
 
 
 def test_other_rules_per_request_keep_budget_blocks_and_match_their_references(
     snap_llm, dump_dir, model_dir
 ):
     """``snapkv_score: critical``, ``chunk``, ``snapkv-chunk``, ``continuation``,
-    ``snapkv-continuation``, ``snapkv-scaled-continuation``, ``snapkv-rare-continuation`` and
-    ``snapkv-rare-long-continuation`` (the prompt's token ids reached the worker) through
+    ``snapkv-continuation``, ``snapkv-scaled-continuation`` and the three
+    ``snapkv-rare-*-continuation`` rules (the prompt's token ids reached the worker) through
     ``extra_args`` on the shared SnapKV engine, the same prompt: each request holds ceil(C / bs) blocks like any SnapKV request, its dump names the
     rule, and every layer's kept positions match the rule computed from transformers' forward
     (for 'critical', the worker found o_proj through vLLM's CPU-repacked linear and read V from
@@ -314,7 +327,7 @@ def test_other_rules_per_request_keep_budget_blocks_and_match_their_references(
     prompt_ids = snap_llm.get_tokenizer()(prompt).input_ids
     for rule in ("critical", "chunk", "snapkv-chunk", "continuation", "snapkv-continuation",
                  "snapkv-scaled-continuation", "snapkv-rare-continuation",
-                 "snapkv-rare-long-continuation"):
+                 "snapkv-rare-long-continuation", "snapkv-rare-step-continuation"):
         snap_llm.reset_prefix_cache()
         free_at_start = pool.get_num_free_blocks()
         params = SamplingParams(temperature=0.0, max_tokens=8,
@@ -336,7 +349,8 @@ def test_other_rules_per_request_keep_budget_blocks_and_match_their_references(
                                 ("continuation", 0.95), ("snapkv-continuation", 0.95),
                                 ("snapkv-scaled-continuation", 0.95),
                                 ("snapkv-rare-continuation", 0.95),
-                                ("snapkv-rare-long-continuation", 0.95)):
+                                ("snapkv-rare-long-continuation", 0.95),
+                                ("snapkv-rare-step-continuation", 0.95)):
         dump = load_dump(dump_dir, rule)
         assert dump["score"] == rule and dump["budget"] == budget
         assert sorted(dump["layers"]) == list(range(30))
@@ -367,6 +381,10 @@ def test_other_rules_per_request_keep_budget_blocks_and_match_their_references(
     # The longer reach (14 at this budget, not 7) reached the worker.
     rare_long = load_dump(dump_dir, "snapkv-rare-long-continuation")
     assert any(not torch.equal(rare["layers"][layer], rare_long["layers"][layer])
+               for layer in range(30))
+    # The rare-token count (at most 7 passed) reached the worker.
+    rare_step = load_dump(dump_dir, "snapkv-rare-step-continuation")
+    assert any(not torch.equal(rare_long["layers"][layer], rare_step["layers"][layer])
                for layer in range(30))
 
 

@@ -199,7 +199,8 @@ def test_snapkv_chunk_keeps_the_snapkv_top_then_fills_with_whole_chunks(pooling,
 
 @pytest.mark.parametrize("score", ["continuation", "snapkv-continuation",
                                    "snapkv-scaled-continuation", "snapkv-rare-continuation",
-                                   "snapkv-rare-long-continuation"])
+                                   "snapkv-rare-long-continuation",
+                                   "snapkv-rare-step-continuation"])
 @pytest.mark.parametrize("q_heads,kv_heads", [(4, 4), (9, 3)])
 @pytest.mark.parametrize("budget,length", [(6, 60), (27, 60), (44, 97), (90, 97), (300, 400)])
 def test_continuation_matches_the_naive_reference(score, q_heads, kv_heads, budget, length):
@@ -211,13 +212,15 @@ def test_continuation_matches_the_naive_reference(score, q_heads, kv_heads, budg
     'snapkv-rare-continuation': that, with ``d >= 1`` only from positions whose token id occurs
     at most 16 times in the prompt (these prompts are shorter than 4096);
     'snapkv-rare-long-continuation' that with ``reach`` = the prefix budget // 16 (1, 1, 2, 5
-    and 18)."""
+    and 18); 'snapkv-rare-step-continuation' that, carried from ``p - d`` only while positions
+    ``p - d + 1 .. p`` hold at most the prefix budget // 32 rare tokens (1, 1, 1, 2 and 9)."""
     window, rule = 5, ContinuationScore()
     reach = rule.reach
     if score in ("snapkv-scaled-continuation", "snapkv-rare-continuation"):
         reach = max(1, min(24, (budget - window) // 32))
-    elif score == "snapkv-rare-long-continuation":
+    elif score in ("snapkv-rare-long-continuation", "snapkv-rare-step-continuation"):
         reach = max(1, min(24, (budget - window) // 16))
+    rare_steps = max(1, min(24, (budget - window) // 32)) if "-step-" in score else length
     q, k = make_inputs(7 * q_heads + budget, window, q_heads, kv_heads, length)
     token_ids = frequent_and_rare_ids(length, budget)
     occurrences = {t: token_ids.tolist().count(t) for t in set(token_ids.tolist())}
@@ -233,7 +236,8 @@ def test_continuation_matches_the_naive_reference(score, q_heads, kv_heads, budg
             carried.append(max(
                 (attention[head, position - d] * rule.decay**d).item()
                 for d in range(min(reach, position) + 1)
-                if d == 0 or carries[position - d]
+                if d == 0 or (carries[position - d]
+                              and sum(carries[position - d + 1 : position + 1]) <= rare_steps)
             ))
         singles = (budget - window) // 2 if score.startswith("snapkv-") else 0
         kept = sorted(range(prefix), key=lambda p: (-attention[head, p].item(), p))[:singles]
@@ -270,6 +274,30 @@ def test_rare_continuation_carries_from_rare_tokens_only():
     assert rule.token_features(long_ids).all()
     long_ids[0:33 * 20:20] = 7  # 33 occurrences
     assert not rule.token_features(long_ids)[0]
+
+
+def test_rare_step_continuation_runs_far_through_frequent_tokens_only():
+    """At 1/16 of a 4K prompt's shape (prefix budget 224): a run may span 14 positions but pass
+    at most 7 rare tokens. From a rare peak followed by a frequent token (30 occurrences) it
+    runs all 14; from one followed by rare tokens it stops after 7, where the long rule runs
+    on."""
+    rule = score_rule("snapkv-rare-step-continuation")
+    token_ids = torch.arange(400) + 100
+    token_ids[101:131] = 7
+    attention = torch.full((1, 400), 0.001)
+    attention[0, 100] = attention[0, 300] = 1.0
+    rare = rule.token_features(token_ids)
+    assert rare[100] and not rare[101:131].any() and rare[300:].all()
+    carried = rule.score(attention, 32, 256, token_features=rare)[1, 0]
+    assert (carried[101:115] > 0.45).all() and carried[115] == 0.001
+    assert (carried[301:308] > 0.65).all() and (carried[308:] == 0.001).all()
+    long_carried = score_rule("snapkv-rare-long-continuation").score(
+        attention, 32, 256, token_features=rare)[1, 0]
+    assert (long_carried[301:315] > 0.45).all()
+    # At 1/8 (prefix budget 480): reach 24, 15 rare tokens.
+    carried = rule.score(attention, 32, 512, token_features=rare)[1, 0]
+    assert (carried[101:125] > 0.29).all() and carried[125] == 0.001
+    assert (carried[301:316] > 0.46).all() and carried[316] == 0.001
 
 
 def test_rules_that_read_token_ids_refuse_to_run_without_them():
@@ -462,7 +490,7 @@ def test_every_rule_keeps_exactly_the_budget_per_head():
 def test_unknown_rule_and_missing_values_are_refused():
     q, k = make_inputs(1, 4, 4, 2, 50)
     with pytest.raises(ValueError,
-                       match="score must be one of snapkv, critical, chunk, snapkv-chunk, continuation, snapkv-continuation, snapkv-scaled-continuation, snapkv-rare-continuation, snapkv-rare-long-continuation; got"):
+                       match="score must be one of snapkv, critical, chunk, snapkv-chunk, continuation, snapkv-continuation, snapkv-scaled-continuation, snapkv-rare-continuation, snapkv-rare-long-continuation, snapkv-rare-step-continuation; got"):
         select_kept_positions(q, k, 20, 0.25, score="h2o")
     with pytest.raises(ValueError, match="'critical' score needs values and value_metric"):
         select_kept_positions(q, k, 20, 0.25, score="critical")

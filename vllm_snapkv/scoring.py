@@ -311,13 +311,49 @@ class SnapKVRareLongContinuationScore(SnapKVRareContinuationScore):
     reach_share = 16
 
 
+class SnapKVRareStepContinuationScore(SnapKVRareLongContinuationScore):
+    """:class:`SnapKVRareLongContinuationScore` whose runs count the rare tokens they pass: a
+    score is carried from a rare position ``s`` to ``p`` (``p - s`` up to the long reach,
+    ``prefix_budget // 16``) only while ``(s, p]`` holds at most the short reach's number
+    (``prefix_budget // 32``) of rare tokens. So a run goes far through frequent tokens (a
+    multi-key needle's value, whose digits a haystack of numbered needles repeats, on
+    Qwen2.5-Coder-1.5B) and stays short through rare ones (an essay needle's digits on Gemma 3,
+    each of which starts a run of its own): the long reach's gain without its cost at 1/16
+    (docs/results.md, "Runs that count rare tokens"). Runs end where the long rule's end, so
+    its :attr:`~ScoreRule.lookback` covers the chunked path."""
+
+    name = "snapkv-rare-step-continuation"
+    rare_steps_share: ClassVar[int] = 32
+    # The rare counts per position: their int32 cumulative sum, one difference, its mask.
+    score_bytes_per_position = SnapKVRareLongContinuationScore.score_bytes_per_position + 12
+
+    def rare_steps_for(self, prefix_budget: int) -> int:
+        """Rare tokens a run may pass at a prefix budget of ``prefix_budget``."""
+        return max(1, min(self.reach, prefix_budget // self.rare_steps_share))
+
+    def score(self, attention, window, budget, values=None, metric=None, token_features=None):
+        if token_features is None:
+            raise ValueError(f"the {self.name!r} score needs the prompt's token ids")
+        reach = self.reach_for(budget - window)
+        rare_steps = self.rare_steps_for(budget - window)
+        sources = attention * token_features
+        rare_seen = torch.cumsum(token_features, 0, dtype=torch.int32)
+        carried = attention.clone()  # a frequent token keeps its own score
+        for distance in range(1, min(reach, attention.shape[1] - 1) + 1):
+            within = rare_seen[distance:] - rare_seen[:-distance] <= rare_steps
+            step = sources[:, :-distance] * self.decay**distance
+            step.mul_(within)
+            torch.maximum(carried[:, distance:], step, out=carried[:, distance:])
+        return torch.stack([attention, carried])
+
+
 #: Every rule by name; the first is the default.
 SCORE_RULES: dict[str, ScoreRule] = {
     rule.name: rule
     for rule in (
         SnapKVScore(), CriticalScore(), ChunkScore(), SnapKVChunkScore(), ContinuationScore(),
         SnapKVContinuationScore(), SnapKVScaledContinuationScore(), SnapKVRareContinuationScore(),
-        SnapKVRareLongContinuationScore(),
+        SnapKVRareLongContinuationScore(), SnapKVRareStepContinuationScore(),
     )
 }
 SCORE_NAMES: tuple[str, ...] = tuple(SCORE_RULES)
