@@ -177,13 +177,13 @@ def test_kept_positions_match_dense_transformers_reference(
 
 def carried_order(
     row: torch.Tensor, reach: int, decay: float, rare: torch.Tensor | None = None,
-    rare_steps: int | None = None,
+    rare_steps: int | None = None, tail: float = 1.0,
 ) -> list[int]:
     """Positions of one head by ``max over d <= reach of decay**d * row[p - d]`` (zero before
     the prompt), best first, ties to the earlier position: the continuation rules' order.
     ``rare`` (bool per position): carried only from positions where it holds (``d = 0``
     always counts); with ``rare_steps``, only while ``p - d + 1 .. p`` hold at most that many
-    rare positions."""
+    rare positions, and ``tail ** (d - rare_steps)`` less past that distance."""
     source = row if rare is None else row * rare
 
     def passable(d: int) -> torch.Tensor:
@@ -193,7 +193,8 @@ def carried_order(
         return torch.cat([row.new_ones(d - 1), (held <= rare_steps).to(row.dtype)])
 
     shifted = [row] + [torch.cat([row.new_zeros(d), source[: len(row) - d]]) * decay**d
-                       * passable(d) for d in range(1, reach + 1)]
+                       * tail ** max(0, d - (rare_steps or d)) * passable(d)
+                       for d in range(1, reach + 1)]
     continued = torch.stack(shifted).max(dim=0).values
     return continued.sort(descending=True, stable=True).indices.tolist()
 
@@ -222,7 +223,8 @@ def reference_rule_kept_positions(
     'snapkv-rare-continuation' that, carried only from positions whose token id occurs at most
     ``max(16, L // 256)`` times in the prompt; 'snapkv-rare-long-continuation' that with
     ``reach`` = the prefix budget // 16; 'snapkv-rare-step-continuation' that, carried only
-    while the positions passed hold at most the prefix budget // 32 rare tokens."""
+    while the positions passed hold at most the prefix budget // 32 rare tokens;
+    'snapkv-rare-tail-continuation' that, times 0.8 per position past that count."""
     import math
 
     import transformers.models.llama.modeling_llama as llama
@@ -246,7 +248,7 @@ def reference_rule_kept_positions(
             hook.remove()
 
     critical, chunk, mixed, carried, mixed_carried, mixed_scaled = {}, {}, {}, {}, {}, {}
-    mixed_rare, mixed_rare_long, mixed_rare_step = {}, {}, {}
+    mixed_rare, mixed_rare_long, mixed_rare_step, mixed_rare_tail = {}, {}, {}, {}
     decay, reach = ContinuationScore.decay, ContinuationScore.reach
     scaled_reach = max(1, min(reach, (budget - window) // 32))
     long_reach = max(1, min(reach, (budget - window) // 16))
@@ -267,7 +269,8 @@ def reference_rule_kept_positions(
         first = max(budget // 2 - window, 0)
         critical[layer], chunk[layer], mixed[layer] = [], [], []
         carried[layer], mixed_carried[layer], mixed_scaled[layer] = [], [], []
-        mixed_rare[layer], mixed_rare_long[layer], mixed_rare_step[layer] = [], [], []
+        mixed_rare[layer], mixed_rare_long[layer] = [], []
+        mixed_rare_step[layer], mixed_rare_tail[layer] = [], []
         tail = set(range(prefix, length))  # the window, kept by every rule
         for h in range(num_kv_heads):
             squares = [
@@ -298,18 +301,21 @@ def reference_rule_kept_positions(
             mixed_rare_long[layer].append(two_track_keep(singles, order, budget - window) | tail)
             order = carried_order(attention[h], long_reach, decay, rare[:prefix], scaled_reach)
             mixed_rare_step[layer].append(two_track_keep(singles, order, budget - window) | tail)
+            order = carried_order(attention[h], long_reach, decay, rare[:prefix], scaled_reach, 0.8)
+            mixed_rare_tail[layer].append(two_track_keep(singles, order, budget - window) | tail)
     return {"critical": critical, "chunk": chunk, "snapkv-chunk": mixed, "continuation": carried,
             "snapkv-continuation": mixed_carried, "snapkv-scaled-continuation": mixed_scaled,
             "snapkv-rare-continuation": mixed_rare,
             "snapkv-rare-long-continuation": mixed_rare_long,
-            "snapkv-rare-step-continuation": mixed_rare_step}
+            "snapkv-rare-step-continuation": mixed_rare_step,
+            "snapkv-rare-tail-continuation": mixed_rare_tail}
 
 
 def test_other_rules_per_request_keep_budget_blocks_and_match_their_references(
     snap_llm, dump_dir, model_dir
 ):
     """``snapkv_score: critical``, ``chunk``, ``snapkv-chunk``, ``continuation``,
-    ``snapkv-continuation``, ``snapkv-scaled-continuation`` and the three
+    ``snapkv-continuation``, ``snapkv-scaled-continuation`` and the four
     ``snapkv-rare-*-continuation`` rules (the prompt's token ids reached the worker) through
     ``extra_args`` on the shared SnapKV engine, the same prompt: each request holds ceil(C / bs) blocks like any SnapKV request, its dump names the
     rule, and every layer's kept positions match the rule computed from transformers' forward
@@ -327,7 +333,8 @@ def test_other_rules_per_request_keep_budget_blocks_and_match_their_references(
     prompt_ids = snap_llm.get_tokenizer()(prompt).input_ids
     for rule in ("critical", "chunk", "snapkv-chunk", "continuation", "snapkv-continuation",
                  "snapkv-scaled-continuation", "snapkv-rare-continuation",
-                 "snapkv-rare-long-continuation", "snapkv-rare-step-continuation"):
+                 "snapkv-rare-long-continuation", "snapkv-rare-step-continuation",
+                 "snapkv-rare-tail-continuation"):
         snap_llm.reset_prefix_cache()
         free_at_start = pool.get_num_free_blocks()
         params = SamplingParams(temperature=0.0, max_tokens=8,
@@ -350,7 +357,8 @@ def test_other_rules_per_request_keep_budget_blocks_and_match_their_references(
                                 ("snapkv-scaled-continuation", 0.95),
                                 ("snapkv-rare-continuation", 0.95),
                                 ("snapkv-rare-long-continuation", 0.95),
-                                ("snapkv-rare-step-continuation", 0.95)):
+                                ("snapkv-rare-step-continuation", 0.95),
+                                ("snapkv-rare-tail-continuation", 0.95)):
         dump = load_dump(dump_dir, rule)
         assert dump["score"] == rule and dump["budget"] == budget
         assert sorted(dump["layers"]) == list(range(30))
@@ -385,6 +393,10 @@ def test_other_rules_per_request_keep_budget_blocks_and_match_their_references(
     # The rare-token count (at most 7 passed) reached the worker.
     rare_step = load_dump(dump_dir, "snapkv-rare-step-continuation")
     assert any(not torch.equal(rare_long["layers"][layer], rare_step["layers"][layer])
+               for layer in range(30))
+    # The tail's decay reached the worker.
+    rare_tail = load_dump(dump_dir, "snapkv-rare-tail-continuation")
+    assert any(not torch.equal(rare_step["layers"][layer], rare_tail["layers"][layer])
                for layer in range(30))
 
 

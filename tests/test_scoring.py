@@ -200,7 +200,8 @@ def test_snapkv_chunk_keeps_the_snapkv_top_then_fills_with_whole_chunks(pooling,
 @pytest.mark.parametrize("score", ["continuation", "snapkv-continuation",
                                    "snapkv-scaled-continuation", "snapkv-rare-continuation",
                                    "snapkv-rare-long-continuation",
-                                   "snapkv-rare-step-continuation"])
+                                   "snapkv-rare-step-continuation",
+                                   "snapkv-rare-tail-continuation"])
 @pytest.mark.parametrize("q_heads,kv_heads", [(4, 4), (9, 3)])
 @pytest.mark.parametrize("budget,length", [(6, 60), (27, 60), (44, 97), (90, 97), (300, 400)])
 def test_continuation_matches_the_naive_reference(score, q_heads, kv_heads, budget, length):
@@ -213,14 +214,18 @@ def test_continuation_matches_the_naive_reference(score, q_heads, kv_heads, budg
     at most 16 times in the prompt (these prompts are shorter than 4096);
     'snapkv-rare-long-continuation' that with ``reach`` = the prefix budget // 16 (1, 1, 2, 5
     and 18); 'snapkv-rare-step-continuation' that, carried from ``p - d`` only while positions
-    ``p - d + 1 .. p`` hold at most the prefix budget // 32 rare tokens (1, 1, 1, 2 and 9)."""
+    ``p - d + 1 .. p`` hold at most the prefix budget // 32 rare tokens (1, 1, 1, 2 and 9);
+    'snapkv-rare-tail-continuation' that, times ``0.8 ** (d - n)`` where ``d`` passes that
+    number ``n``."""
     window, rule = 5, ContinuationScore()
     reach = rule.reach
     if score in ("snapkv-scaled-continuation", "snapkv-rare-continuation"):
         reach = max(1, min(24, (budget - window) // 32))
-    elif score in ("snapkv-rare-long-continuation", "snapkv-rare-step-continuation"):
+    elif score.startswith("snapkv-rare-") and score != "snapkv-rare-continuation":
         reach = max(1, min(24, (budget - window) // 16))
-    rare_steps = max(1, min(24, (budget - window) // 32)) if "-step-" in score else length
+    stepped = score in ("snapkv-rare-step-continuation", "snapkv-rare-tail-continuation")
+    rare_steps = max(1, min(24, (budget - window) // 32)) if stepped else length
+    tail = 0.8 if score == "snapkv-rare-tail-continuation" else 1.0
     q, k = make_inputs(7 * q_heads + budget, window, q_heads, kv_heads, length)
     token_ids = frequent_and_rare_ids(length, budget)
     occurrences = {t: token_ids.tolist().count(t) for t in set(token_ids.tolist())}
@@ -234,7 +239,8 @@ def test_continuation_matches_the_naive_reference(score, q_heads, kv_heads, budg
         carried = []
         for position in range(prefix):
             carried.append(max(
-                (attention[head, position - d] * rule.decay**d).item()
+                (attention[head, position - d] * rule.decay**d
+                 * tail ** max(0, d - rare_steps)).item()
                 for d in range(min(reach, position) + 1)
                 if d == 0 or (carries[position - d]
                               and sum(carries[position - d + 1 : position + 1]) <= rare_steps)
@@ -298,6 +304,12 @@ def test_rare_step_continuation_runs_far_through_frequent_tokens_only():
     carried = rule.score(attention, 32, 512, token_features=rare)[1, 0]
     assert (carried[101:125] > 0.29).all() and carried[125] == 0.001
     assert (carried[301:316] > 0.46).all() and carried[316] == 0.001
+    # 'snapkv-rare-tail-continuation': the same runs, 0.8 less per position past the 7th.
+    tail_carried = score_rule("snapkv-rare-tail-continuation").score(
+        attention, 32, 256, token_features=rare)[1, 0]
+    want = torch.tensor([0.95**d * 0.8 ** max(0, d - 7) for d in range(1, 15)])
+    torch.testing.assert_close(tail_carried[101:115], want)
+    assert tail_carried[115] == 0.001 and torch.equal(tail_carried[301:308], carried[301:308])
 
 
 def test_rules_that_read_token_ids_refuse_to_run_without_them():
@@ -490,7 +502,7 @@ def test_every_rule_keeps_exactly_the_budget_per_head():
 def test_unknown_rule_and_missing_values_are_refused():
     q, k = make_inputs(1, 4, 4, 2, 50)
     with pytest.raises(ValueError,
-                       match="score must be one of snapkv, critical, chunk, snapkv-chunk, continuation, snapkv-continuation, snapkv-scaled-continuation, snapkv-rare-continuation, snapkv-rare-long-continuation, snapkv-rare-step-continuation; got"):
+                       match="score must be one of snapkv, critical, chunk, snapkv-chunk, continuation, snapkv-continuation, snapkv-scaled-continuation, snapkv-rare-continuation, snapkv-rare-long-continuation, snapkv-rare-step-continuation, snapkv-rare-tail-continuation; got"):
         select_kept_positions(q, k, 20, 0.25, score="h2o")
     with pytest.raises(ValueError, match="'critical' score needs values and value_metric"):
         select_kept_positions(q, k, 20, 0.25, score="critical")

@@ -320,10 +320,12 @@ class SnapKVRareStepContinuationScore(SnapKVRareLongContinuationScore):
     Qwen2.5-Coder-1.5B) and stays short through rare ones (an essay needle's digits on Gemma 3,
     each of which starts a run of its own): the long reach's gain without its cost at 1/16
     (docs/results.md, "Runs that count rare tokens"). Runs end where the long rule's end, so
-    its :attr:`~ScoreRule.lookback` covers the chunked path."""
+    its :attr:`~ScoreRule.lookback` covers the chunked path. A position more than the short
+    reach past its source scores ``tail_decay`` less per further position (1: no extra decay)."""
 
     name = "snapkv-rare-step-continuation"
     rare_steps_share: ClassVar[int] = 32
+    tail_decay: ClassVar[float] = 1.0
     # The rare counts per position: their int32 cumulative sum, one difference, its mask.
     score_bytes_per_position = SnapKVRareLongContinuationScore.score_bytes_per_position + 12
 
@@ -341,10 +343,23 @@ class SnapKVRareStepContinuationScore(SnapKVRareLongContinuationScore):
         carried = attention.clone()  # a frequent token keeps its own score
         for distance in range(1, min(reach, attention.shape[1] - 1) + 1):
             within = rare_seen[distance:] - rare_seen[:-distance] <= rare_steps
-            step = sources[:, :-distance] * self.decay**distance
+            factor = self.decay**distance * self.tail_decay ** max(0, distance - rare_steps)
+            step = sources[:, :-distance] * factor
             step.mul_(within)
             torch.maximum(carried[:, distance:], step, out=carried[:, distance:])
         return torch.stack([attention, carried])
+
+
+class SnapKVRareTailContinuationScore(SnapKVRareStepContinuationScore):
+    """:class:`SnapKVRareStepContinuationScore` whose runs past the short reach decay faster
+    (``tail_decay`` 0.8 per position): their far positions outrank other runs' near ones only
+    after a source far stronger than those runs' sources. The multi-key needle's key is such a
+    source on Qwen2.5-Coder-1.5B, where the window asks for it by name; on Gemma 3's essay the
+    untailed long runs after ordinary rare words took the slots of the needle's own runs at 1/16
+    (docs/results.md, "Runs that count rare tokens")."""
+
+    name = "snapkv-rare-tail-continuation"
+    tail_decay = 0.8
 
 
 #: Every rule by name; the first is the default.
@@ -354,6 +369,7 @@ SCORE_RULES: dict[str, ScoreRule] = {
         SnapKVScore(), CriticalScore(), ChunkScore(), SnapKVChunkScore(), ContinuationScore(),
         SnapKVContinuationScore(), SnapKVScaledContinuationScore(), SnapKVRareContinuationScore(),
         SnapKVRareLongContinuationScore(), SnapKVRareStepContinuationScore(),
+        SnapKVRareTailContinuationScore(),
     )
 }
 SCORE_NAMES: tuple[str, ...] = tuple(SCORE_RULES)
