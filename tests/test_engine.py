@@ -376,28 +376,16 @@ def test_other_rules_per_request_keep_budget_blocks_and_match_their_references(
                            < min(CHUNK, prefix - start)]
                     assert len(cut) <= 1, (layer, head, cut)
         assert differs > 0  # the rule really changed the selection somewhere
-    # The scaled reach (7 at this budget, not 24) reached the worker.
-    fixed, scaled = load_dump(dump_dir, "snapkv-continuation"), load_dump(
-        dump_dir, "snapkv-scaled-continuation")
-    assert any(not torch.equal(fixed["layers"][layer], scaled["layers"][layer])
-               for layer in range(30))
-    # The gate changed what is carried (the passkey prompt's filler repeats: most tokens are
-    # frequent), so the token ids reached the worker.
-    rare = load_dump(dump_dir, "snapkv-rare-continuation")
-    assert any(not torch.equal(scaled["layers"][layer], rare["layers"][layer])
-               for layer in range(30))
-    # The longer reach (14 at this budget, not 7) reached the worker.
-    rare_long = load_dump(dump_dir, "snapkv-rare-long-continuation")
-    assert any(not torch.equal(rare["layers"][layer], rare_long["layers"][layer])
-               for layer in range(30))
-    # The rare-token count (at most 7 passed) reached the worker.
-    rare_step = load_dump(dump_dir, "snapkv-rare-step-continuation")
-    assert any(not torch.equal(rare_long["layers"][layer], rare_step["layers"][layer])
-               for layer in range(30))
-    # The tail's decay reached the worker.
-    rare_tail = load_dump(dump_dir, "snapkv-rare-tail-continuation")
-    assert any(not torch.equal(rare_step["layers"][layer], rare_tail["layers"][layer])
-               for layer in range(30))
+    # Each rule's own setting reached the worker: its selection differs somewhere from the one
+    # of the rule it refines (the scaled reach, 7 here, not 24; the rare-token gate, as the
+    # passkey filler repeats; the reach 14, not 7; at most 7 rare tokens passed; the tail).
+    chain = ("snapkv-continuation", "snapkv-scaled-continuation", "snapkv-rare-continuation",
+             "snapkv-rare-long-continuation", "snapkv-rare-step-continuation",
+             "snapkv-rare-tail-continuation")
+    for base, refined in zip(chain, chain[1:]):
+        first, second = load_dump(dump_dir, base), load_dump(dump_dir, refined)
+        assert any(not torch.equal(first["layers"][layer], second["layers"][layer])
+                   for layer in range(30)), (base, refined)
 
 
 def test_bad_request_budget_is_refused_naming_the_field(snap_llm):

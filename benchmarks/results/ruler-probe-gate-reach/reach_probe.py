@@ -49,8 +49,8 @@ RULES = {"snapkv": "snapkv", "scaled": "snapkv-scaled-continuation", "rare32": r
          "rare16": rare_rule(16), "rare-fixed24": rare_rule(1)}
 
 
-def main() -> None:
-    name, budget = sys.argv[1], int(sys.argv[2])
+def load_probe_model(name: str):
+    """The tokenizer, the float32 eager model, its full-attention layers and the attention scale."""
     model_dir = Path.home() / ".cache/vllm-snapkv" / name
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="eager")
@@ -59,6 +59,12 @@ def main() -> None:
     layers = [i for i, kind in enumerate(types) if kind == "full_attention"]
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     scale = (getattr(config, "query_pre_attn_scalar", None) or head_dim) ** -0.5
+    return tokenizer, model, layers, scale
+
+
+def main() -> None:
+    name, budget = sys.argv[1], int(sys.argv[2])
+    tokenizer, model, layers, scale = load_probe_model(name)
     print(f"# {name}, budget {budget}, window {WINDOW}, full-attention layers {layers}", flush=True)
     for run, task, limit in SAMPLES[name]:
         rows = [json.loads(line) for line in open(RESULTS / run / "samples.jsonl")]

@@ -19,11 +19,11 @@ import sys
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
 RESULTS = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(RESULTS / "ruler-probe-runs-gemma-3-270m-4096"))
 from position_stats import WINDOW, answer_positions, post_rope_queries_and_keys  # noqa: E402
+from reach_probe import load_probe_model  # noqa: E402
 
 from vllm_snapkv.scoring import SnapKVRareStepContinuationScore  # noqa: E402
 from vllm_snapkv.selection import select_kept_positions  # noqa: E402
@@ -60,14 +60,7 @@ RULES = {"snapkv": "snapkv", "scaled": "snapkv-scaled-continuation",
 
 def main() -> None:
     name, budget, run, tasks, limit = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4], int(sys.argv[5])
-    model_dir = Path.home() / ".cache/vllm-snapkv" / name
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="eager")
-    config = model.config
-    types = getattr(config, "layer_types", None) or ["full_attention"] * config.num_hidden_layers
-    layers = [i for i, kind in enumerate(types) if kind == "full_attention"]
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    scale = (getattr(config, "query_pre_attn_scalar", None) or head_dim) ** -0.5
+    tokenizer, model, layers, scale = load_probe_model(name)
     print(f"# {name} budget {budget} layers {layers}", flush=True)
     rows = [json.loads(line) for line in open(RESULTS / run / "samples.jsonl")]
     for task in tasks.split(","):
