@@ -106,7 +106,7 @@ def test_bad_choice_is_an_argparse_error_naming_the_flag(capsys, flag, value):
 
 def test_bad_score_in_additional_config_names_the_field_and_the_rules():
     with pytest.raises(KVCompressionConfigError,
-                       match=r"kv_compression.score: must be one of snapkv, critical, chunk, snapkv-chunk, continuation, snapkv-continuation, snapkv-scaled-continuation, snapkv-rare-continuation, snapkv-rare-long-continuation, snapkv-rare-step-continuation, snapkv-rare-tail-continuation \(got 'h2o'\)"):
+                       match=r"kv_compression.score: must be one of snapkv, critical, chunk, snapkv-chunk, continuation, snapkv-continuation, snapkv-scaled-continuation, snapkv-rare-continuation, snapkv-rare-long-continuation, snapkv-rare-step-continuation, snapkv-rare-tail-continuation, snapkv-rare-path-continuation \(got 'h2o'\)"):
         engine_args("--additional-config", '{"kv_compression": {"score": "h2o"}}',
                     "--snapkv-budget", "400")
 

@@ -31,7 +31,7 @@ def test_defaults_are_the_longbench_setting():
         ({"kernel_size": 4}, "kernel_size", "odd"),
         ({"kernel_size": 0}, "kernel_size", "greater than or equal to 1"),
         ({"pooling": "min"}, "pooling", "'max' or 'avg'"),
-        ({"score": "h2o"}, "score", "must be one of snapkv, critical, chunk, snapkv-chunk, continuation, snapkv-continuation, snapkv-scaled-continuation, snapkv-rare-continuation, snapkv-rare-long-continuation, snapkv-rare-step-continuation, snapkv-rare-tail-continuation"),
+        ({"score": "h2o"}, "score", "must be one of snapkv, critical, chunk, snapkv-chunk, continuation, snapkv-continuation, snapkv-scaled-continuation, snapkv-rare-continuation, snapkv-rare-long-continuation, snapkv-rare-step-continuation, snapkv-rare-tail-continuation, snapkv-rare-path-continuation"),
         ({"score": 1}, "score", "valid string"),
         ({"method": "h2o"}, "method", "'snapkv' or 'none'"),
         ({"budget": "lots"}, "budget", "valid integer"),
@@ -144,7 +144,7 @@ def test_request_cannot_raise_budget_or_pass_garbage(extra_args, field):
     if field == "snapkv_budget":
         assert "window_size (32) < snapkv_budget <= the server's budget (512)" in str(error.value)
     if field == "snapkv_score":
-        assert "must be one of snapkv, critical, chunk, snapkv-chunk, continuation, snapkv-continuation, snapkv-scaled-continuation, snapkv-rare-continuation, snapkv-rare-long-continuation, snapkv-rare-step-continuation, snapkv-rare-tail-continuation" in str(error.value)
+        assert "must be one of snapkv, critical, chunk, snapkv-chunk, continuation, snapkv-continuation, snapkv-scaled-continuation, snapkv-rare-continuation, snapkv-rare-long-continuation, snapkv-rare-step-continuation, snapkv-rare-tail-continuation, snapkv-rare-path-continuation" in str(error.value)
     elif field.startswith("snapkv_") and field != "snapkv_budget":
         assert "unknown SnapKV request key; allowed: kv_compression, snapkv_budget" in str(
             error.value
@@ -170,7 +170,8 @@ def test_request_may_pick_a_selection_rule(server, extra_args, score):
 
 
 @pytest.mark.parametrize("rule", ["snapkv-rare-continuation", "snapkv-rare-long-continuation",
-                                  "snapkv-rare-step-continuation", "snapkv-rare-tail-continuation"])
+                                  "snapkv-rare-step-continuation", "snapkv-rare-tail-continuation",
+                                  "snapkv-rare-path-continuation"])
 def test_a_rule_reading_token_ids_is_refused_with_decode_compression(rule):
     """The 'snapkv-rare-*' rules score prompt compressions only: the server setting and a
     request's snapkv_score are refused on a server compressing while decoding, naming the

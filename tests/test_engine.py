@@ -177,20 +177,22 @@ def test_kept_positions_match_dense_transformers_reference(
 
 def carried_order(
     row: torch.Tensor, reach: int, decay: float, rare: torch.Tensor | None = None,
-    rare_steps: int | None = None, tail: float = 1.0,
+    rare_steps: int | None = None, tail: float = 1.0, path: bool = False,
 ) -> list[int]:
     """Positions of one head by ``max over d <= reach of decay**d * row[p - d]`` (zero before
     the prompt), best first, ties to the earlier position: the continuation rules' order.
     ``rare`` (bool per position): carried only from positions where it holds (``d = 0``
     always counts); with ``rare_steps``, only while ``p - d + 1 .. p`` hold at most that many
-    rare positions, and ``tail ** (d - rare_steps)`` less past that distance."""
+    rare positions (with ``path``, none past that distance), and ``tail ** (d - rare_steps)``
+    less past it."""
     source = row if rare is None else row * rare
 
     def passable(d: int) -> torch.Tensor:
         if rare_steps is None:
             return row.new_ones(len(row))
         held = torch.nn.functional.conv1d(rare[None, None], rare.new_ones(1, 1, d))[0, 0]
-        return torch.cat([row.new_ones(d - 1), (held <= rare_steps).to(row.dtype)])
+        allowed = 0 if path and d > rare_steps else rare_steps
+        return torch.cat([row.new_ones(d - 1), (held <= allowed).to(row.dtype)])
 
     shifted = [row] + [torch.cat([row.new_zeros(d), source[: len(row) - d]]) * decay**d
                        * tail ** max(0, d - (rare_steps or d)) * passable(d)
@@ -224,7 +226,8 @@ def reference_rule_kept_positions(
     ``max(16, L // 256)`` times in the prompt; 'snapkv-rare-long-continuation' that with
     ``reach`` = the prefix budget // 16; 'snapkv-rare-step-continuation' that, carried only
     while the positions passed hold at most the prefix budget // 32 rare tokens;
-    'snapkv-rare-tail-continuation' that, times 0.8 per position past that count."""
+    'snapkv-rare-tail-continuation' that, times 0.8 per position past that count;
+    'snapkv-rare-path-continuation' the step rule passing no rare token past that count."""
     import math
 
     import transformers.models.llama.modeling_llama as llama
@@ -249,6 +252,7 @@ def reference_rule_kept_positions(
 
     critical, chunk, mixed, carried, mixed_carried, mixed_scaled = {}, {}, {}, {}, {}, {}
     mixed_rare, mixed_rare_long, mixed_rare_step, mixed_rare_tail = {}, {}, {}, {}
+    mixed_rare_path: dict = {}
     decay, reach = ContinuationScore.decay, ContinuationScore.reach
     scaled_reach = max(1, min(reach, (budget - window) // 32))
     long_reach = max(1, min(reach, (budget - window) // 16))
@@ -270,7 +274,7 @@ def reference_rule_kept_positions(
         critical[layer], chunk[layer], mixed[layer] = [], [], []
         carried[layer], mixed_carried[layer], mixed_scaled[layer] = [], [], []
         mixed_rare[layer], mixed_rare_long[layer] = [], []
-        mixed_rare_step[layer], mixed_rare_tail[layer] = [], []
+        mixed_rare_step[layer], mixed_rare_tail[layer], mixed_rare_path[layer] = [], [], []
         tail = set(range(prefix, length))  # the window, kept by every rule
         for h in range(num_kv_heads):
             squares = [
@@ -303,19 +307,23 @@ def reference_rule_kept_positions(
             mixed_rare_step[layer].append(two_track_keep(singles, order, budget - window) | tail)
             order = carried_order(attention[h], long_reach, decay, rare[:prefix], scaled_reach, 0.8)
             mixed_rare_tail[layer].append(two_track_keep(singles, order, budget - window) | tail)
+            order = carried_order(attention[h], long_reach, decay, rare[:prefix], scaled_reach,
+                                  path=True)
+            mixed_rare_path[layer].append(two_track_keep(singles, order, budget - window) | tail)
     return {"critical": critical, "chunk": chunk, "snapkv-chunk": mixed, "continuation": carried,
             "snapkv-continuation": mixed_carried, "snapkv-scaled-continuation": mixed_scaled,
             "snapkv-rare-continuation": mixed_rare,
             "snapkv-rare-long-continuation": mixed_rare_long,
             "snapkv-rare-step-continuation": mixed_rare_step,
-            "snapkv-rare-tail-continuation": mixed_rare_tail}
+            "snapkv-rare-tail-continuation": mixed_rare_tail,
+            "snapkv-rare-path-continuation": mixed_rare_path}
 
 
 def test_other_rules_per_request_keep_budget_blocks_and_match_their_references(
     snap_llm, dump_dir, model_dir
 ):
     """``snapkv_score: critical``, ``chunk``, ``snapkv-chunk``, ``continuation``,
-    ``snapkv-continuation``, ``snapkv-scaled-continuation`` and the four
+    ``snapkv-continuation``, ``snapkv-scaled-continuation`` and the five
     ``snapkv-rare-*-continuation`` rules (the prompt's token ids reached the worker) through
     ``extra_args`` on the shared SnapKV engine, the same prompt: each request holds ceil(C / bs) blocks like any SnapKV request, its dump names the
     rule, and every layer's kept positions match the rule computed from transformers' forward
@@ -334,7 +342,7 @@ def test_other_rules_per_request_keep_budget_blocks_and_match_their_references(
     for rule in ("critical", "chunk", "snapkv-chunk", "continuation", "snapkv-continuation",
                  "snapkv-scaled-continuation", "snapkv-rare-continuation",
                  "snapkv-rare-long-continuation", "snapkv-rare-step-continuation",
-                 "snapkv-rare-tail-continuation"):
+                 "snapkv-rare-tail-continuation", "snapkv-rare-path-continuation"):
         snap_llm.reset_prefix_cache()
         free_at_start = pool.get_num_free_blocks()
         params = SamplingParams(temperature=0.0, max_tokens=8,
@@ -358,7 +366,8 @@ def test_other_rules_per_request_keep_budget_blocks_and_match_their_references(
                                 ("snapkv-rare-continuation", 0.95),
                                 ("snapkv-rare-long-continuation", 0.95),
                                 ("snapkv-rare-step-continuation", 0.95),
-                                ("snapkv-rare-tail-continuation", 0.95)):
+                                ("snapkv-rare-tail-continuation", 0.95),
+                                ("snapkv-rare-path-continuation", 0.95)):
         dump = load_dump(dump_dir, rule)
         assert dump["score"] == rule and dump["budget"] == budget
         assert sorted(dump["layers"]) == list(range(30))
@@ -378,11 +387,14 @@ def test_other_rules_per_request_keep_budget_blocks_and_match_their_references(
         assert differs > 0  # the rule really changed the selection somewhere
     # Each rule's own setting reached the worker: its selection differs somewhere from the one
     # of the rule it refines (the scaled reach, 7 here, not 24; the rare-token gate, as the
-    # passkey filler repeats; the reach 14, not 7; at most 7 rare tokens passed; the tail).
+    # passkey filler repeats; the reach 14, not 7; at most 7 rare tokens passed; the tail; no
+    # rare token passed past 7).
     chain = ("snapkv-continuation", "snapkv-scaled-continuation", "snapkv-rare-continuation",
              "snapkv-rare-long-continuation", "snapkv-rare-step-continuation",
              "snapkv-rare-tail-continuation")
-    for base, refined in zip(chain, chain[1:]):
+    refinements = [*zip(chain, chain[1:]),
+                   ("snapkv-rare-step-continuation", "snapkv-rare-path-continuation")]
+    for base, refined in refinements:
         first, second = load_dump(dump_dir, base), load_dump(dump_dir, refined)
         assert any(not torch.equal(first["layers"][layer], second["layers"][layer])
                    for layer in range(30)), (base, refined)

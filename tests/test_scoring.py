@@ -201,7 +201,8 @@ def test_snapkv_chunk_keeps_the_snapkv_top_then_fills_with_whole_chunks(pooling,
                                    "snapkv-scaled-continuation", "snapkv-rare-continuation",
                                    "snapkv-rare-long-continuation",
                                    "snapkv-rare-step-continuation",
-                                   "snapkv-rare-tail-continuation"])
+                                   "snapkv-rare-tail-continuation",
+                                   "snapkv-rare-path-continuation"])
 @pytest.mark.parametrize("q_heads,kv_heads", [(4, 4), (9, 3)])
 @pytest.mark.parametrize("budget,length", [(6, 60), (27, 60), (44, 97), (90, 97), (300, 400)])
 def test_continuation_matches_the_naive_reference(score, q_heads, kv_heads, budget, length):
@@ -216,16 +217,19 @@ def test_continuation_matches_the_naive_reference(score, q_heads, kv_heads, budg
     and 18); 'snapkv-rare-step-continuation' that, carried from ``p - d`` only while positions
     ``p - d + 1 .. p`` hold at most the prefix budget // 32 rare tokens (1, 1, 1, 2 and 9);
     'snapkv-rare-tail-continuation' that, times ``0.8 ** (d - n)`` where ``d`` passes that
-    number ``n``."""
+    number ``n``; 'snapkv-rare-path-continuation' the step rule with no rare token in those
+    positions where ``d`` passes ``n``."""
     window, rule = 5, ContinuationScore()
     reach = rule.reach
     if score in ("snapkv-scaled-continuation", "snapkv-rare-continuation"):
         reach = max(1, min(24, (budget - window) // 32))
     elif score.startswith("snapkv-rare-") and score != "snapkv-rare-continuation":
         reach = max(1, min(24, (budget - window) // 16))
-    stepped = score in ("snapkv-rare-step-continuation", "snapkv-rare-tail-continuation")
+    stepped = score in ("snapkv-rare-step-continuation", "snapkv-rare-tail-continuation",
+                        "snapkv-rare-path-continuation")
     rare_steps = max(1, min(24, (budget - window) // 32)) if stepped else length
     tail = 0.8 if score == "snapkv-rare-tail-continuation" else 1.0
+    path = score == "snapkv-rare-path-continuation"
     q, k = make_inputs(7 * q_heads + budget, window, q_heads, kv_heads, length)
     token_ids = frequent_and_rare_ids(length, budget)
     occurrences = {t: token_ids.tolist().count(t) for t in set(token_ids.tolist())}
@@ -243,7 +247,8 @@ def test_continuation_matches_the_naive_reference(score, q_heads, kv_heads, budg
                  * tail ** max(0, d - rare_steps)).item()
                 for d in range(min(reach, position) + 1)
                 if d == 0 or (carries[position - d]
-                              and sum(carries[position - d + 1 : position + 1]) <= rare_steps)
+                              and sum(carries[position - d + 1 : position + 1])
+                              <= (0 if path and d > rare_steps else rare_steps))
             ))
         singles = (budget - window) // 2 if score.startswith("snapkv-") else 0
         kept = sorted(range(prefix), key=lambda p: (-attention[head, p].item(), p))[:singles]
@@ -310,6 +315,30 @@ def test_rare_step_continuation_runs_far_through_frequent_tokens_only():
     want = torch.tensor([0.95**d * 0.8 ** max(0, d - 7) for d in range(1, 15)])
     torch.testing.assert_close(tail_carried[101:115], want)
     assert tail_carried[115] == 0.001 and torch.equal(tail_carried[301:308], carried[301:308])
+
+
+def test_rare_path_continuation_runs_far_only_where_no_rare_token_is_passed():
+    """At 1/16 of a 4K prompt's shape (short reach 7, long 14): from a rare peak followed only
+    by frequent tokens the run spans all 14 positions, as the step rule's; from one followed by
+    two rare tokens and then frequent ones it stops at 7, where the step rule (up to 7 rare
+    tokens passed) runs on to 14."""
+    token_ids = torch.arange(400) + 100
+    token_ids[101:131] = 7
+    token_ids[303:331] = 8
+    attention = torch.full((1, 400), 0.001)
+    attention[0, 100] = attention[0, 300] = 1.0
+    rule = score_rule("snapkv-rare-path-continuation")
+    rare = rule.token_features(token_ids)
+    assert rare[300:303].all() and not rare[303:331].any()
+    carried = rule.score(attention, 32, 256, token_features=rare)[1, 0]
+    want = torch.tensor([0.95**d for d in range(1, 15)])
+    torch.testing.assert_close(carried[101:115], want)
+    assert carried[115] == 0.001
+    torch.testing.assert_close(carried[301:308], want[:7])
+    assert (carried[308:] == 0.001).all()
+    stepped = score_rule("snapkv-rare-step-continuation").score(
+        attention, 32, 256, token_features=rare)[1, 0]
+    torch.testing.assert_close(stepped[301:315], want)
 
 
 def test_rules_that_read_token_ids_refuse_to_run_without_them():
@@ -502,7 +531,7 @@ def test_every_rule_keeps_exactly_the_budget_per_head():
 def test_unknown_rule_and_missing_values_are_refused():
     q, k = make_inputs(1, 4, 4, 2, 50)
     with pytest.raises(ValueError,
-                       match="score must be one of snapkv, critical, chunk, snapkv-chunk, continuation, snapkv-continuation, snapkv-scaled-continuation, snapkv-rare-continuation, snapkv-rare-long-continuation, snapkv-rare-step-continuation, snapkv-rare-tail-continuation; got"):
+                       match="score must be one of snapkv, critical, chunk, snapkv-chunk, continuation, snapkv-continuation, snapkv-scaled-continuation, snapkv-rare-continuation, snapkv-rare-long-continuation, snapkv-rare-step-continuation, snapkv-rare-tail-continuation, snapkv-rare-path-continuation; got"):
         select_kept_positions(q, k, 20, 0.25, score="h2o")
     with pytest.raises(ValueError, match="'critical' score needs values and value_metric"):
         select_kept_positions(q, k, 20, 0.25, score="critical")

@@ -335,6 +335,10 @@ class SnapKVRareStepContinuationScore(SnapKVRareLongContinuationScore):
         """Rare tokens a run may pass at a prefix budget of ``prefix_budget``."""
         return max(1, min(self.reach, prefix_budget // self.rare_steps_share))
 
+    def rare_passes_allowed(self, distance: int, rare_steps: int) -> int:
+        """Rare tokens a run may pass on its way to the position ``distance`` after its source."""
+        return rare_steps
+
     def score(self, attention, window, budget, values=None, metric=None, token_features=None):
         if token_features is None:
             raise ValueError(f"the {self.name!r} score needs the prompt's token ids")
@@ -344,7 +348,8 @@ class SnapKVRareStepContinuationScore(SnapKVRareLongContinuationScore):
         rare_seen = torch.cumsum(token_features, 0, dtype=torch.int32)
         carried = attention.clone()  # a frequent token keeps its own score
         for distance in range(1, min(reach, attention.shape[1] - 1) + 1):
-            within = rare_seen[distance:] - rare_seen[:-distance] <= rare_steps
+            allowed = self.rare_passes_allowed(distance, rare_steps)
+            within = rare_seen[distance:] - rare_seen[:-distance] <= allowed
             factor = self.decay**distance * self.tail_decay ** max(0, distance - rare_steps)
             step = sources[:, :-distance] * factor
             step.mul_(within)
@@ -364,6 +369,23 @@ class SnapKVRareTailContinuationScore(SnapKVRareStepContinuationScore):
     tail_decay = 0.8
 
 
+class SnapKVRarePathContinuationScore(SnapKVRareStepContinuationScore):
+    """:class:`SnapKVRareStepContinuationScore` whose runs go past the short reach
+    (``prefix_budget // 32``) only through frequent tokens: a score is carried from a rare
+    position ``s`` to ``p`` beyond it only if ``(s, p]`` holds no rare token. Within the short
+    reach it is :class:`SnapKVRareContinuationScore`'s run. A multi-key needle's key is followed
+    by frequent tokens only (the haystack repeats ``is:`` and the value's digits), so its run
+    reaches the whole value (Qwen2.5-Coder-1.5B); an essay's rare words sit a few words apart,
+    so their runs stay short and leave Gemma 3's needle digits their slots, which the step and
+    tail rules' long runs through a few rare words took at 1/16 (docs/results.md, "Runs only
+    through frequent tokens")."""
+
+    name = "snapkv-rare-path-continuation"
+
+    def rare_passes_allowed(self, distance: int, rare_steps: int) -> int:
+        return rare_steps if distance <= rare_steps else 0
+
+
 #: Every rule by name; the first is the default.
 SCORE_RULES: dict[str, ScoreRule] = {
     rule.name: rule
@@ -371,7 +393,7 @@ SCORE_RULES: dict[str, ScoreRule] = {
         SnapKVScore(), CriticalScore(), ChunkScore(), SnapKVChunkScore(), ContinuationScore(),
         SnapKVContinuationScore(), SnapKVScaledContinuationScore(), SnapKVRareContinuationScore(),
         SnapKVRareLongContinuationScore(), SnapKVRareStepContinuationScore(),
-        SnapKVRareTailContinuationScore(),
+        SnapKVRareTailContinuationScore(), SnapKVRarePathContinuationScore(),
     )
 }
 SCORE_NAMES: tuple[str, ...] = tuple(SCORE_RULES)
