@@ -60,11 +60,12 @@ RULES = {"snapkv": "snapkv", "scaled": "snapkv-scaled-continuation",
 
 def main() -> None:
     name, budget, run, tasks, limit = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4], int(sys.argv[5])
+    docs = {int(doc) for doc in sys.argv[6].split(",")} if len(sys.argv) > 6 else None  # doc ids only
     tokenizer, model, layers, scale = load_probe_model(name)
     print(f"# {name} budget {budget} layers {layers}", flush=True)
     rows = [json.loads(line) for line in open(RESULTS / run / "samples.jsonl")]
     for task in tasks.split(","):
-        for row in [r for r in rows if r["task"] == task][:limit]:
+        for row in [r for r in rows if r["task"] == task and (docs is None or r["doc_id"] in docs)][:limit]:
             ids = row["prompt_token_ids"]
             captured = post_rope_queries_and_keys(model, ids)
             refs = row["references"] if isinstance(row["references"], list) else [row["references"]]
